@@ -1,0 +1,32 @@
+# `make demo`: create .venv, install, run the main job. `make test`: the fast test suite.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv==0.13.9
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements.lock -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kdo demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q --durations=15
+
+# pytest exits 5 when no test is marked slow: not a failure.
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/overhead.py
+	$(VENV)/bin/python benchmarks/throughput.py --device cpu --size 2048
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns kdo_runs .kdo

@@ -1,0 +1,60 @@
+"""Self-describing network checkpoints: a state_dict plus what rebuilds the network, loaded safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.networks import FeatureNet, build_network
+from orchestrator.errors import ConfigError
+
+_REQUIRED = ("architecture", "args", "num_classes", "in_channels", "image_size", "state_dict")
+
+
+def save_network(path: str | Path, model: nn.Module, *, architecture: str, args: dict[str, Any],
+                 num_classes: int, in_channels: int, image_size: int, **metrics: float) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"architecture": architecture, "args": dict(args), "num_classes": num_classes,
+                "in_channels": in_channels, "image_size": image_size, "state_dict": state,
+                "metrics": {k: float(v) for k, v in metrics.items()}}, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, field: str = "teacher.checkpoint") -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True`; any problem is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field}: file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{field}: not a readable kdo checkpoint ({path}): {first[:200]}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
+        raise ConfigError(f"{field}: {path} is not a kdo checkpoint (needs keys {', '.join(_REQUIRED)})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], *, num_classes: int, in_channels: int, image_size: int,
+                     field: str = "teacher.checkpoint") -> None:
+    """The checkpoint must fit this experiment's data: class count, channels and image size."""
+    for key, want in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+        if int(ckpt[key]) != want:
+            raise ConfigError(f"{field}: checkpoint has {key}={ckpt[key]} but the data has {key}={want}")
+
+
+def build_from_checkpoint(ckpt: dict[str, Any], field: str = "teacher.checkpoint") -> FeatureNet:
+    try:
+        model = build_network(ckpt["architecture"], num_classes=int(ckpt["num_classes"]),
+                              in_channels=int(ckpt["in_channels"]), image_size=int(ckpt["image_size"]),
+                              **ckpt["args"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"{field}: weights do not match architecture '{ckpt['architecture']}': "
+                          f"{str(err).splitlines()[0][:200]}") from None
+    return model

@@ -1,0 +1,91 @@
+"""`kdo`: a thin command line over the Python API; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="kd-orchestrator: knowledge-distillation experiments on Ray, tracked in MLflow.")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train and cache teachers.")
+app.add_typer(teacher_app, name="teacher")
+
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="override a field: a.b=value (repeatable)")]
+Address = Annotated[str | None, typer.Option(help="Ray cluster address ('auto' for `ray start`); default local")]
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command("run")
+@user_errors
+def run_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped config name")],
+            set_: Overrides = None, address: Address = None) -> None:
+    """Run one distillation experiment and log it to MLflow."""
+    from orchestrator.runner import run
+
+    result = run(config, set_ or [], address=address)
+    typer.echo(f"{result.name}: status={result.status} val_acc={result.val_acc:.4f} "
+               f"test_acc={result.test_acc:.4f} (epoch {result.best_epoch}) in {result.seconds:.1f} s")
+    typer.echo(f"MLflow run {result.run_id}: {result.ui_hint()}")
+    if result.status != "finished":
+        raise typer.Exit(1)
+
+
+@teacher_app.command("train")
+@user_errors
+def teacher_train(config: Annotated[str, typer.Argument(help="experiment config that describes its teacher")],
+                  set_: Overrides = None, address: Address = None,
+                  force: Annotated[bool, typer.Option(help="retrain even if cached")] = False) -> None:
+    """Train the teacher a config describes, cache it and log it to MLflow (artifact `teacher`)."""
+    from orchestrator.config import load_config, resolve_paths
+    from orchestrator.data import load_splits
+    from orchestrator.runner import ensure_teacher, init_ray
+
+    cfg = resolve_paths(load_config(config, set_ or []))
+    if cfg.teacher is None or cfg.teacher.architecture is None:
+        raise ConfigError("teacher.architecture: this config gives no teacher description to train")
+    splits = load_splits(cfg.data)
+    init_ray(address)
+    ckpt, path = ensure_teacher(cfg, splits, force=force)
+    metrics = ckpt.get("metrics", {})
+    typer.echo(f"teacher {ckpt['architecture']}: val_acc={metrics.get('val_acc', float('nan')):.4f} "
+               f"test_acc={metrics.get('test_acc', float('nan')):.4f}")
+    typer.echo(f"checkpoint: {path}   (use it as teacher.checkpoint)")
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
+             address: Address = None) -> None:
+    """The main job on the embedded digits data: teacher, then CE and KD students, mean ± std."""
+    from orchestrator.demo import run_demo
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got '{seeds}'") from None
+    run_demo(seed_list, address=address)
+
+
+@app.command("configs")
+def configs_cmd() -> None:
+    """List the example configs shipped with the package (run them by name)."""
+    from orchestrator.config import shipped_configs
+
+    for name in shipped_configs():
+        typer.echo(name)

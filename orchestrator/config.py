@@ -1,0 +1,302 @@
+"""`ExperimentConfig`: the typed, bounded description of one experiment, loaded from YAML or a dict."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from methods import get_method, list_methods
+from methods.networks import build_network, list_networks
+from orchestrator.data import dataset_info, list_datasets
+from orchestrator.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(_Strict):
+    """Shape of the `synthetic` dataset: class prototypes plus noise, learnable but meaningless."""
+
+    num_train: int = Field(5000, ge=10, le=10_000_000)
+    num_test: int = Field(1000, ge=10, le=10_000_000)
+    channels: Literal[1, 3] = 3
+    image_size: int = Field(32, ge=4, le=512)
+    num_classes: int = Field(100, ge=2, le=100_000)
+    noise: float = Field(0.5, ge=0.0, le=10.0, description="noise std relative to the prototypes' spread")
+
+
+class DataConfig(_Strict):
+    name: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=65536)
+    augment: bool = True
+    image_size: int | None = Field(None, ge=4, le=512, description="on-device resize (e.g. 32 for LeNet-5)")
+    split_seed: int = Field(0, ge=0, description="seed of the train/val split (fixed across runs)")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in list_datasets():
+            raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(list_datasets())}")
+        return name
+
+
+class NetworkConfig(_Strict):
+    architecture: str
+    args: dict[str, Any] = {}
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(20, ge=1, le=100_000)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    schedule: Literal["constant", "step", "cosine", "multistep"] = "cosine"
+    step_size: int = Field(30, ge=1, description="epochs between decays for schedule=step")
+    milestones: list[int] = Field([], description="epochs at which schedule=multistep decays")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    selection: Literal["best", "last"] = Field(
+        "best", description="which epoch's student is tested: best val_acc or the last"
+    )
+    channels_last: bool = False
+    compile: bool = False
+
+
+class TeacherConfig(_Strict):
+    """A teacher is a checkpoint (file path or MLflow `runs:/<id>/teacher`) or a description to train."""
+
+    checkpoint: str | None = None
+    architecture: str | None = None
+    args: dict[str, Any] = {}
+    training: TrainingConfig = TrainingConfig(epochs=30)
+    batch_size: int = Field(128, ge=1, le=65536, description="the teacher's own training batch size")
+    cache_dir: str = ".kdo/teachers"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.checkpoint is None) == (self.architecture is None):
+            raise ValueError("teacher: give exactly one of teacher.checkpoint or teacher.architecture")
+        return self
+
+
+class MethodConfig(_Strict):
+    name: str = "kd"
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _validate_params(self) -> MethodConfig:
+        try:
+            method = get_method(self.name)
+        except KeyError:
+            raise ValueError(
+                f"method.name: unknown method '{self.name}'; allowed: {', '.join(list_methods())}") from None
+        try:
+            schema = method.Params.model_validate(self.params)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, "method.params", method.Params)) from None
+        self.params = schema.model_dump()
+        return self
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, ge=1, le=4096)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=1024)
+    gpus_per_worker: float = Field(1.0, ge=0.0, le=64)
+    trainer: Literal["auto", "direct", "ray_train"] = Field(
+        "auto",
+        description="auto: run one worker directly in its Ray process, several through Ray Train's TorchTrainer",
+    )
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str = Field("kdo", min_length=1)
+    storage_path: str = Field("kdo_runs", description="where Ray Train/Tune keep run state and checkpoints")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field("experiment", min_length=1)
+    data: DataConfig = DataConfig()
+    student: NetworkConfig
+    teacher: TeacherConfig | None = None
+    method: MethodConfig = MethodConfig()
+    training: TrainingConfig = TrainingConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if get_method(self.method.name).needs_teacher and self.teacher is None:
+            raise ValueError(f"teacher: required by method '{self.method.name}' (give teacher.checkpoint or "
+                             "teacher.architecture)")
+        info = dataset_info(self.data)
+        size = self.data.image_size or info.image_size
+        nets = [("student", self.student)]
+        if self.teacher is not None and self.teacher.architecture is not None:
+            nets.append(("teacher", NetworkConfig(architecture=self.teacher.architecture, args=self.teacher.args)))
+        for where, net in nets:
+            if net.architecture not in list_networks() and not net.architecture.startswith("wrn_"):
+                raise ValueError(f"{where}.architecture: unknown architecture '{net.architecture}'; "
+                                 f"allowed: {', '.join(list_networks())}")
+            try:
+                build_network(net.architecture, num_classes=info.num_classes, in_channels=info.channels,
+                              image_size=size, **net.args)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{where}: {err}") from None
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------- errors
+def _annotation_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _annotation_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        sub = _annotation_model(field.annotation) if field else None
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def format_validation_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+    """One line for the first error: the dotted field path, what is wrong, what is allowed."""
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see the docs"
+        return f"{path}: unknown field; allowed: {allowed}{more}"
+    if first["type"] == "missing":
+        return f"{path}: required field is missing{more}"
+    if not loc:  # a model-level check whose message already names its field
+        return f"{msg}{more}"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    return f"{path}: {msg}{shown}{more}"
+
+
+# --------------------------------------------------------------------------------------- loading
+def shipped_configs() -> list[str]:
+    """Names of the example configs that ship inside the package (`kdo run NAME`)."""
+    folder = resources.files("orchestrator") / "configs"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(source: str | Path) -> dict[str, Any]:
+    """A config file by path or a shipped config by name, as a dict; ConfigError if unreadable."""
+    path = Path(source)
+    if not path.is_file():
+        shipped = resources.files("orchestrator") / "configs" / f"{source}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(f"config: '{source}' is neither a file nor a shipped config; "
+                              f"shipped: {', '.join(shipped_configs())}")
+        text, label = shipped.read_text(), f"{source}.yaml"
+    else:
+        text, label = path.read_text(), str(path)
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "unparseable"
+        raise ConfigError(f"{label}: malformed YAML{where}: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of sections (data, student, ...)")
+    return loaded
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set: expected key=value (e.g. training.lr=0.1), got '{item}'")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def load_config(source: str | Path | dict[str, Any] | ExperimentConfig,
+                overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Build a validated `ExperimentConfig` from a path, a shipped name, a dict or a config."""
+    if isinstance(source, ExperimentConfig):
+        raw = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        raw = json.loads(json.dumps(source))  # a deep copy the overrides may change
+    else:
+        raw = read_yaml(source)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "", ExperimentConfig)) from None
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def absolute_uri(uri: str) -> str:
+    """Make a sqlite URI or a bare path absolute: Ray runs code in other working directories."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        return uri if path.startswith("/") else f"sqlite:///{Path(path).resolve()}"
+    if "://" in uri or uri.startswith(("runs:/", "models:/")):
+        return uri
+    return str(Path(uri).resolve())
+
+
+def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A copy with every path and URI absolute, resolved in the driver's working directory."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.tracking.uri = absolute_uri(cfg.tracking.uri or default_tracking_uri())
+    cfg.tracking.storage_path = str(Path(cfg.tracking.storage_path).resolve())
+    cfg.data.data_dir = str(Path(cfg.data.data_dir).expanduser().resolve())
+    if cfg.teacher is not None:
+        cfg.teacher.cache_dir = str(Path(cfg.teacher.cache_dir).expanduser().resolve())
+        if cfg.teacher.checkpoint is not None:
+            cfg.teacher.checkpoint = absolute_uri(cfg.teacher.checkpoint)
+    return cfg

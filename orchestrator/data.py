@@ -1,0 +1,230 @@
+"""Datasets as uint8 tensors on the training device, with batched on-device augmentation.
+
+Small datasets (digits, MNIST-, CIFAR- and SVHN-sized) are loaded once into numpy arrays (`Splits`,
+cheap to ship through Ray's object store), moved to the device once per worker, and batched by index
+permutations: no DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.config import DataConfig
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    channels: int
+    image_size: int
+    num_classes: int
+    flip: bool  # horizontal flips preserve the label (not for digits or house numbers)
+
+
+@dataclass
+class Splits:
+    """uint8 NCHW images and int64 labels for train / val / test, plus train-set normalization."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    info: DatasetInfo
+
+
+_STATIC_INFO = {
+    "digits": DatasetInfo(1, 8, 10, flip=False),
+    "mnist": DatasetInfo(1, 28, 10, flip=False),
+    "fashion_mnist": DatasetInfo(1, 28, 10, flip=False),
+    "cifar10": DatasetInfo(3, 32, 10, flip=True),
+    "cifar100": DatasetInfo(3, 32, 100, flip=True),
+    "svhn": DatasetInfo(3, 32, 10, flip=False),
+}
+
+
+def list_datasets() -> list[str]:
+    return sorted([*_STATIC_INFO, "synthetic"])
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    """Channels, native size and classes of a dataset, known without loading it."""
+    if cfg.name == "synthetic":
+        s = cfg.synthetic
+        return DatasetInfo(s.channels, s.image_size, s.num_classes, flip=False)
+    return _STATIC_INFO[cfg.name]
+
+
+def _load_digits(cfg: DataConfig) -> Arrays:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    # digits has no official test split: a fixed stratified 20%, independent of every other seed.
+    tr_x, te_x, tr_y, te_y = train_test_split(
+        images, digits.target, test_size=0.2, stratify=digits.target, random_state=0
+    )
+    return tr_x, tr_y, te_x, te_y
+
+
+def _torchvision(name: str) -> Callable[[DataConfig], Arrays]:
+    def load(cfg: DataConfig) -> Arrays:
+        import torchvision.datasets as tvd
+
+        root = str(Path(cfg.data_dir))
+        try:
+            if name == "svhn":
+                parts = [tvd.SVHN(root, split=s, download=cfg.download) for s in ("train", "test")]
+                arrays = [(np.asarray(p.data), np.asarray(p.labels)) for p in parts]
+            else:
+                cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST,
+                       "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+                parts = [cls(root, train=t, download=cfg.download) for t in (True, False)]
+                arrays = [(np.asarray(p.data), np.asarray(p.targets)) for p in parts]
+        except RuntimeError:
+            raise ConfigError(f"data.name: dataset '{name}' not found under {root}; set data.download=true "
+                              "(needs internet) or put the torchvision files there (data.data_dir)") from None
+        out = []
+        for x, y in arrays:
+            if x.ndim == 3:
+                x = x[:, None]
+            elif x.shape[-1] == 3:  # CIFAR is NHWC
+                x = x.transpose(0, 3, 1, 2)
+            out += [np.ascontiguousarray(x, dtype=np.uint8), y.astype(np.int64)]
+        return out[0], out[1], out[2], out[3]
+
+    return load
+
+
+def _load_synthetic(cfg: DataConfig) -> Arrays:
+    s = cfg.synthetic
+    rng = np.random.default_rng(cfg.split_seed)
+    shape = (s.channels, s.image_size, s.image_size)
+    prototypes = rng.uniform(0, 255, size=(s.num_classes, *shape)).astype(np.float32)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, s.num_classes, size=n)
+        x = np.empty((n, *shape), dtype=np.uint8)
+        for start in range(0, n, 4096):  # chunks keep the float copy small for large N
+            stop = min(n, start + 4096)
+            noise = rng.standard_normal((stop - start, *shape), dtype=np.float32) * (s.noise * 74.0)
+            x[start:stop] = np.clip(prototypes[y[start:stop]] + noise, 0, 255).astype(np.uint8)
+        return x, y.astype(np.int64)
+
+    tr_x, tr_y = draw(s.num_train)
+    te_x, te_y = draw(s.num_test)
+    return tr_x, tr_y, te_x, te_y
+
+
+_LOADERS: dict[str, Callable[[DataConfig], Arrays]] = {
+    "digits": _load_digits,
+    "synthetic": _load_synthetic,
+    **{name: _torchvision(name) for name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")},
+}
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[-1] == size:
+        return x
+    t = torch.from_numpy(x).float()
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
+    return out.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load a dataset and split train/val (stratified, `split_seed`); the test split is kept whole."""
+    from sklearn.model_selection import train_test_split
+
+    info = dataset_info(cfg)
+    tr_x, tr_y, te_x, te_y = _LOADERS[cfg.name](cfg)
+    tr_x, va_x, tr_y, va_y = train_test_split(
+        tr_x, tr_y, test_size=cfg.val_fraction, stratify=tr_y, random_state=cfg.split_seed
+    )
+    if cfg.train_fraction < 1.0:
+        keep = np.random.default_rng(cfg.split_seed).permutation(len(tr_y))
+        keep = np.sort(keep[: max(1, int(round(cfg.train_fraction * len(tr_y))))])
+        tr_x, tr_y = tr_x[keep], tr_y[keep]
+    if cfg.image_size is not None:
+        tr_x, va_x, te_x = (_resize(a, cfg.image_size) for a in (tr_x, va_x, te_x))
+        info = DatasetInfo(info.channels, cfg.image_size, info.num_classes, info.flip)
+    scaled = tr_x.astype(np.float32) / 255.0
+    mean = tuple(float(m) for m in scaled.mean(axis=(0, 2, 3)))
+    std = tuple(max(float(s), 1e-3) for s in scaled.std(axis=(0, 2, 3)))
+    return Splits(np.ascontiguousarray(tr_x), tr_y.astype(np.int64), np.ascontiguousarray(va_x),
+                  va_y.astype(np.int64), np.ascontiguousarray(te_x), te_y.astype(np.int64), mean, std, info)
+
+
+def augment_batch(x: Tensor, *, pad: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Random crop with zero padding (and horizontal flip) for a whole uint8 batch on its device."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    if flip:
+        mirrored = torch.rand(n, device=x.device, generator=generator) < 0.5
+        cols = torch.where(mirrored[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, channels, rows, cols]
+
+
+class DeviceData:
+    """The splits as tensors on one device; batches are index permutations, normalized on the fly."""
+
+    def __init__(self, splits: Splits, device: torch.device, *, channels_last: bool = False) -> None:
+        self.info = splits.info
+        self.device = device
+        self.channels_last = channels_last
+        self.tensors = {
+            name: (torch.as_tensor(np.array(getattr(splits, f"{name}_x")), device=device),
+                   torch.as_tensor(np.array(getattr(splits, f"{name}_y")), device=device))
+            for name in ("train", "val", "test")
+        }
+        self.mean = torch.tensor(splits.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(splits.std, device=device).view(1, -1, 1, 1)
+        self.pad = max(1, self.info.image_size // 8)
+
+    def size(self, split: str) -> int:
+        return len(self.tensors[split][1])
+
+    def normalize(self, x: Tensor) -> Tensor:
+        out = (x.float() / 255.0 - self.mean) / self.std
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def train_batches(self, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
+                      augment: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's share of one epoch: a seeded permutation, equal batch counts on every rank."""
+        x, y = self.tensors["train"]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        order = torch.randperm(len(y), device=self.device, generator=gen)
+        order = order[: len(order) // world * world][rank::world]
+        local = max(1, batch_size // world)
+        for start in range(0, len(order), local):
+            idx = order[start:start + local]
+            xb = x[idx]
+            if augment:
+                xb = augment_batch(xb, pad=self.pad, flip=self.info.flip, generator=gen)
+            yield self.normalize(xb), y[idx]
+
+    def eval_batches(self, split: str, batch_size: int = 1024) -> Iterator[tuple[Tensor, Tensor]]:
+        x, y = self.tensors[split]
+        for start in range(0, len(y), batch_size):
+            yield self.normalize(x[start:start + batch_size]), y[start:start + batch_size]

@@ -1,0 +1,182 @@
+"""The training loop: a plain function, the same in a test, on one Ray worker, or on N DDP workers."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from methods import get_method
+from methods.networks import FeatureNet, build_network
+from orchestrator.checkpoints import build_from_checkpoint, save_network
+from orchestrator.config import ExperimentConfig, TrainingConfig
+from orchestrator.data import DeviceData, Splits
+from orchestrator.tracking import Tracker
+
+# report(metrics, checkpoint_dir): called by every rank once per epoch; checkpoint_dir only on rank 0.
+Reporter = Callable[[dict[str, Any], str | None], None]
+
+
+@dataclass
+class LoopOutput:
+    status: str  # "finished" or "diverged"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+def make_optimizer(params: Any, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch."""
+    sched = torch.optim.lr_scheduler
+    if cfg.schedule == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return sched.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule == "multistep":
+        return sched.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
+    return sched.LambdaLR(opt, lambda _: 1.0)
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, data: DeviceData, split: str, precision: str = "fp32") -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with autocast(data.device, precision):
+        for x, y in data.eval_batches(split):
+            correct += int((model(x).argmax(dim=1) == y).sum())
+    model.train(was_training)
+    return correct / max(1, data.size(split))
+
+
+def build_student(cfg: ExperimentConfig, splits: Splits) -> FeatureNet:
+    info = splits.info
+    return build_network(cfg.student.architecture, num_classes=info.num_classes, in_channels=info.channels,
+                         image_size=info.image_size, **cfg.student.args)
+
+
+def _mean_over_ranks(values: dict[str, float], device: torch.device, world: int) -> dict[str, float]:
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, Any] | None = None, *,
+               rank: int = 0, world: int = 1, device: torch.device | None = None,
+               report: Reporter | None = None, tracker: Tracker | None = None,
+               wrap: Callable[[nn.Module], nn.Module] | None = None, artifact_name: str = "student",
+               log: Callable[[str], None] | None = print) -> LoopOutput:
+    """Train `cfg.student` with `cfg.method`; select on val_acc; test the selected student once.
+
+    Reports `train_loss`, `loss/<part>`, `val_acc`, `lr`, `epoch_seconds`, `images_per_s` every epoch;
+    the last epoch's report also carries `test_acc`, `best_epoch`, `selected_val_acc`.
+    `wrap` puts the distiller under DDP (Ray Train's `prepare_model`) when there are several ranks.
+    """
+    tc = cfg.training
+    device = device or torch.device("cpu")
+    torch.manual_seed(tc.seed)
+    data = DeviceData(splits, device, channels_last=tc.channels_last)
+    student = build_student(cfg, splits)
+    teacher = build_from_checkpoint(teacher_ckpt).to(device) if teacher_ckpt is not None else None
+    method = get_method(cfg.method.name)
+    distiller = method(student, teacher if method.needs_teacher else None, method.Params(**cfg.method.params))
+    distiller.to(device)
+    if tc.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    model: nn.Module = wrap(distiller) if wrap is not None else distiller
+    if tc.compile:
+        model = torch.compile(model)
+    optimizer = make_optimizer([p for p in distiller.parameters() if p.requires_grad], tc)
+    schedule = make_schedule(optimizer, tc)
+
+    out = LoopOutput(status="finished")
+    static: dict[str, float] = {}
+    if teacher is not None:
+        static = {"teacher_val_acc": accuracy(teacher, data, "val", tc.precision),
+                  "teacher_test_acc": accuracy(teacher, data, "test", tc.precision)}
+        if tracker is not None:
+            tracker.log_metrics(static, step=0)
+    best_val, best_epoch, best_state = -1.0, 0, None
+    n_train = data.size("train") // world * world
+    for epoch in range(1, tc.epochs + 1):
+        distiller.train()
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        batches = 0
+        lr = optimizer.param_groups[0]["lr"]
+        for x, y in data.train_batches(cfg.data.batch_size, seed=tc.seed * 100_003 + epoch, rank=rank,
+                                       world=world, augment=cfg.data.augment):
+            with autocast(device, tc.precision):
+                loss, parts = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batches += 1
+            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.detach()
+            for name, value in parts.items():
+                sums[f"loss/{name}"] = sums.get(f"loss/{name}", 0.0) + value
+        schedule.step()
+        means = _mean_over_ranks({k: float(v) / max(1, batches) for k, v in sums.items()}, device, world)
+        seconds = time.perf_counter() - start
+        val_acc = accuracy(distiller.student, data, "val", tc.precision)
+        metrics: dict[str, Any] = {"epoch": epoch, **means, "val_acc": val_acc, "lr": lr,
+                                   "epoch_seconds": seconds, "images_per_s": n_train / seconds}
+        if not math.isfinite(means.get("train_loss", 0.0)):
+            out.status = "diverged"
+        elif tc.selection == "last" or val_acc > best_val:
+            best_val, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in distiller.student.state_dict().items()})
+        last = epoch == tc.epochs or out.status == "diverged"
+        if last:
+            if best_state is not None:
+                distiller.student.load_state_dict(best_state)
+            test_acc = accuracy(distiller.student, data, "test", tc.precision) if best_state else float("nan")
+            metrics.update(test_acc=test_acc, best_epoch=best_epoch, selected_val_acc=best_val, **static)
+            metrics["status"] = out.status
+        out.history.append(metrics)
+        if rank == 0 and log is not None:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                             if k in ("train_loss", "val_acc", "test_acc", "epoch_seconds"))
+            log(f"[{cfg.name}] epoch {epoch}/{tc.epochs} {shown}")
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        checkpoint_dir = None
+        if rank == 0 and (report is not None or (last and tracker is not None)):
+            checkpoint_dir = tempfile.mkdtemp(prefix="kdo-ckpt-")
+            save_network(Path(checkpoint_dir) / f"{artifact_name}.pt", distiller.student,
+                         architecture=cfg.student.architecture, args=cfg.student.args,
+                         num_classes=splits.info.num_classes, in_channels=splits.info.channels,
+                         image_size=splits.info.image_size, val_acc=val_acc, epoch=epoch,
+                         **({"test_acc": metrics["test_acc"]} if last else {}))
+            if last and tracker is not None:
+                tracker.log_artifact(Path(checkpoint_dir) / f"{artifact_name}.pt", artifact_name)
+        if report is not None:
+            report(metrics, checkpoint_dir)
+        if last:
+            out.final = metrics
+            break
+    return out

@@ -1,0 +1,100 @@
+"""MLflow logging by run id, so the driver and any Ray worker can write to the same run."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """The commit of the code being run, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PACKAGE_ROOT, capture_output=True,
+                             text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, creating it with artifacts beside a SQLite store (not under some cwd)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+class Tracker:
+    """Writes metrics and artifacts to one existing MLflow run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
+        for start in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[start:start + 500])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
+              parent_run_id: str | None = None) -> tuple[Tracker, str]:
+    """Create a RUNNING run (a child when `parent_run_id` is given); returns it and its experiment id."""
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, experiment, uri)
+    all_tags = {"kdo.git_commit": git_commit(), **{k: str(v) for k, v in tags.items()}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return Tracker(uri, run.info.run_id), experiment_id
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """The command that opens the MLflow UI on this store, and the direct link to the runs table.
+
+    The MLflow 3 UI opens experiments in its GenAI view; the `/runs` link shows the training runs.
+    """
+    store = uri if uri.startswith(("sqlite:", "postgresql:", "mysql:")) else None
+    if store is None:
+        return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return (f"mlflow ui --backend-store-uri {store} --port 5000   then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
