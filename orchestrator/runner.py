@@ -15,7 +15,7 @@ import ray
 import torch
 from filelock import FileLock
 
-from orchestrator.checkpoints import check_compatible, load_checkpoint
+from orchestrator.checkpoints import build_from_checkpoint, check_compatible, load_checkpoint
 from orchestrator.config import ExperimentConfig, NetworkConfig, load_config, resolve_paths
 from orchestrator.data import Splits, load_splits
 from orchestrator.errors import ConfigError
@@ -152,6 +152,7 @@ def _resolve_checkpoint(cfg: ExperimentConfig, splits: Splits) -> dict[str, Any]
     ckpt = load_checkpoint(source)
     info = splits.info
     check_compatible(ckpt, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size)
+    build_from_checkpoint(ckpt)  # tensors that do not fit the architecture fail here, not on a worker
     return ckpt
 
 

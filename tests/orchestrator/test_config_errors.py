@@ -1,0 +1,144 @@
+"""Bad input: one line naming the field and the allowed values, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.checkpoints import save_network
+from orchestrator.cli import app
+from orchestrator.config import load_config
+from orchestrator.errors import ConfigError
+from tests.conftest import TEACHER_NET, digits_config
+
+KD = {"name": "kd", "params": {"temperature": 4.0}}
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _kd_with_checkpoint(workdir: Path, checkpoint: str) -> Path:
+    """A kd config beside (not inside) the working directory, so the directory starts empty."""
+    return _write(workdir.parent / f"{workdir.name}.yaml", digits_config(method=KD, teacher={"checkpoint": checkpoint}))
+
+
+def _run_cli(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(app, args)
+    return result.exit_code, result.output
+
+
+def _assert_refused(workdir: Path, args: list[str], *needles: str) -> None:
+    before = set(workdir.iterdir())
+    code, output = _run_cli(args)
+    assert code == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert set(workdir.iterdir()) == before, "a refused command must write nothing"
+
+
+@pytest.mark.parametrize(
+    ("sections", "overrides", "needles"),
+    [
+        ({"trainingg": {"epochs": 1}}, [], ["trainingg: unknown field", "allowed: name, data, student"]),
+        ({}, ["training.lrr=0.1"], ["training.lrr: unknown field", "lr, momentum"]),
+        ({}, ["method.name=kdd"], ["method.name", "unknown method 'kdd'", "allowed: ce, kd"]),
+        ({}, ["data.name=imagenet9"], ["data.name", "unknown dataset", "cifar10", "digits"]),
+        ({}, ["student.architecture=resnet9000"], ["student.architecture", "unknown architecture", "resnet20"]),
+        ({}, ["training.lr=-1"], ["training.lr", "greater than 0", "-1"]),
+        ({}, ["training.optimizer=rmsprop"], ["training.optimizer", "'sgd' or 'adam'"]),
+        ({}, ["data.val_fraction=0.9"], ["data.val_fraction", "less than 0.5"]),
+        ({"method": KD, "teacher": {"architecture": "cnn", "args": {}}},
+         ["method.params.temperature=0"], ["method.params.temperature", "greater than 0"]),
+        ({"method": KD, "teacher": {"architecture": "cnn"}},
+         ["method.params.temprature=3"], ["method.params.temprature: unknown field", "temperature, kd_weight"]),
+        ({"method": KD}, [], ["teacher: required by method 'kd'"]),
+        ({"method": KD, "teacher": {"architecture": "cnn", "checkpoint": "t.pt"}}, [],
+         ["teacher: give exactly one of teacher.checkpoint or teacher.architecture"]),
+        ({"student": {"architecture": "lenet5"}}, [], ["student", "data.image_size=32"]),
+        ({"student": {"architecture": "cnn", "args": {"depth": 3}}}, [], ["student", "depth"]),
+        ({}, ["training.lr"], ["--set", "key=value"]),
+    ],
+)
+def test_bad_config_is_one_line_exit_2_nothing_written(workdir: Path, sections: dict, overrides: list[str],
+                                                        needles: list[str]) -> None:
+    cfg = _write(workdir.parent / f"{workdir.name}.yaml", digits_config(**sections))
+    args = ["run", str(cfg)]
+    for item in overrides:
+        args += ["--set", item]
+    _assert_refused(workdir, args, *needles)
+
+
+def test_malformed_yaml(workdir: Path) -> None:
+    bad = workdir.parent / f"{workdir.name}-bad.yaml"
+    bad.write_text("data:\n  name: digits\n student: [unclosed\n")
+    _assert_refused(workdir, ["run", str(bad)], "malformed YAML at line")
+
+
+def test_unknown_config_name(workdir: Path) -> None:
+    _assert_refused(workdir, ["run", "no_such_config"], "neither a file nor a shipped config", "digits_kd")
+
+
+def test_missing_teacher_checkpoint(workdir: Path) -> None:
+    cfg = _kd_with_checkpoint(workdir, "/nonexistent/teacher.pt")
+    _assert_refused(workdir, ["run", str(cfg)], "teacher.checkpoint: file not found")
+
+
+def test_corrupt_teacher_checkpoint(workdir: Path) -> None:
+    corrupt = workdir.parent / f"{workdir.name}-corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
+    cfg = _kd_with_checkpoint(workdir, str(corrupt))
+    _assert_refused(workdir, ["run", str(cfg)], "teacher.checkpoint: not a readable kdo checkpoint")
+
+
+def test_foreign_teacher_checkpoint(workdir: Path) -> None:
+    foreign = workdir.parent / f"{workdir.name}-foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    cfg = _kd_with_checkpoint(workdir, str(foreign))
+    _assert_refused(workdir, ["run", str(cfg)], "is not a kdo checkpoint")
+
+
+def test_class_count_mismatch(workdir: Path) -> None:
+    from methods.networks import build_network
+
+    path = workdir.parent / f"{workdir.name}-5cls.pt"
+    model = build_network("cnn", num_classes=5, in_channels=1, image_size=8, **TEACHER_NET["args"])
+    save_network(path, model, architecture="cnn", args=TEACHER_NET["args"], num_classes=5, in_channels=1,
+                 image_size=8)
+    cfg = _kd_with_checkpoint(workdir, str(path))
+    _assert_refused(workdir, ["run", str(cfg)], "num_classes=5", "num_classes=10")
+
+
+def test_mismatched_weights(workdir: Path) -> None:
+    from methods.networks import build_network
+
+    path = workdir.parent / f"{workdir.name}-wide.pt"
+    model = build_network("cnn", num_classes=10, in_channels=1, image_size=8, width=16)
+    save_network(path, model, architecture="cnn", args={"width": 8}, num_classes=10, in_channels=1, image_size=8)
+    cfg = _kd_with_checkpoint(workdir, str(path))
+    # The header fits the data, the tensors do not: still one line, before any cluster work.
+    _assert_refused(workdir, ["run", str(cfg)], "weights do not match architecture 'cnn'")
+
+
+def test_mlflow_teacher_uri_without_store(workdir: Path) -> None:
+    cfg = _kd_with_checkpoint(workdir, "runs:/0123abcd/teacher")
+    _assert_refused(workdir, ["run", str(cfg)], "names an MLflow run but the store", "does not exist")
+
+
+def test_missing_torchvision_dataset(workdir: Path) -> None:
+    _assert_refused(workdir, ["run", "digits_ce", "--set", "data.name=mnist", "--set",
+                              f"data.data_dir={workdir.parent / 'no-data'}"],
+                    "data.name: dataset 'mnist' not found", "data.download=true")
+
+
+def test_load_config_api_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^training.epochs: Input should be greater than or equal to 1"):
+        load_config(digits_config(), ["training.epochs=0"])

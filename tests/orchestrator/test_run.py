@@ -1,0 +1,95 @@
+"""End to end on a real local Ray runtime and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator import run
+from orchestrator.cli import app
+from tests.conftest import digits_config
+
+pytestmark = pytest.mark.usefixtures("ray_runtime")
+KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
+
+
+def _store(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+@pytest.mark.timeout(120)
+def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_checkpoint: Path) -> None:
+    cfg = workdir / "kd.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)})))
+    result = CliRunner().invoke(app, ["run", str(cfg), "--set", "training.epochs=4"])
+    assert result.exit_code == 0, result.output
+    assert "test_acc=" in result.output and "#/experiments/" in result.output
+
+    client = _store(workdir)
+    [run_info] = client.search_runs([client.get_experiment_by_name("kdo").experiment_id])
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.params["method.name"] == "kd" and run_info.data.params["training.epochs"] == "4"
+    assert run_info.data.tags["kdo.method"] == "kd" and run_info.data.tags["kdo.dataset"] == "digits"
+    assert run_info.data.tags["kdo.git_commit"]
+    history = client.get_metric_history(run_info.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    for key in ("train_loss", "loss/ce", "loss/kd", "lr", "epoch_seconds", "images_per_s"):
+        assert len(client.get_metric_history(run_info.info.run_id, key)) == 4, key
+    metrics = run_info.data.metrics
+    assert metrics["teacher_test_acc"] > 0.9 and metrics["test_acc"] > 0.3
+    artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)}
+    assert {"config.yaml", "student"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_info.info.run_id, "student")] == ["student/student.pt"]
+
+
+@pytest.mark.timeout(180)
+def test_two_worker_ddp_run_beats_chance_and_is_read_back(workdir: Path, teacher_checkpoint: Path) -> None:
+    result = run(digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)}),
+                 ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "training.epochs=4"])
+    assert result.status == "finished"
+    assert result.test_acc > 0.5  # chance is 0.1
+    assert list(result.history["epoch"]) == [1, 2, 3, 4]
+    client = _store(workdir)
+    assert client.get_run(result.run_id).data.params["scaling.num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_acc")] == [1, 2, 3, 4]
+    assert (Path(result.config.tracking.storage_path)).is_dir(), "Ray Train kept its run state there"
+
+
+@pytest.mark.timeout(180)
+def test_described_teacher_is_trained_once_and_runs_reproduce(workdir: Path) -> None:
+    cfg = digits_config(method=KD, teacher={"architecture": "cnn", "args": {"width": 8},
+                                            "training": {"epochs": 3, "lr": 0.05}})
+    first = run(cfg)
+    second = run(cfg)
+    client = _store(workdir)
+    experiment = client.get_experiment_by_name("kdo").experiment_id
+    teachers = client.search_runs([experiment], "tags.`kdo.kind` = 'teacher'")
+    assert len(teachers) == 1, "the second run reused the cached teacher"
+    assert len(list((workdir / ".kdo" / "teachers").glob("*.pt"))) == 1
+    assert first.teacher_test_acc == second.teacher_test_acc and first.teacher_test_acc > 0.5
+    # Same config, same seed: the same numbers, epoch by epoch.
+    assert list(first.history["train_loss"]) == list(second.history["train_loss"])
+    assert first.test_acc == second.test_acc
+
+    # The teacher's MLflow run serves as a teacher by URI too.
+    uri = f"runs:/{teachers[0].info.run_id}/teacher"
+    third = run(digits_config(method=KD, teacher={"checkpoint": uri}), ["training.epochs=1"])
+    assert third.status == "finished" and third.teacher_test_acc == first.teacher_test_acc
+
+
+@pytest.mark.timeout(120)
+def test_kdo_teacher_train_prints_a_usable_checkpoint(workdir: Path) -> None:
+    cfg = workdir / "t.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(method=KD, teacher={
+        "architecture": "mlp", "args": {"hidden": [64]}, "training": {"epochs": 2}})))
+    result = CliRunner().invoke(app, ["teacher", "train", str(cfg)])
+    assert result.exit_code == 0, result.output
+    path = result.output.split("checkpoint: ")[1].split()[0]
+    assert Path(path).is_file() and path.startswith(str(workdir))
+    again = CliRunner().invoke(app, ["run", str(cfg), "--set", f"teacher={{checkpoint: {path}}}",
+                                     "--set", "training.epochs=1"])
+    assert again.exit_code == 0, again.output
