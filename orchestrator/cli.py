@@ -70,7 +70,7 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
 
 @app.command("demo")
 @user_errors
-def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
+def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
              address: Address = None) -> None:
     """The main job on the embedded digits data: teacher, then CE and KD students, mean ± std."""
     from orchestrator.demo import run_demo

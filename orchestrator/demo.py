@@ -39,7 +39,7 @@ def verdict(results: Sequence[RunResult], a: str = "kd", b: str = "ce") -> str:
     return f"{a} - {b} test accuracy: {diff:+.2f} points over {n} seeds; Welch p={p:.2g}: {better} is better here"
 
 
-def run_demo(seeds: Sequence[int] = (0, 1), configs: Sequence[str] = ("digits_ce", "digits_kd"),
+def run_demo(seeds: Sequence[int] = (0, 1, 2), configs: Sequence[str] = ("digits_ce", "digits_kd"),
              address: str | None = None, console: Console | None = None) -> list[RunResult]:
     console = console or Console()
     started = time.perf_counter()
@@ -56,7 +56,7 @@ def run_demo(seeds: Sequence[int] = (0, 1), configs: Sequence[str] = ("digits_ce
         table.add_row(f"teacher ({first.config.teacher.architecture})", "-", "-",
                       f"{100 * first.teacher_val_acc:.2f}", f"{100 * first.teacher_test_acc:.2f}", "-")
     for method, row in summary.iterrows():
-        table.add_row(str(method), str(row.runs), str(row.failed),
+        table.add_row(str(method), str(int(row.runs)), str(int(row.failed)),
                       f"{100 * row.val_mean:.2f} ± {100 * row.val_std:.2f}",
                       f"{100 * row.test_mean:.2f} ± {100 * row.test_std:.2f}", f"{row.seconds:.1f}")
     console.print(table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +13,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# Terminal output is the epoch lines and the results table: no download bars, no schema-migration chatter.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def git_commit() -> str:
