@@ -6,9 +6,9 @@ import copy
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ Reporter = Callable[[dict[str, Any], str | None], None]
 @dataclass
 class LoopOutput:
     status: str  # "finished" or "diverged"
-    history: list[dict[str, Any]] = field(default_factory=list)
-    final: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]]
+    final: dict[str, Any]
 
 
 def make_optimizer(params: Any, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -93,9 +93,22 @@ def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, An
     """Train `cfg.student` with `cfg.method`; select on val_acc; test the selected student once.
 
     Reports `train_loss`, `loss/<part>`, `val_acc`, `lr`, `epoch_seconds`, `images_per_s` every epoch;
-    the last epoch's report also carries `test_acc`, `best_epoch`, `selected_val_acc`.
+    the last epoch's report also carries `test_acc`, `best_epoch`, `selected_val_acc` and `status`.
     `wrap` puts the distiller under DDP (Ray Train's `prepare_model`) when there are several ranks.
     """
+    history = list(iterate_epochs(cfg, splits, teacher_ckpt, rank=rank, world=world, device=device,
+                                  report=report, tracker=tracker, wrap=wrap, artifact_name=artifact_name,
+                                  log=log))
+    return LoopOutput(status=history[-1]["status"], history=history, final=history[-1])
+
+
+def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, Any] | None = None, *,
+                   rank: int = 0, world: int = 1, device: torch.device | None = None,
+                   report: Reporter | None = None, tracker: Tracker | None = None,
+                   wrap: Callable[[nn.Module], nn.Module] | None = None, artifact_name: str = "student",
+                   log: Callable[[str], None] | None = print) -> Iterator[dict[str, Any]]:
+    """`train_loop` one epoch at a time: yields each epoch's metrics after reporting and logging them,
+    so a caller can advance several seeds in lockstep and report their mean."""
     tc = cfg.training
     device = device or torch.device("cpu")
     torch.manual_seed(tc.seed)
@@ -113,7 +126,7 @@ def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, An
     optimizer = make_optimizer([p for p in distiller.parameters() if p.requires_grad], tc)
     schedule = make_schedule(optimizer, tc)
 
-    out = LoopOutput(status="finished")
+    status = "finished"
     static: dict[str, float] = {}
     if teacher is not None:
         static = {"teacher_val_acc": accuracy(teacher, data, "val", tc.precision),
@@ -146,18 +159,17 @@ def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, An
         metrics: dict[str, Any] = {"epoch": epoch, **means, "val_acc": val_acc, "lr": lr,
                                    "epoch_seconds": seconds, "images_per_s": n_train / seconds}
         if not math.isfinite(means.get("train_loss", 0.0)):
-            out.status = "diverged"
+            status = "diverged"
         elif tc.selection == "last" or val_acc > best_val:
             best_val, best_epoch = val_acc, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in distiller.student.state_dict().items()})
-        last = epoch == tc.epochs or out.status == "diverged"
+        last = epoch == tc.epochs or status == "diverged"
         if last:
             if best_state is not None:
                 distiller.student.load_state_dict(best_state)
             test_acc = accuracy(distiller.student, data, "test", tc.precision) if best_state else float("nan")
             metrics.update(test_acc=test_acc, best_epoch=best_epoch, selected_val_acc=best_val, **static)
-            metrics["status"] = out.status
-        out.history.append(metrics)
+            metrics["status"] = status
         if rank == 0 and log is not None:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                              if k in ("train_loss", "val_acc", "test_acc", "epoch_seconds"))
@@ -176,7 +188,6 @@ def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, An
                 tracker.log_artifact(Path(checkpoint_dir) / f"{artifact_name}.pt", artifact_name)
         if report is not None:
             report(metrics, checkpoint_dir)
+        yield metrics
         if last:
-            out.final = metrics
-            break
-    return out
+            return
