@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any
@@ -75,11 +76,67 @@ def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds")] =
     """The main job on the embedded digits data: teacher, then CE and KD students, mean ± std."""
     from orchestrator.demo import run_demo
 
+    run_demo(_seed_list(seeds), address=address)
+
+
+def print_sweep(result: Any, top: int = 10) -> None:
+    """The top settings by seed-mean validation accuracy, then how to open them in MLflow."""
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = result.settings()
+    table = Table(title=f"sweep {result.name}: top settings by mean val_acc ({len(result.frame)} runs)")
+    for col in ("setting", *[p.removeprefix("method.params.") for p in result.parameters], "seeds", "failed",
+                "stopped", "val_acc", "test_acc"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for sid, row in settings.head(top).iterrows():
+        values = [f"{row[p]:.4g}" if isinstance(row[p], float) else str(row[p]) for p in result.parameters]
+        table.add_row(str(sid), *values, str(int(row["seeds"])), str(int(row["failed"])),
+                      str(int(row["early_stopped"])),
+                      f"{100 * row['val_acc_mean']:.2f} ± {100 * (row['val_acc_std'] if row['seeds'] > 1 else 0):.2f}",
+                      f"{100 * row['test_acc_mean']:.2f}")
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    console.print(f"MLflow: {result.ui_hint()}")
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped config name")],
+              space: Annotated[str | None, typer.Option(help="space: method name or YAML path")] = None,
+              trials: Annotated[int, typer.Option(help="settings to try (Sobol: a power of 2)")] = 8,
+              sampler: Annotated[str, typer.Option(help="tpe | random | sobol | grid")] = "tpe",
+              scheduler: Annotated[str | None, typer.Option(help="asha | none (default: asha if adaptive)")] = None,
+              concurrency: Annotated[int, typer.Option(help="trials running at once")] = 2,
+              seeds: Annotated[str, typer.Option(help="comma-separated seeds per setting")] = "0",
+              name: Annotated[str | None, typer.Option(help="sweep name (default: config-method-time)")] = None,
+              max_failures: Annotated[int, typer.Option(help="retries of a trial that raised")] = 0,
+              set_: Overrides = None, address: Address = None) -> None:
+    """Search a method's hyperparameters with Ray Tune + Optuna; every run an MLflow child of the sweep."""
+    from orchestrator.sweep import sweep
+
+    result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
+                   concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
+                   max_failures=max_failures, overrides=set_ or [])
+    print_sweep(result)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(name: Annotated[str, typer.Argument(help="sweep name")],
+               tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
+               experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo") -> None:
+    """Rebuild a sweep's results table from MLflow alone."""
+    from orchestrator.sweep import load_sweep
+
+    print_sweep(load_sweep(name, tracking_uri, experiment))
+
+
+def _seed_list(seeds: str) -> list[int]:
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        return [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got '{seeds}'") from None
-    run_demo(seed_list, address=address)
 
 
 @app.command("configs")

@@ -201,7 +201,7 @@ def format_validation_error(err: ValidationError, prefix: str, model: type[BaseM
         return f"{path}: unknown field; allowed: {allowed}{more}"
     if first["type"] == "missing":
         return f"{path}: required field is missing{more}"
-    if not loc:  # a model-level check whose message already names its field
+    if not loc or msg.startswith((f"{path}.", f"{path}:")):  # the check's message names its field already
         return f"{msg}{more}"
     got = first.get("input")
     shown = "" if isinstance(got, dict | list) else f" (got {got!r})"

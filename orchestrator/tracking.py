@@ -55,6 +55,7 @@ class Tracker:
     """Writes metrics and artifacts to one existing MLflow run."""
 
     def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
         self.client = MlflowClient(uri)
         self.run_id = run_id
 

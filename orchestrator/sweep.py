@@ -1,0 +1,345 @@
+"""`sweep(config, space, ...) -> SweepResult`: Ray Tune + Optuna over distillation runs.
+
+Every (setting, seed) is an MLflow child of the sweep's parent run, logged by the trial itself (Ray's
+MLflowLoggerCallback cannot nest runs). The children are also the sweep's ledger: results tables and
+`kdo report` are rebuilt from them alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import ExperimentConfig, load_config, resolve_paths
+from orchestrator.data import Splits
+from orchestrator.design import build_design
+from orchestrator.errors import ConfigError
+from orchestrator.loop import iterate_epochs
+from orchestrator.runner import prepare
+from orchestrator.spaces import SearchSpace, load_space
+from orchestrator.tracking import Tracker, flatten, start_run, ui_hint
+
+Sampler = Literal["tpe", "random", "sobol", "grid"]
+FIXED_DESIGNS = ("sobol", "grid")
+
+
+def setting_id(setting: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _tune_key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+@dataclass
+class SweepPlan:
+    """What every trial needs besides data and teacher (shipped once through the object store)."""
+
+    name: str
+    base: dict[str, Any]
+    space: SearchSpace
+    seeds: list[int]
+    points: list[dict[str, Any]] | None  # fixed designs: one trial per {"setting", "seed"}
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+
+
+def _close(tracker: Tracker, status: str, mlflow_status: str) -> None:
+    tracker.set_tags({"kdo.status": status, "kdo.early_stopped": str(status == "early_stopped").lower()})
+    tracker.finish(mlflow_status)
+
+
+def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None,
+              plan: SweepPlan) -> None:
+    """One Tune trial: one setting, its seeds advanced epoch by epoch in lockstep, the seed mean reported.
+
+    A diverged seed fails the whole setting (status `diverged`, its accuracy counted at chance level in
+    the reported mean), never averaged away.
+    """
+    from ray import tune
+
+    if plan.points is not None:
+        point = plan.points[tune_config["point"]]
+        setting, seeds = point["setting"], [point["seed"]]
+    else:
+        keys = {_tune_key(p): p for p in plan.space.parameters}
+        setting, seeds = {keys[k]: v for k, v in tune_config.items() if k in keys}, plan.seeds
+    sid = setting_id(setting)
+    base = ExperimentConfig.model_validate(plan.base)
+    chance = 1.0 / splits.info.num_classes
+    trackers, runs = [], []
+    for seed in seeds:
+        cfg = plan.space.apply(base, {**setting, "training.seed": seed, "name": f"{plan.name}-{sid[:6]}-s{seed}"})
+        tracker, _ = start_run(plan.tracking_uri, plan.experiment, cfg.name, parent_run_id=plan.parent_run_id,
+                               tags={"kdo.kind": "trial", "kdo.sweep": plan.name, "kdo.setting_id": sid,
+                                     "kdo.seed": seed, "kdo.method": cfg.method.name})
+        tracker.log_params(flatten(cfg.model_dump(mode="json")))
+        trackers.append(tracker)
+        runs.append(iterate_epochs(cfg, splits, teacher, tracker=tracker, log=None))
+    statuses = ["running"] * len(seeds)
+    try:
+        for epoch, rows in enumerate(zip(*runs, strict=False), start=1):  # seeds share their epochs
+            diverged = [row.get("status") == "diverged" for row in rows]
+            vals = [chance if d else row["val_acc"] for row, d in zip(rows, diverged, strict=True)]
+            report: dict[str, Any] = {"val_acc": sum(vals) / len(vals), "epoch": epoch,
+                                      "setting_id": sid, "seeds_diverged": sum(diverged),
+                                      "train_loss": sum(r["train_loss"] for r in rows) / len(rows)}
+            last = "test_acc" in rows[0] or any(diverged)
+            if last:
+                tests = [chance if d else row["test_acc"] for row, d in zip(rows, diverged, strict=True)]
+                report.update(test_acc=sum(tests) / len(tests), status="diverged" if any(diverged) else "finished")
+                statuses = ["diverged" if d else ("finished" if "test_acc" in row else "stopped")
+                            for row, d in zip(rows, diverged, strict=True)]
+            tune.report(report)
+            if last:
+                break
+    except SystemExit:  # Tune stops a trial (ASHA) by exiting it at its next report
+        statuses = ["early_stopped" if s == "running" else s for s in statuses]
+        raise
+    except BaseException:
+        statuses = ["error" if s == "running" else s for s in statuses]
+        raise
+    finally:
+        mlflow_status = {"finished": "FINISHED", "diverged": "FAILED", "stopped": "KILLED",
+                         "early_stopped": "KILLED", "error": "FAILED", "running": "KILLED"}
+        for tracker, status in zip(trackers, statuses, strict=True):
+            _close(tracker, "early_stopped" if status == "running" else status, mlflow_status[status])
+
+
+# ------------------------------------------------------------------------------------------ results
+_STATUS_OK = "finished"
+
+
+@dataclass
+class SweepResult:
+    """One row per (setting, seed) child run, rebuilt from MLflow; `best()` picks on validation only."""
+
+    name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    parameters: list[str]
+    frame: pd.DataFrame
+
+    def dataframe(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def settings(self) -> pd.DataFrame:
+        """One row per setting: seed mean ± std of val/test accuracy, seeds run, failures."""
+        if self.frame.empty:
+            return pd.DataFrame()
+        f = self.frame
+        grouped = f.groupby("setting_id", sort=False)
+        out = grouped[self.parameters].first()
+        out["seeds"] = grouped.size()
+        out["failed"] = grouped["status"].agg(lambda s: int(s.isin(["diverged", "error"]).sum()))
+        out["early_stopped"] = grouped["status"].agg(lambda s: int((s == "early_stopped").sum()))
+        out["complete"] = grouped["status"].agg(lambda s: bool((s == _STATUS_OK).all()))
+        for metric in ("val_acc", "test_acc"):
+            out[f"{metric}_mean"] = grouped[metric].mean()
+            out[f"{metric}_std"] = grouped[metric].std()
+        return out.sort_values(["complete", "val_acc_mean"], ascending=False)
+
+    def best(self) -> pd.Series:
+        """The complete setting with the highest mean validation accuracy (test accuracy is never used)."""
+        table = self.settings()
+        complete = table[table["complete"]] if not table.empty else table
+        if complete.empty:
+            raise ValueError(f"sweep {self.name}: no setting finished all its seeds")
+        return complete.iloc[0]
+
+    def ui_hint(self) -> str:
+        return ui_hint(self.tracking_uri, self.experiment_id)
+
+
+def _children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                    parameters: list[str]) -> pd.DataFrame:
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50_000)
+    rows = []
+    for r in runs:
+        m, tags = r.data.metrics, r.data.tags
+        status = tags.get("kdo.status", "running" if r.info.status == "RUNNING" else r.info.status.lower())
+        row = {"setting_id": tags.get("kdo.setting_id"), "seed": int(tags.get("kdo.seed", -1)), "status": status,
+               "val_acc": m.get("selected_val_acc", m.get("val_acc", math.nan)),
+               "test_acc": m.get("test_acc", math.nan),
+               "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000.0,
+               "run_id": r.info.run_id}
+        for p in parameters:
+            raw = r.data.params.get(p)
+            try:
+                row[p] = json.loads(raw) if raw is not None else None
+            except json.JSONDecodeError:
+                row[p] = raw
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["setting_id", "seed", *parameters, "status", "val_acc", "test_acc",
+                                        "seconds", "run_id"])
+    return frame.sort_values(["setting_id", "seed"]).reset_index(drop=True)
+
+
+def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kdo") -> SweepResult:
+    """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`."""
+    from orchestrator.config import absolute_uri, default_tracking_uri
+
+    uri = absolute_uri(tracking_uri or default_tracking_uri())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"--experiment: no experiment '{experiment}' in {uri}")
+    parents = client.search_runs([exp.experiment_id], f"tags.`kdo.sweep` = '{name}' and tags.`kdo.kind` = 'sweep'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise ConfigError(f"NAME: no sweep named '{name}' in {uri} (experiment '{experiment}')")
+    parent = parents[0]
+    parameters = json.loads(parent.data.tags.get("kdo.parameters", "[]"))
+    frame = _children_frame(client, exp.experiment_id, parent.info.run_id, parameters)
+    return SweepResult(name, parent.info.run_id, exp.experiment_id, uri, parameters, frame)
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def _tune_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for path, spec in space.parameters.items():
+        if spec.type == "choice":
+            out[_tune_key(path)] = tune.choice(spec.values)
+        elif spec.type == "int":
+            out[_tune_key(path)] = (tune.lograndint if spec.log else tune.randint)(int(spec.low), int(spec.high) + 1)
+        else:
+            out[_tune_key(path)] = (tune.loguniform if spec.log else tune.uniform)(spec.low, spec.high)
+    return out
+
+
+def _validate_options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
+                      seeds: list[int], cfg: ExperimentConfig) -> str:
+    if sampler not in ("tpe", "random", "sobol", "grid"):
+        raise ConfigError(f"--sampler: unknown sampler '{sampler}'; allowed: tpe, random, sobol, grid")
+    if scheduler not in (None, "asha", "none"):
+        raise ConfigError(f"--scheduler: unknown scheduler '{scheduler}'; allowed: asha, none")
+    if sampler in FIXED_DESIGNS and scheduler == "asha":
+        raise ConfigError(f"--scheduler: a fixed {sampler} design runs every point in full; use --scheduler none")
+    if trials < 1:
+        raise ConfigError(f"--trials: must be >= 1 (got {trials})")
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency: must be >= 1 (got {concurrency})")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds: distinct non-negative integers, e.g. 0,1,2 (got {seeds})")
+    if cfg.scaling.num_workers > 1:
+        raise ConfigError("scaling.num_workers: sweeps run each trial on one worker for now "
+                          f"(got {cfg.scaling.num_workers}); pack trials with --concurrency instead")
+    return scheduler or ("none" if sampler in FIXED_DESIGNS else "asha")
+
+
+def sweep(config: str | Path | dict[str, Any] | ExperimentConfig, space: str | Path | dict[str, Any] | None = None,
+          *, trials: int = 8, sampler: Sampler = "tpe", scheduler: str | None = None, concurrency: int = 2,
+          metric: str = "val_acc", seeds: list[int] | tuple[int, ...] = (0,), name: str | None = None,
+          address: str | None = None, max_failures: int = 0, overrides: list[str] | None = None,
+          design_seed: int = 0) -> SweepResult:
+    """Search `space` (a shipped method name, a YAML path or a dict; default: the method's own) with Tune.
+
+    `trials` counts settings (a grid's size is fixed by the space). Adaptive samplers (`tpe`, `random`:
+    Optuna) run each setting's seeds in one trial and ASHA stops weak settings on the seed-mean `metric`;
+    fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg = resolve_paths(load_config(config, overrides or []))
+    seeds = list(seeds)
+    scheduler = _validate_options(sampler, scheduler, trials, concurrency, seeds, cfg)
+    space_obj = load_space(space if space is not None else cfg.method.name, cfg)
+    points = None
+    if sampler in FIXED_DESIGNS:
+        design = build_design(space_obj, sampler, trials, seed=design_seed)  # type: ignore[arg-type]
+        points = [{"setting": s, "seed": seed} for s in design for seed in seeds]
+    name = name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    prepared = prepare(cfg, address=address)  # data loaded and teacher trained once, before any trial
+    cfg = prepared.config
+    assert cfg.tracking.uri is not None
+    parameters = list(space_obj.parameters)
+    parent, experiment_id = start_run(
+        cfg.tracking.uri, cfg.tracking.experiment, name,
+        tags={"kdo.kind": "sweep", "kdo.sweep": name, "kdo.method": cfg.method.name,
+              "kdo.space": space_obj.source, "kdo.sampler": sampler, "kdo.scheduler": scheduler,
+              "kdo.seeds": ",".join(map(str, seeds)), "kdo.parameters": json.dumps(parameters)})
+    parent.log_params(flatten(cfg.model_dump(mode="json")))
+    parent.log_text(cfg.to_yaml(), "config.yaml")
+    parent.log_text(json.dumps(space_obj.model_dump(exclude={"source"}), indent=2), "space.json")
+    plan = SweepPlan(name, cfg.model_dump(mode="json"), space_obj, seeds, points, parent.run_id,
+                     cfg.tracking.uri, cfg.tracking.experiment)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, splits=prepared.splits, teacher=prepared.teacher, plan=plan),
+        {"cpu": cfg.scaling.cpus_per_worker, "gpu": cfg.scaling.gpus_per_worker if _gpu(cfg) else 0})
+    if points is not None:
+        param_space: dict[str, Any] = {"point": tune.grid_search(list(range(len(points))))}
+        search_alg, num_samples = None, 1
+    else:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna_sampler = (optuna.samplers.TPESampler(seed=design_seed) if sampler == "tpe"
+                          else optuna.samplers.RandomSampler(seed=design_seed))
+        param_space = _tune_space(space_obj)
+        search_alg, num_samples = OptunaSearch(sampler=optuna_sampler), trials
+    epochs_spec = space_obj.parameters.get("training.epochs")
+    epochs = int(epochs_spec.high or 1) if epochs_spec is not None else cfg.training.epochs
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=metric, mode="max", search_alg=search_alg, num_samples=num_samples,
+            max_concurrent_trials=concurrency,
+            scheduler=ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2) if scheduler == "asha" else None),
+        run_config=tune.RunConfig(name=name, storage_path=cfg.tracking.storage_path, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=max_failures)))
+    status = "FAILED"
+    try:
+        tuner.fit()
+        status = "FINISHED"
+    finally:
+        result = _finish(parent, experiment_id, name, parameters, status)
+    return result
+
+
+def _gpu(cfg: ExperimentConfig) -> bool:
+    import ray
+
+    if cfg.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.scaling.use_gpu)
+
+
+def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str) -> SweepResult:
+    """Close orphaned children (trials Tune stopped between reports), summarise onto the parent."""
+    client = parent.client
+    for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
+                                                   "and attributes.status = 'RUNNING'"):
+        _close(Tracker(parent.uri, run.info.run_id), "early_stopped", "KILLED")
+    result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
+                         _children_frame(client, experiment_id, parent.run_id, parameters))
+    with_results = result.dataframe()
+    parent.log_text(with_results.to_csv(index=False), "results.csv")
+    try:
+        best = result.best()
+        parent.log_params({f"best.{p}": best[p] for p in parameters})
+        parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]}, step=0)
+        best_runs = with_results[with_results["setting_id"] == best.name]["run_id"]
+        parent.set_tags({"best_run_id": best_runs.iloc[0], "best_setting_id": best.name})
+    except ValueError:
+        status = "FAILED"
+    counts = with_results["status"].value_counts().to_dict()
+    parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, step=0)
+    parent.finish(status)
+    return result
