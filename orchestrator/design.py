@@ -29,10 +29,9 @@ def build_design(space: SearchSpace, kind: Design, n: int | None = None, seed: i
     if n is None or n < 1:
         raise ConfigError(f"--trials: a {kind} design needs a positive number of settings")
     if kind == "sobol":
-        m = int(round(math.log2(n)))
+        m = int(math.floor(math.log2(n)))
         if 2**m != n:
-            raise ConfigError(f"--trials: a Sobol design needs a power of two (got {n}; try {2 ** max(0, m)} "
-                              f"or {2 ** (m + 1)})")
+            raise ConfigError(f"--trials: a Sobol design needs a power of two (got {n}; try {2**m} or {2 ** (m + 1)})")
         units = qmc.Sobol(d=len(names), scramble=True, seed=seed).random_base2(m)
     else:
         units = np.random.default_rng(seed).random((n, len(names)))

@@ -1,0 +1,108 @@
+"""Sweeps on a real local Ray runtime, real Optuna, real SQLite MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.sweep import load_sweep, sweep
+from tests.conftest import digits_config
+
+KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
+TEACHER = {"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 3, "lr": 0.05}}
+
+
+def _space_file(workdir: Path, space: dict) -> str:
+    path = workdir.parent / f"{workdir.name}-space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+@pytest.mark.parametrize(("space", "needle"), [
+    ({"parameters": {"tempx": {"type": "float", "low": 1, "high": 2}}},
+     "parameter 'method.params.tempx' = 1.0 is invalid: method.params.tempx: unknown field; allowed: temperature"),
+    ({"parameters": {"temperature": {"type": "float", "low": 0, "high": 20}}},
+     "'method.params.temperature' = 0.0 is invalid: method.params.temperature: Input should be greater than 0"),
+    ({"parameters": {"temperature": {"type": "float", "low": 8, "high": 2}}}, "low must be < high"),
+    ({"parameters": {"training.lr": {"type": "float", "low": -1, "high": 1, "log": True}}}, "log scale needs low > 0"),
+    ({"parameters": {"training.optimizer": {"type": "choice", "values": []}}}, "non-empty 'values'"),
+    ({"parameters": {"kd_weight": {"type": "float", "low": 0, "high": 3}}}, "less than or equal to 1"),
+    ({"method": "ce", "parameters": {"training.lr": {"type": "float", "low": 0.1, "high": 1}}},
+     "space is for method 'ce' but the config runs 'kd'"),
+    ({"parameters": {"temperature": {"type": "normal", "low": 1, "high": 2}}}, "'float', 'int' or 'choice'"),
+])
+def test_bad_space_is_one_line_exit_2_nothing_started(workdir: Path, space: dict, needle: str) -> None:
+    result = CliRunner().invoke(app, ["sweep", "digits_kd", "--space", _space_file(workdir, space)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.output
+    assert list(workdir.iterdir()) == [], "no MLflow store, no Ray storage, no cache"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--sampler", "bayes"], "--sampler: unknown sampler 'bayes'; allowed: tpe, random, sobol, grid"),
+    (["--sampler", "sobol", "--trials", "5"], "power of two (got 5; try 4 or 8)"),
+    (["--sampler", "grid", "--scheduler", "asha"], "a fixed grid design runs every point in full"),
+    (["--space", "nope"], "--space: 'nope' is neither a file nor a shipped space; shipped: ce, kd"),
+    (["--seeds", "0,0"], "--seeds: distinct non-negative integers"),
+])
+def test_bad_sweep_options(workdir: Path, args: list[str], needle: str) -> None:
+    result = CliRunner().invoke(app, ["sweep", "digits_kd", *args])
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("ray_runtime")
+def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir: Path) -> None:
+    cfg = digits_config(method=KD, teacher=TEACHER, training={"epochs": 3, "lr": 0.05})
+    result = sweep(cfg, "kd", trials=4, sampler="tpe", concurrency=2, seeds=[0, 1], name="asha-test")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["kdo.sampler"] == "tpe"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4 * 2, "one child per (setting, seed)"
+    assert all(c.info.status != "RUNNING" for c in children)
+    for child in children:
+        p = child.data.params
+        assert 1.0 <= float(p["method.params.temperature"]) <= 20.0
+        assert 0.0 <= float(p["method.params.kd_weight"]) <= 1.0
+        assert 0.005 <= float(p["training.lr"]) <= 0.5
+        assert child.data.tags["kdo.status"] in ("finished", "early_stopped")
+        assert len(client.get_metric_history(child.info.run_id, "val_acc")) >= 1
+    finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
+    assert finished and all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in finished)
+    assert len(client.search_runs([exp], "tags.`kdo.kind` = 'teacher'")) == 1, "teacher trained once per sweep"
+    assert {"results.csv", "config.yaml", "space.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    best = result.best()
+    assert parent.data.tags["best_setting_id"] == best.name
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc_mean"])
+    # `kdo report` rebuilds the same table from MLflow alone.
+    again = load_sweep("asha-test")
+    assert again.frame[["run_id", "status"]].sort_values("run_id").values.tolist() == \
+        result.frame[["run_id", "status"]].sort_values("run_id").values.tolist()
+    report = CliRunner().invoke(app, ["report", "asha-test"])
+    assert report.exit_code == 0 and best.name in report.output
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("ray_runtime")
+def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Path) -> None:
+    cfg = digits_config(student={"architecture": "mlp", "args": {}},
+                        training={"epochs": 2, "lr": 0.05, "momentum": 0.99})
+    space = {"parameters": {"training.lr": {"type": "choice", "values": [0.01, 0.05, 10.0]}}}
+    result = sweep(cfg, space, sampler="grid", concurrency=2, name="grid-nan")
+    frame = result.dataframe().set_index("training.lr")
+    assert len(frame) == 3
+    assert frame.loc[10.0, "status"] == "diverged"
+    assert (frame.loc[[0.01, 0.05], "status"] == "finished").all()
+    assert frame.loc[0.05, "test_acc"] > 0.3
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert client.get_run(frame.loc[10.0, "run_id"]).info.status == "FAILED"
+    assert result.best()["training.lr"] != 10.0
