@@ -132,6 +132,18 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep name")],
     print_sweep(load_sweep(name, tracking_uri, experiment))
 
 
+@app.command("resume")
+@user_errors
+def resume_cmd(name: Annotated[str, typer.Argument(help="sweep name")],
+               tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
+               experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
+               address: Address = None) -> None:
+    """Finish a sweep whose driver died: skip what is done, close and redo what was running."""
+    from orchestrator.sweep import resume
+
+    print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment))
+
+
 def _seed_list(seeds: str) -> list[int]:
     try:
         return [int(s) for s in seeds.split(",") if s.strip()]
@@ -146,3 +158,7 @@ def configs_cmd() -> None:
 
     for name in shipped_configs():
         typer.echo(name)
+
+
+if __name__ == "__main__":
+    app()

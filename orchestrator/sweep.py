@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import torch
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ExperimentConfig, load_config, resolve_paths
@@ -23,7 +26,7 @@ from orchestrator.data import Splits
 from orchestrator.design import build_design
 from orchestrator.errors import ConfigError
 from orchestrator.loop import iterate_epochs
-from orchestrator.runner import prepare
+from orchestrator.runner import Prepared, prepare
 from orchestrator.spaces import SearchSpace, load_space
 from orchestrator.tracking import Tracker, flatten, start_run, ui_hint
 
@@ -51,6 +54,8 @@ class SweepPlan:
     parent_run_id: str
     tracking_uri: str
     experiment: str
+    experiment_id: str
+    use_gpu: bool = False
 
 
 def _close(tracker: Tracker, status: str, mlflow_status: str) -> None:
@@ -58,12 +63,30 @@ def _close(tracker: Tracker, status: str, mlflow_status: str) -> None:
     tracker.finish(mlflow_status)
 
 
+DONE = ("finished", "diverged", "early_stopped")  # terminal outcomes of a (setting, seed): never rerun
+_MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "stopped": "KILLED", "early_stopped": "KILLED",
+                  "error": "FAILED", "running": "KILLED"}
+
+
+def _replay(client: MlflowClient, run: Any) -> Iterator[dict[str, Any]]:
+    """A finished child's epochs, from MLflow, as `iterate_epochs` would yield them (resume: no rerun)."""
+    status = run.data.tags["kdo.status"]
+    history = {k: sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)
+               for k in ("val_acc", "train_loss")}
+    for i, (val, loss) in enumerate(zip(history["val_acc"], history["train_loss"], strict=False)):
+        row = {"val_acc": val.value, "train_loss": loss.value}
+        if i == len(history["val_acc"]) - 1 and status in ("finished", "diverged"):
+            row.update(test_acc=run.data.metrics.get("test_acc", math.nan), status=status)
+        yield row
+
+
 def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None,
               plan: SweepPlan) -> None:
     """One Tune trial: one setting, its seeds advanced epoch by epoch in lockstep, the seed mean reported.
 
     A diverged seed fails the whole setting (status `diverged`, its accuracy counted at chance level in
-    the reported mean), never averaged away.
+    the reported mean), never averaged away. Seeds the ledger (this sweep's MLflow children) already
+    holds are replayed from MLflow instead of trained again.
     """
     from ray import tune
 
@@ -75,16 +98,28 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
         setting, seeds = {keys[k]: v for k, v in tune_config.items() if k in keys}, plan.seeds
     sid = setting_id(setting)
     base = ExperimentConfig.model_validate(plan.base)
+    torch.set_num_threads(max(1, int(base.scaling.cpus_per_worker)))
     chance = 1.0 / splits.info.num_classes
-    trackers, runs = [], []
+    client = MlflowClient(plan.tracking_uri)
+    done = {int(r.data.tags["kdo.seed"]): r for r in client.search_runs(
+        [plan.experiment_id], f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`kdo.setting_id` = '{sid}'")
+        if r.data.tags.get("kdo.status") in DONE}
+    trackers: list[Tracker | None] = []
+    runs: list[Iterator[dict[str, Any]]] = []
     for seed in seeds:
+        if seed in done:
+            trackers.append(None)
+            runs.append(_replay(client, done[seed]))
+            continue
         cfg = plan.space.apply(base, {**setting, "training.seed": seed, "name": f"{plan.name}-{sid[:6]}-s{seed}"})
         tracker, _ = start_run(plan.tracking_uri, plan.experiment, cfg.name, parent_run_id=plan.parent_run_id,
                                tags={"kdo.kind": "trial", "kdo.sweep": plan.name, "kdo.setting_id": sid,
-                                     "kdo.seed": seed, "kdo.method": cfg.method.name})
+                                     "kdo.setting": json.dumps(setting, sort_keys=True), "kdo.seed": seed,
+                                     "kdo.method": cfg.method.name})
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         trackers.append(tracker)
-        runs.append(iterate_epochs(cfg, splits, teacher, tracker=tracker, log=None))
+        runs.append(iterate_epochs(cfg, splits, teacher, device=torch.device("cuda" if plan.use_gpu else "cpu"),
+                                   tracker=tracker, log=None))
     statuses = ["running"] * len(seeds)
     try:
         for epoch, rows in enumerate(zip(*runs, strict=False), start=1):  # seeds share their epochs
@@ -109,10 +144,10 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
         statuses = ["error" if s == "running" else s for s in statuses]
         raise
     finally:
-        mlflow_status = {"finished": "FINISHED", "diverged": "FAILED", "stopped": "KILLED",
-                         "early_stopped": "KILLED", "error": "FAILED", "running": "KILLED"}
         for tracker, status in zip(trackers, statuses, strict=True):
-            _close(tracker, "early_stopped" if status == "running" else status, mlflow_status[status])
+            if tracker is not None:
+                final = "early_stopped" if status == "running" else status
+                _close(tracker, final, _MLFLOW_STATUS[status])
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -167,6 +202,8 @@ def _children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str
                               max_results=50_000)
     rows = []
     for r in runs:
+        if r.data.tags.get("kdo.status") == "orphaned":  # an interrupted attempt, redone by `resume`
+            continue
         m, tags = r.data.metrics, r.data.tags
         status = tags.get("kdo.status", "running" if r.info.status == "RUNNING" else r.info.status.lower())
         row = {"setting_id": tags.get("kdo.setting_id"), "seed": int(tags.get("kdo.seed", -1)), "status": status,
@@ -253,63 +290,111 @@ def sweep(config: str | Path | dict[str, Any] | ExperimentConfig, space: str | P
     Optuna) run each setting's seeds in one trial and ASHA stops weak settings on the seed-mean `metric`;
     fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     cfg = resolve_paths(load_config(config, overrides or []))
     seeds = list(seeds)
     scheduler = _validate_options(sampler, scheduler, trials, concurrency, seeds, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
-    points = None
     if sampler in FIXED_DESIGNS:
-        design = build_design(space_obj, sampler, trials, seed=design_seed)  # type: ignore[arg-type]
-        points = [{"setting": s, "seed": seed} for s in design for seed in seeds]
+        build_design(space_obj, sampler, trials, seed=design_seed)  # type: ignore[arg-type]  # fails early
     name = name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     prepared = prepare(cfg, address=address)  # data loaded and teacher trained once, before any trial
     cfg = prepared.config
     assert cfg.tracking.uri is not None
-    parameters = list(space_obj.parameters)
+    options = {"sampler": sampler, "scheduler": scheduler, "trials": trials, "concurrency": concurrency,
+               "metric": metric, "seeds": seeds, "max_failures": max_failures, "design_seed": design_seed}
     parent, experiment_id = start_run(
         cfg.tracking.uri, cfg.tracking.experiment, name,
-        tags={"kdo.kind": "sweep", "kdo.sweep": name, "kdo.method": cfg.method.name,
-              "kdo.space": space_obj.source, "kdo.sampler": sampler, "kdo.scheduler": scheduler,
-              "kdo.seeds": ",".join(map(str, seeds)), "kdo.parameters": json.dumps(parameters)})
+        tags={"kdo.kind": "sweep", "kdo.sweep": name, "kdo.method": cfg.method.name, "kdo.space": space_obj.source,
+              "kdo.sampler": sampler, "kdo.scheduler": scheduler, "kdo.seeds": ",".join(map(str, seeds)),
+              "kdo.parameters": json.dumps(list(space_obj.parameters)), "kdo.options": json.dumps(options)})
     parent.log_params(flatten(cfg.model_dump(mode="json")))
     parent.log_text(cfg.to_yaml(), "config.yaml")
-    parent.log_text(json.dumps(space_obj.model_dump(exclude={"source"}), indent=2), "space.json")
-    plan = SweepPlan(name, cfg.model_dump(mode="json"), space_obj, seeds, points, parent.run_id,
-                     cfg.tracking.uri, cfg.tracking.experiment)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, splits=prepared.splits, teacher=prepared.teacher, plan=plan),
-        {"cpu": cfg.scaling.cpus_per_worker, "gpu": cfg.scaling.gpus_per_worker if _gpu(cfg) else 0})
-    if points is not None:
-        param_space: dict[str, Any] = {"point": tune.grid_search(list(range(len(points))))}
+    parent.log_text(space_obj.model_dump_json(indent=2), "space.json")
+    plan = SweepPlan(name, cfg.model_dump(mode="json"), space_obj, seeds, None, parent.run_id, cfg.tracking.uri,
+                     cfg.tracking.experiment, experiment_id)
+    return _execute_sweep(plan, prepared, parent, options, previous=[])
+
+
+def resume(name: str, *, address: str | None = None, tracking_uri: str | None = None,
+           experiment: str = "kdo") -> SweepResult:
+    """Finish a sweep whose driver died: nothing finished is rerun, orphaned children are closed and redone.
+
+    The ledger is the sweep's MLflow children (not Tune's state, which is snapshotted only every few
+    seconds): fixed designs run only their missing (setting, seed) points; adaptive sweeps re-enqueue
+    every setting seen (finished seeds are replayed from MLflow, not trained) and draw the rest anew.
+    """
+    found = load_sweep(name, tracking_uri, experiment)
+    client = MlflowClient(found.tracking_uri)
+    parent_run = client.get_run(found.parent_run_id)
+    options = json.loads(parent_run.data.tags["kdo.options"])
+    for run in client.search_runs([found.experiment_id], f"tags.mlflow.parentRunId = '{found.parent_run_id}' "
+                                                         "and attributes.status = 'RUNNING'"):
+        _close(Tracker(found.tracking_uri, run.info.run_id), "orphaned", "KILLED")
+    local = Path(tempfile.mkdtemp(prefix="kdo-resume-"))
+    cfg_path = client.download_artifacts(found.parent_run_id, "config.yaml", str(local))
+    space_path = client.download_artifacts(found.parent_run_id, "space.json", str(local))
+    cfg = load_config(cfg_path)
+    space_obj = SearchSpace.model_validate_json(Path(space_path).read_text())
+    prepared = prepare(cfg, address=address)
+    client.update_run(found.parent_run_id, status="RUNNING")
+    parent = Tracker(found.tracking_uri, found.parent_run_id)
+    plan = SweepPlan(name, cfg.model_dump(mode="json"), space_obj, options["seeds"], None, found.parent_run_id,
+                     found.tracking_uri, cfg.tracking.experiment, found.experiment_id)
+    previous = [json.loads(r.data.tags["kdo.setting"]) for r in client.search_runs(
+        [found.experiment_id], f"tags.mlflow.parentRunId = '{found.parent_run_id}'") if "kdo.setting" in r.data.tags]
+    unique = list({setting_id(s): s for s in previous}.values())
+    return _execute_sweep(plan, prepared, parent, options, previous=unique)
+
+
+def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options: dict[str, Any],
+                   previous: list[dict[str, Any]]) -> SweepResult:
+    """Run the trials still to do under `parent` with Tune; `previous` settings are re-enqueued (resume)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg, space_obj, sampler = prepared.config, plan.space, options["sampler"]
+    plan.use_gpu = _gpu(cfg)
+    if sampler in FIXED_DESIGNS:
+        design = build_design(space_obj, sampler, options["trials"], seed=options["design_seed"])
+        client = MlflowClient(plan.tracking_uri)
+        done = {(r.data.tags.get("kdo.setting_id"), int(r.data.tags.get("kdo.seed", -1))) for r in client.search_runs(
+            [plan.experiment_id], f"tags.mlflow.parentRunId = '{plan.parent_run_id}'")
+            if r.data.tags.get("kdo.status") in DONE}
+        plan.points = [{"setting": s, "seed": seed} for s in design for seed in plan.seeds
+                       if (setting_id(s), seed) not in done]
+        param_space: dict[str, Any] = {"point": tune.grid_search(list(range(len(plan.points))))}
         search_alg, num_samples = None, 1
     else:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        optuna_sampler = (optuna.samplers.TPESampler(seed=design_seed) if sampler == "tpe"
-                          else optuna.samplers.RandomSampler(seed=design_seed))
+        optuna_sampler = (optuna.samplers.TPESampler(seed=options["design_seed"]) if sampler == "tpe"
+                          else optuna.samplers.RandomSampler(seed=options["design_seed"]))
+        replays = [{_tune_key(k): v for k, v in s.items()} for s in previous]
         param_space = _tune_space(space_obj)
-        search_alg, num_samples = OptunaSearch(sampler=optuna_sampler), trials
+        search_alg = OptunaSearch(sampler=optuna_sampler, points_to_evaluate=replays or None)
+        num_samples = max(options["trials"], len(replays))
     epochs_spec = space_obj.parameters.get("training.epochs")
     epochs = int(epochs_spec.high or 1) if epochs_spec is not None else cfg.training.epochs
-    tuner = tune.Tuner(
-        trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=metric, mode="max", search_alg=search_alg, num_samples=num_samples,
-            max_concurrent_trials=concurrency,
-            scheduler=ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2) if scheduler == "asha" else None),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.tracking.storage_path, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=max_failures)))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, splits=prepared.splits, teacher=prepared.teacher, plan=plan),
+        {"cpu": cfg.scaling.cpus_per_worker, "gpu": cfg.scaling.gpus_per_worker if plan.use_gpu else 0})
+    asha = ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2) if options["scheduler"] == "asha" else None
     status = "FAILED"
     try:
-        tuner.fit()
+        if plan.points is None or plan.points:
+            tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric=options["metric"], mode="max", search_alg=search_alg,
+                                            num_samples=num_samples, max_concurrent_trials=options["concurrency"],
+                                            scheduler=asha),
+                run_config=tune.RunConfig(name=plan.name, storage_path=cfg.tracking.storage_path, verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=options["max_failures"])),
+            ).fit()
         status = "FINISHED"
     finally:
-        result = _finish(parent, experiment_id, name, parameters, status)
+        result = _finish(parent, plan.experiment_id, plan.name, list(space_obj.parameters), status)
     return result
 
 

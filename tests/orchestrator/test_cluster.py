@@ -1,0 +1,279 @@
+"""Sweeps against real external services: a `ray start` cluster and an `mlflow server`.
+
+Both services are started by the test itself and stopped by PID afterwards (never `ray stop`, which would
+kill every Ray process on the machine, the pytest session's own runtime included).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.sweep import sweep
+from tests.conftest import digits_config
+
+BIN = Path(sys.executable).parent
+KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
+TEACHER = {"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 2, "lr": 0.05}}
+MARKER = "KDO_TEST_CLUSTER"  # set in the environment of `ray start`; every process of that cluster inherits it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ processes
+def _pids() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
+
+
+def _read(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:  # gone, or not ours
+        return b""
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, ...]; [] if gone."""
+    return _read(pid, "stat").decode(errors="replace").rsplit(")", 1)[-1].split()
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return bool(stat) and stat[0] not in ("Z", "X")
+
+
+def _with_descendants(roots: set[int]) -> set[int]:
+    parents = {}
+    for pid in _pids():
+        stat = _stat(pid)
+        if len(stat) > 1:
+            parents[pid] = int(stat[1])
+    found, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _cluster_processes(before: set[int], tag: str, temp_dir: str) -> set[int]:
+    """Processes that appeared since `before`, belong to the cluster and mention ray.
+
+    A process belongs to the cluster if it carries the `ray start` environment tag (GCS, raylet, monitors,
+    most workers), names the cluster's private temp dir on its command line, or descends from one that
+    does (the agents and workers whose title, set by setproctitle, overwrote their environment block).
+    Other sessions' Ray processes that started meanwhile are left alone, and so are pytest and its
+    descendants (the session's own `ray.init` runtime lives there).
+    """
+    new = _pids() - before - _with_descendants({os.getpid()})
+    needle = f"{MARKER}={tag}".encode()
+    roots = {pid for pid in new if needle in _read(pid, "environ").split(b"\0")
+             or temp_dir.encode() in _read(pid, "cmdline")}
+    members = _with_descendants(roots) & new
+    return {pid for pid in members if b"ray" in _read(pid, "cmdline")}
+
+
+def _terminate(pids: set[int], grace: float = 5.0) -> set[int]:
+    """SIGTERM, then SIGKILL whatever is still alive after `grace` seconds; returns the survivors."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = {p for p in pids if _alive(p)}
+        if not pids:
+            break
+    return pids
+
+
+def _auth_mode() -> str:
+    """The auth mode both `ray start` and the driver must use.
+
+    `ray start` turns token auth on by itself when a token exists (~/.ray/auth_token), but a driver's
+    `ray.init(address=<host:port>)` turns it on only with RAY_AUTH_MODE=token (only `address="auto"`
+    auto-enables it): pin the mode on both sides.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return os.environ["RAY_AUTH_MODE"]
+    has_token = (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                 or (Path.home() / ".ray" / "auth_token").is_file())
+    return "token" if has_token else "disabled"
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # host:port of its GCS, for `--address` / `ray.init(address=...)`
+    temp_dir: Path
+    driver_env: dict[str, str]  # the environment a driver process needs to join it
+
+    @property
+    def logs(self) -> Path:
+        return self.temp_dir / "session_latest" / "logs"
+
+
+@contextmanager
+def ray_cluster(num_cpus: int = 2) -> Iterator[RayCluster]:
+    """A one-node `ray start --head` cluster on free ports, stopped by PID afterwards (never `ray stop`).
+
+    Its temp dir is a short private folder (Ray's socket paths must stay under 107 characters), so its
+    logs never mix with other runtimes'. Reusable for tests that kill and resume a driver on one cluster.
+    """
+    port, client_port, agent_port = free_port(), free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="kdo-ray-")
+    tag = uuid.uuid4().hex
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base["RAY_AUTH_MODE"] = _auth_mode()
+    before = _pids()
+    try:
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+             "--num-cpus", str(num_cpus), "--include-dashboard=false", "--disable-usage-stats",
+             "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
+             "--temp-dir", temp_dir],
+            env={**base, MARKER: tag}, check=True, capture_output=True, text=True, timeout=150)
+        yield RayCluster(f"127.0.0.1:{port}", Path(temp_dir), base)
+    finally:
+        left = _terminate(_cluster_processes(before, tag, temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"ray cluster processes survived SIGKILL: {sorted(left)}"
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sweep_on_a_ray_start_cluster(workdir: Path) -> None:
+    """`kdo sweep --address` from another process runs its trials on that cluster and logs them to MLflow."""
+    config = workdir / "digits.yaml"
+    config.write_text(yaml.safe_dump(digits_config(method=KD, teacher=TEACHER, training={"epochs": 2, "lr": 0.05})))
+    with ray_cluster(num_cpus=2) as cluster:
+        # A separate process: this one may already hold the session's own `ray.init` runtime.
+        proc = subprocess.Popen(
+            [str(BIN / "kdo"), "sweep", str(config), "--address", cluster.address, "--trials", "2",
+             "--sampler", "random", "--concurrency", "2", "--name", "cluster-test"],
+            cwd=workdir, env=cluster.driver_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=220)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, f"stdout:\n{out[-4000:]}\nstderr:\n{err[-6000:]}"
+        assert "cluster-test" in out, out
+        # The driver really joined that cluster: its core-worker log lies in the cluster's own session.
+        drivers = [p.name for p in cluster.logs.glob(f"python-core-driver-*_{proc.pid}.log")]
+        assert drivers, sorted(p.name for p in cluster.logs.iterdir())
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'sweep' and tags.`kdo.sweep` = 'cluster-test'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    assert all(c.info.status != "RUNNING" for c in children), [c.info.status for c in children]
+    assert all(c.data.tags["kdo.status"] in ("finished", "early_stopped") for c in children)
+
+
+@contextmanager
+def mlflow_server(cwd: Path) -> Iterator[str]:
+    """`mlflow server` on a free port with a SQLite store in `cwd`; yields its URL, stops its process group."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (cwd / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{cwd / 'srv.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"mlflow server exited {proc.returncode}:\n{_tail(cwd / 'server.log')}"
+            assert time.monotonic() < deadline, f"mlflow server not healthy in 90 s:\n{_tail(cwd / 'server.log')}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # The leader is gone; its workers may still be shutting down in the same group.
+            deadline = time.monotonic() + wait
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not _group_alive(proc.pid):
+                break
+        log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("ray_runtime")
+def test_sweep_against_an_mlflow_server(workdir: Path) -> None:
+    """Trials log their children, per-epoch metrics and the parent's artifacts through an HTTP tracking server."""
+    server_dir = workdir / "server"
+    server_dir.mkdir()
+    epochs = 2
+    cfg = digits_config(training={"epochs": epochs, "lr": 0.05})
+    space = {"parameters": {"training.lr": {"type": "choice", "values": [0.02, 0.05]}}}
+    with mlflow_server(server_dir) as url:
+        result = sweep(cfg, space, trials=2, sampler="grid", concurrency=2, name="server-test",
+                       overrides=[f"tracking.uri={url}"])
+        assert result.tracking_uri == url
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name("kdo").experiment_id
+        [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'sweep' and tags.`kdo.sweep` = 'server-test'")
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert len(children) == 2
+        assert sorted(float(c.data.params["training.lr"]) for c in children) == [0.02, 0.05]
+        for child in children:
+            assert child.info.status == "FINISHED"
+            history = client.get_metric_history(child.info.run_id, "val_acc")
+            assert len(history) == epochs, [(m.step, m.value) for m in history]
+        assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert (server_dir / "mlartifacts").is_dir(), "artifacts are stored under the server's cwd"
+    assert not (workdir / "mlflow.db").exists(), "nothing was logged to the default local store"

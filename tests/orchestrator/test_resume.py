@@ -1,0 +1,105 @@
+"""A sweep driver killed with SIGKILL is finished by `kdo resume`: nothing lost, nothing run twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+
+
+def _ray_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"ray" in cmdline and b"pytest" not in cmdline:
+                pids.add(int(entry.name))
+    return pids
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _finished_trials(db: Path) -> int:
+    """Count finished trial runs with a read-only SQL query: an MlflowClient here could race the driver's
+    first-use schema migration of the same file."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute(
+                "SELECT COUNT(*) FROM tags a JOIN tags b ON a.run_uuid = b.run_uuid WHERE a.key = 'kdo.kind' "
+                "AND a.value = 'trial' AND b.key = 'kdo.status' AND b.value = 'finished'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.usefixtures("ray_runtime")
+def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path) -> None:
+    before = _ray_pids()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", "digits_kd", "--sampler", "sobol", "--trials", "4",
+         "--concurrency", "1", "--set", "training.epochs=3", "--name", "killed"],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _finished_trials(workdir / "mlflow.db") < 1:
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        # The killed driver's local Ray runtime outlives it: stop what appeared, by PID, not `ray stop`.
+        time.sleep(1)
+        ours = _descendants(os.getpid())
+        for pid in _ray_pids() - before - ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    done_before = _finished_trials(workdir / "mlflow.db")
+    assert 1 <= done_before < 4
+
+    result = CliRunner().invoke(app, ["resume", "killed"])
+    assert result.exit_code == 0, result.output
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert all(c.info.status != "RUNNING" for c in children)
+    finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
+    keys = [(c.data.tags["kdo.setting_id"], c.data.tags["kdo.seed"]) for c in finished]
+    assert len(keys) == 4 and len(set(keys)) == 4, "every planned point finished exactly once"
+    others = [c.data.tags["kdo.status"] for c in children if c.data.tags["kdo.status"] != "finished"]
+    assert set(others) <= {"orphaned"}, "the only other children are interrupted attempts, closed"
+
