@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any
@@ -72,32 +71,12 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
 @app.command("demo")
 @user_errors
 def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
+             sweep_trials: Annotated[int, typer.Option(help="settings in the closing KD sweep (0: none)")] = 8,
              address: Address = None) -> None:
-    """The main job on the embedded digits data: teacher, then CE and KD students, mean ± std."""
+    """The main job on the embedded digits data: teacher, CE and KD students (mean ± std), a small KD sweep."""
     from orchestrator.demo import run_demo
 
-    run_demo(_seed_list(seeds), address=address)
-
-
-def print_sweep(result: Any, top: int = 10) -> None:
-    """The top settings by seed-mean validation accuracy, then how to open them in MLflow."""
-    from rich.console import Console
-    from rich.table import Table
-
-    settings = result.settings()
-    table = Table(title=f"sweep {result.name}: top settings by mean val_acc ({len(result.frame)} runs)")
-    for col in ("setting", *[p.removeprefix("method.params.") for p in result.parameters], "seeds", "failed",
-                "stopped", "val_acc", "test_acc"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
-    for sid, row in settings.head(top).iterrows():
-        values = [f"{row[p]:.4g}" if isinstance(row[p], float) else str(row[p]) for p in result.parameters]
-        table.add_row(str(sid), *values, str(int(row["seeds"])), str(int(row["failed"])),
-                      str(int(row["early_stopped"])),
-                      f"{100 * row['val_acc_mean']:.2f} ± {100 * (row['val_acc_std'] if row['seeds'] > 1 else 0):.2f}",
-                      f"{100 * row['test_acc_mean']:.2f}")
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    console.print(table)
-    console.print(f"MLflow: {result.ui_hint()}")
+    run_demo(_seed_list(seeds), address=address, sweep_trials=sweep_trials)
 
 
 @app.command("sweep")
@@ -118,6 +97,8 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
     result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
                    concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
                    max_failures=max_failures, overrides=set_ or [])
+    from orchestrator.display import print_sweep
+
     print_sweep(result)
 
 
@@ -127,6 +108,7 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep name")],
                tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo") -> None:
     """Rebuild a sweep's results table from MLflow alone."""
+    from orchestrator.display import print_sweep
     from orchestrator.sweep import load_sweep
 
     print_sweep(load_sweep(name, tracking_uri, experiment))
@@ -139,6 +121,7 @@ def resume_cmd(name: Annotated[str, typer.Argument(help="sweep name")],
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
                address: Address = None) -> None:
     """Finish a sweep whose driver died: skip what is done, close and redo what was running."""
+    from orchestrator.display import print_sweep
     from orchestrator.sweep import resume
 
     print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment))

@@ -1,4 +1,5 @@
-"""The main job behind `make demo`: a teacher, then CE and KD students over seeds, with mean ± std."""
+"""The main job behind `make demo`: a teacher, CE and KD students over seeds (mean ± std), then a small
+KD sweep (Optuna TPE + ASHA, packed trials) over temperature and KD weight."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
+from orchestrator.display import print_sweep, wide_console
 from orchestrator.runner import RunResult, run
+from orchestrator.sweep import SweepResult, sweep
 
 
 def summarize(results: Sequence[RunResult]) -> pd.DataFrame:
@@ -39,9 +42,16 @@ def verdict(results: Sequence[RunResult], a: str = "kd", b: str = "ce") -> str:
     return f"{a} - {b} test accuracy: {diff:+.2f} points over {n} seeds; Welch p={p:.2g}: {better} is better here"
 
 
+DEMO_SPACE = {"method": "kd", "parameters": {
+    "temperature": {"type": "float", "low": 1.0, "high": 20.0, "log": True},
+    "kd_weight": {"type": "float", "low": 0.0, "high": 1.0},
+}}
+
+
 def run_demo(seeds: Sequence[int] = (0, 1, 2), configs: Sequence[str] = ("digits_ce", "digits_kd"),
-             address: str | None = None, console: Console | None = None) -> list[RunResult]:
-    console = console or Console()
+             address: str | None = None, sweep_trials: int = 8,
+             console: Console | None = None) -> tuple[list[RunResult], SweepResult | None]:
+    console = console or wide_console()
     started = time.perf_counter()
     results = [run(name, [f"training.seed={seed}", f"name={name}-s{seed}"], address=address)
                for name in configs for seed in seeds]
@@ -61,6 +71,14 @@ def run_demo(seeds: Sequence[int] = (0, 1, 2), configs: Sequence[str] = ("digits
                       f"{100 * row.test_mean:.2f} ± {100 * row.test_std:.2f}", f"{row.seconds:.1f}")
     console.print(table)
     console.print(verdict(results))
-    console.print(f"job time (without install): {job_seconds:.1f} s")
     console.print(f"MLflow: {first.ui_hint()}")
-    return results
+    found = None
+    if sweep_trials > 0:
+        console.rule(f"kd sweep: {sweep_trials} settings of temperature x kd_weight, TPE + ASHA, 4 packed trials")
+        found = sweep("digits_kd", DEMO_SPACE, trials=sweep_trials, sampler="tpe", concurrency=4,
+                      overrides=["scaling.cpus_per_worker=0.5"], name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+                      address=address)
+        print_sweep(found, console=console)
+    console.print(f"job time (without install): {time.perf_counter() - started:.1f} s "
+                  f"(runs {job_seconds:.1f} s, sweep {time.perf_counter() - started - job_seconds:.1f} s)")
+    return results, found
