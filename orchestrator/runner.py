@@ -102,15 +102,25 @@ def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
                                                   num_gpus=sc.gpus_per_worker if use_gpu else 0)
         return ray.get(task.remote(payload))
 
+    return fit_data_parallel(cfg, payload)
+
+
+def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], callbacks: list[Any] | None = None) -> LoopOutput:
+    """The loop on `scaling.num_workers` DDP workers through Ray Train's TorchTrainer.
+
+    In a sweep the trial passes Tune's `TuneReportCallback`, which forwards rank 0's per-epoch reports
+    to Tune (ASHA sees every epoch); Tune does not count these workers' CPUs, so the sweep budgets them.
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    sc, use_gpu = cfg.scaling, payload["use_gpu"]
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         _train_worker, train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.name}-{payload['run_id'][:8]}", storage_path=cfg.tracking.storage_path),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"{cfg.name}-{payload['run_id'][:8]}", storage_path=cfg.tracking.storage_path,
+                             callbacks=callbacks),
     )
     result = trainer.fit()
     rows = result.metrics_dataframe.to_dict("records")

@@ -26,7 +26,7 @@ from orchestrator.data import Splits
 from orchestrator.design import build_design
 from orchestrator.errors import ConfigError
 from orchestrator.loop import iterate_epochs
-from orchestrator.runner import Prepared, prepare
+from orchestrator.runner import Prepared, fit_data_parallel, prepare
 from orchestrator.spaces import SearchSpace, load_space
 from orchestrator.tracking import Tracker, flatten, start_run, ui_hint
 
@@ -80,6 +80,48 @@ def _replay(client: MlflowClient, run: Any) -> Iterator[dict[str, Any]]:
         yield row
 
 
+def _start_child(plan: SweepPlan, base: ExperimentConfig, setting: dict[str, Any],
+                 seed: int) -> tuple[ExperimentConfig, Tracker]:
+    """The config of one (setting, seed) and its MLflow child run under the sweep's parent."""
+    sid = setting_id(setting)
+    cfg = plan.space.apply(base, {**setting, "training.seed": seed, "name": f"{plan.name}-{sid[:6]}-s{seed}"})
+    tracker, _ = start_run(plan.tracking_uri, plan.experiment, cfg.name, parent_run_id=plan.parent_run_id,
+                           tags={"kdo.kind": "trial", "kdo.sweep": plan.name, "kdo.setting_id": sid,
+                                 "kdo.setting": json.dumps(setting, sort_keys=True), "kdo.seed": seed,
+                                 "kdo.method": cfg.method.name})
+    tracker.log_params(flatten(cfg.model_dump(mode="json")))
+    return cfg, tracker
+
+
+def _data_parallel_trial(plan: SweepPlan, base: ExperimentConfig, setting: dict[str, Any], seed: int,
+                         previous: Any, client: MlflowClient, splits: Splits, teacher: dict[str, Any] | None) -> None:
+    """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    sid = setting_id(setting)
+    if previous is not None:  # resume: this (setting, seed) is in the ledger already
+        for row in _replay(client, previous):
+            tune.report({**row, "setting_id": sid})
+        return
+    cfg, tracker = _start_child(plan, base, setting, seed)
+    status = "running"
+    try:
+        payload = {"config": cfg.model_dump(mode="json"), "data": ray.put(splits),
+                   "teacher": ray.put(teacher) if teacher is not None else None, "run_id": tracker.run_id,
+                   "artifact_name": "student", "use_gpu": plan.use_gpu}
+        status = fit_data_parallel(cfg, payload, callbacks=[TuneReportCallback()]).status
+    except SystemExit:
+        status = "early_stopped"
+        raise
+    except BaseException:
+        status = "error"
+        raise
+    finally:
+        _close(tracker, "early_stopped" if status == "running" else status, _MLFLOW_STATUS[status])
+
+
 def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None,
               plan: SweepPlan) -> None:
     """One Tune trial: one setting, its seeds advanced epoch by epoch in lockstep, the seed mean reported.
@@ -104,6 +146,9 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
     done = {int(r.data.tags["kdo.seed"]): r for r in client.search_runs(
         [plan.experiment_id], f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`kdo.setting_id` = '{sid}'")
         if r.data.tags.get("kdo.status") in DONE}
+    if base.scaling.num_workers > 1:  # one seed per trial (checked by the sweep), DDP through Ray Train
+        _data_parallel_trial(plan, base, setting, seeds[0], done.get(seeds[0]), client, splits, teacher)
+        return
     trackers: list[Tracker | None] = []
     runs: list[Iterator[dict[str, Any]]] = []
     for seed in seeds:
@@ -111,12 +156,7 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
             trackers.append(None)
             runs.append(_replay(client, done[seed]))
             continue
-        cfg = plan.space.apply(base, {**setting, "training.seed": seed, "name": f"{plan.name}-{sid[:6]}-s{seed}"})
-        tracker, _ = start_run(plan.tracking_uri, plan.experiment, cfg.name, parent_run_id=plan.parent_run_id,
-                               tags={"kdo.kind": "trial", "kdo.sweep": plan.name, "kdo.setting_id": sid,
-                                     "kdo.setting": json.dumps(setting, sort_keys=True), "kdo.seed": seed,
-                                     "kdo.method": cfg.method.name})
-        tracker.log_params(flatten(cfg.model_dump(mode="json")))
+        cfg, tracker = _start_child(plan, base, setting, seed)
         trackers.append(tracker)
         runs.append(iterate_epochs(cfg, splits, teacher, device=torch.device("cuda" if plan.use_gpu else "cpu"),
                                    tracker=tracker, log=None))
@@ -273,9 +313,9 @@ def _validate_options(sampler: str, scheduler: str | None, trials: int, concurre
         raise ConfigError(f"--concurrency: must be >= 1 (got {concurrency})")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError(f"--seeds: distinct non-negative integers, e.g. 0,1,2 (got {seeds})")
-    if cfg.scaling.num_workers > 1:
-        raise ConfigError("scaling.num_workers: sweeps run each trial on one worker for now "
-                          f"(got {cfg.scaling.num_workers}); pack trials with --concurrency instead")
+    if cfg.scaling.num_workers > 1 and sampler not in FIXED_DESIGNS and len(seeds) > 1:
+        raise ConfigError(f"--seeds: a data-parallel trial (scaling.num_workers={cfg.scaling.num_workers}) runs one "
+                          "seed; use --sampler sobol|grid, which makes one trial per (setting, seed)")
     return scheduler or ("none" if sampler in FIXED_DESIGNS else "asha")
 
 
@@ -301,6 +341,7 @@ def sweep(config: str | Path | dict[str, Any] | ExperimentConfig, space: str | P
     prepared = prepare(cfg, address=address)  # data loaded and teacher trained once, before any trial
     cfg = prepared.config
     assert cfg.tracking.uri is not None
+    _trial_resources(cfg, _gpu(cfg), concurrency)  # a trial that cannot fit fails before the parent run exists
     options = {"sampler": sampler, "scheduler": scheduler, "trials": trials, "concurrency": concurrency,
                "metric": metric, "seeds": seeds, "max_failures": max_failures, "design_seed": design_seed}
     parent, experiment_id = start_run(
@@ -377,9 +418,9 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
         num_samples = max(options["trials"], len(replays))
     epochs_spec = space_obj.parameters.get("training.epochs")
     epochs = int(epochs_spec.high or 1) if epochs_spec is not None else cfg.training.epochs
+    resources, concurrency = _trial_resources(cfg, plan.use_gpu, options["concurrency"])
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, splits=prepared.splits, teacher=prepared.teacher, plan=plan),
-        {"cpu": cfg.scaling.cpus_per_worker, "gpu": cfg.scaling.gpus_per_worker if plan.use_gpu else 0})
+        tune.with_parameters(run_trial, splits=prepared.splits, teacher=prepared.teacher, plan=plan), resources)
     asha = ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2) if options["scheduler"] == "asha" else None
     status = "FAILED"
     try:
@@ -387,7 +428,7 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
             tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=options["metric"], mode="max", search_alg=search_alg,
-                                            num_samples=num_samples, max_concurrent_trials=options["concurrency"],
+                                            num_samples=num_samples, max_concurrent_trials=concurrency,
                                             scheduler=asha),
                 run_config=tune.RunConfig(name=plan.name, storage_path=cfg.tracking.storage_path, verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=options["max_failures"])),
@@ -396,6 +437,30 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
     finally:
         result = _finish(parent, plan.experiment_id, plan.name, list(space_obj.parameters), status)
     return result
+
+
+TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer (Tune needs a CPU share > 0)
+
+
+def _trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> tuple[dict[str, float], int]:
+    """What Tune reserves per trial, and how many trials fit at once.
+
+    A one-worker trial trains in its own process. A data-parallel trial starts a TorchTrainer whose
+    workers Tune does not count, so concurrency is capped so trial + workers fit the cluster's CPUs.
+    """
+    import ray
+
+    sc = cfg.scaling
+    gpu = sc.gpus_per_worker if use_gpu else 0.0
+    if sc.num_workers == 1:
+        return {"cpu": sc.cpus_per_worker, "gpu": gpu}, concurrency
+    per_trial = TRIAL_DRIVER_CPU + sc.num_workers * sc.cpus_per_worker
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    fits = int(cpus // per_trial)
+    if fits < 1:
+        raise ConfigError(f"scaling: one data-parallel trial needs {per_trial:g} CPUs ({sc.num_workers} workers x "
+                          f"{sc.cpus_per_worker:g} + {TRIAL_DRIVER_CPU:g}); the cluster has {cpus:g}")
+    return {"cpu": TRIAL_DRIVER_CPU, "gpu": 0.0}, min(concurrency, fits)
 
 
 def _gpu(cfg: ExperimentConfig) -> bool:

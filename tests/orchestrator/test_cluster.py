@@ -31,7 +31,7 @@ from tests.conftest import digits_config
 BIN = Path(sys.executable).parent
 KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
 TEACHER = {"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 2, "lr": 0.05}}
-MARKER = "KDO_TEST_CLUSTER"  # set in the environment of `ray start`; every process of that cluster inherits it
+MARKER = "KDO_TEST_CLUSTER"  # in the environment of `ray start`, inherited by the processes of its cluster
 
 
 def free_port() -> int:
@@ -230,22 +230,25 @@ def mlflow_server(cwd: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # The leader is gone; its workers may still be shutting down in the same group.
-            deadline = time.monotonic() + wait
-            while _group_alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not _group_alive(proc.pid):
-                break
+        left = _stop_group(proc)
         log.close()
+        assert not left, f"mlflow server process group {proc.pid} survived SIGKILL"
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> bool:
+    """SIGTERM the process group `proc` leads, SIGKILL it after `grace` s; True if something survived."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps the leader, else it lingers as a zombie of this process
+            if not _group_alive(proc.pid):
+                return False
+            time.sleep(0.2)
+    return _group_alive(proc.pid)
 
 
 def _group_alive(pgid: int) -> bool:

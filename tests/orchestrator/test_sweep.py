@@ -106,3 +106,21 @@ def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Pat
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_run(frame.loc[10.0, "run_id"]).info.status == "FAILED"
     assert result.best()["training.lr"] != 10.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.usefixtures("ray_runtime")
+def test_data_parallel_trials_report_every_epoch_to_tune(workdir: Path, teacher_checkpoint: Path) -> None:
+    cfg = digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)},
+                        training={"epochs": 2, "lr": 0.05}, scaling={"num_workers": 2, "cpus_per_worker": 0.5})
+    space = {"parameters": {"temperature": {"type": "choice", "values": [2.0, 8.0]}}}
+    result = sweep(cfg, space, sampler="grid", concurrency=2, name="ddp-sweep")
+    frame = result.dataframe()
+    assert len(frame) == 2 and (frame["status"] == "finished").all()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for run_id in frame["run_id"]:
+        run = client.get_run(run_id)
+        assert run.data.params["scaling.num_workers"] == "2"
+        assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
+        assert run.data.metrics["test_acc"] > 0.2
