@@ -50,6 +50,11 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if address not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ and token.is_file():
+        # Ray 2.60 turns token auth on by itself only for address=None/"auto"; a `ray start` cluster
+        # reached by host:port otherwise refuses the driver with an opaque ConnectionError.
+        os.environ["RAY_AUTH_MODE"] = "token"
     ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
