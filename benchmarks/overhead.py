@@ -1,5 +1,6 @@
 """Fixed cost of kdo's machinery: the same digits KD work as a bare in-process `train_loop`, through `run`
-(Ray task + MLflow) and through `run` with Ray Train's TorchTrainer (1 worker); `ray.init` is timed apart."""
+(Ray task + MLflow), through `run` with Ray Train's TorchTrainer (1 worker) and as a one-trial `sweep`
+(Tune trial + MLflow parent/child); `ray.init` is timed apart."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from orchestrator.config import load_config
 from orchestrator.data import load_splits
 from orchestrator.loop import train_loop
 from orchestrator.runner import init_ray, prepare, run
+from orchestrator.sweep import sweep
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -46,6 +48,7 @@ def main() -> None:
     prepared = prepare("digits_kd", overrides)  # trains and caches the teacher: not timed
     cfg = prepared.config
     via_ray_train = load_config(cfg, ["scaling.trainer=ray_train"])
+    one_point = {"parameters": {"temperature": {"type": "choice", "values": [cfg.method.params["temperature"]]}}}
 
     def bare() -> None:
         # The Ray worker pins torch to cpus_per_worker threads; the bare loop gets the same.
@@ -55,7 +58,8 @@ def main() -> None:
     bare()  # untimed: the Ray worker that `run` reuses is already warm from training the teacher
     rows = [("bare train_loop", timed(bare, args.repeats)),
             ("run (Ray task + MLflow)", timed(lambda: run(cfg), args.repeats)),
-            ("run, scaling.trainer=ray_train", timed(lambda: run(via_ray_train), args.repeats))]
+            ("run, scaling.trainer=ray_train", timed(lambda: run(via_ray_train), args.repeats)),
+            ("sweep, 1 trial (Tune + MLflow)", timed(lambda: sweep(cfg, one_point, sampler="grid"), args.repeats))]
 
     print(f"\ndigits_kd, {args.epochs} epochs on {args.device}, median of {args.repeats}; working dir {workdir}")
     print(f"ray.init (once, not in any row): {ray_init:.2f} s")

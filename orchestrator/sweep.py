@@ -410,8 +410,10 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        optuna_sampler = (optuna.samplers.TPESampler(seed=options["design_seed"]) if sampler == "tpe"
-                          else optuna.samplers.RandomSampler(seed=options["design_seed"]))
+        # On resume the sampler restarts: a fresh seed keeps it from drawing the settings it drew before.
+        seed = options["design_seed"] + 7919 * len(previous)
+        optuna_sampler = (optuna.samplers.TPESampler(seed=seed) if sampler == "tpe"
+                          else optuna.samplers.RandomSampler(seed=seed))
         replays = [{_tune_key(k): v for k, v in s.items()} for s in previous]
         param_space = _tune_space(space_obj)
         search_alg = OptunaSearch(sampler=optuna_sampler, points_to_evaluate=replays or None)
