@@ -62,11 +62,13 @@ def _finished_trials(db: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.usefixtures("ray_runtime")
-def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path) -> None:
+@pytest.mark.parametrize(("sampler", "seeds"), [("sobol", ["0"]), ("tpe", ["0", "1"])])
+def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: str, seeds: list[str]) -> None:
     before = _ray_pids()
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "sweep", "digits_kd", "--sampler", "sobol", "--trials", "4",
-         "--concurrency", "1", "--set", "training.epochs=3", "--name", "killed"],
+        [sys.executable, "-m", "orchestrator.cli", "sweep", "digits_kd", "--sampler", sampler, "--trials", "4",
+         "--seeds", ",".join(seeds), "--scheduler", "none", "--concurrency", "1", "--set", "training.epochs=3",
+         "--name", "killed"],
         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -86,7 +88,7 @@ def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path) -> None:
             except ProcessLookupError:
                 pass
     done_before = _finished_trials(workdir / "mlflow.db")
-    assert 1 <= done_before < 4
+    assert 1 <= done_before < 4 * len(seeds)
 
     result = CliRunner().invoke(app, ["resume", "killed"])
     assert result.exit_code == 0, result.output
@@ -99,7 +101,8 @@ def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path) -> None:
     assert all(c.info.status != "RUNNING" for c in children)
     finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
     keys = [(c.data.tags["kdo.setting_id"], c.data.tags["kdo.seed"]) for c in finished]
-    assert len(keys) == 4 and len(set(keys)) == 4, "every planned point finished exactly once"
+    assert len(keys) == len(set(keys)) == 4 * len(seeds), "every planned (setting, seed) finished exactly once"
+    assert len({sid for sid, _ in keys}) == 4, "four distinct settings"
     others = [c.data.tags["kdo.status"] for c in children if c.data.tags["kdo.status"] != "finished"]
     assert set(others) <= {"orphaned"}, "the only other children are interrupted attempts, closed"
 
