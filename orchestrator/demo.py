@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 from rich.console import Console
@@ -13,7 +12,7 @@ from rich.table import Table
 from scipy import stats
 
 from orchestrator.display import print_sweep, wide_console
-from orchestrator.runner import RunResult, prepare, run
+from orchestrator.runner import RunResult, run
 from orchestrator.sweep import SweepResult, sweep
 
 
@@ -55,12 +54,8 @@ def run_demo(seeds: Sequence[int] = (0, 1, 2), configs: Sequence[str] = ("digits
              console: Console | None = None) -> tuple[list[RunResult], SweepResult | None]:
     console = console or wide_console()
     started = time.perf_counter()
-    prepare(configs[0], address=address)  # Ray up and the shared teacher trained once, before the runs
-    jobs = [(name, seed) for name in configs for seed in seeds]
-    # Two runs at a time: each is a one-CPU Ray task, so both cores stay busy.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda job: run(job[0], [f"training.seed={job[1]}", f"name={job[0]}-s{job[1]}"],
-                                                address=address), jobs))
+    results = [run(name, [f"training.seed={seed}", f"name={name}-s{seed}"], address=address)
+               for name in configs for seed in seeds]
     job_seconds = time.perf_counter() - started
     summary = summarize(results)
     table = Table(title=f"digits: student {results[0].config.student.architecture}, mean ± std over "

@@ -423,7 +423,9 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
     resources, concurrency = _trial_resources(cfg, plan.use_gpu, options["concurrency"])
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, splits=prepared.splits, teacher=prepared.teacher, plan=plan), resources)
-    asha = ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2) if options["scheduler"] == "asha" else None
+    # The first epochs of a short run are noisy: no setting is judged before a quarter of its budget.
+    asha = (ASHAScheduler(max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
+            if options["scheduler"] == "asha" else None)
     status = "FAILED"
     try:
         if plan.points is None or plan.points:
@@ -431,7 +433,7 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric=options["metric"], mode="max", search_alg=search_alg,
                                             num_samples=num_samples, max_concurrent_trials=concurrency,
-                                            scheduler=asha),
+                                            scheduler=asha, reuse_actors=True),  # no re-import per trial
                 run_config=tune.RunConfig(name=plan.name, storage_path=cfg.tracking.storage_path, verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=options["max_failures"])),
             ).fit()
