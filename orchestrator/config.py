@@ -238,24 +238,30 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set `a.b.c` in a nested config dict, creating missing (or null) sections on the way."""
+    node = raw
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{path}: '{part}' is not a section")
+        node = node[part]
+    node[leaf] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, in order."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set: expected key=value (e.g. training.lr=0.1), got '{item}'")
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-            node = node[part]
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            node[parts[-1]] = value
+            parsed = value
+        set_path(raw, key.strip(), parsed)
     return raw
 
 

@@ -58,7 +58,8 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
-def _use_gpu(cfg: ExperimentConfig) -> bool:
+def use_gpu(cfg: ExperimentConfig) -> bool:
+    """`scaling.use_gpu`, with `auto` meaning: the Ray cluster has GPUs."""
     if cfg.scaling.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return bool(cfg.scaling.use_gpu)
@@ -97,14 +98,14 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
 
 def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
-    use_gpu = payload["use_gpu"]
+    gpu = payload["use_gpu"]
     sc = cfg.scaling
     if sc.trainer == "direct" or (sc.trainer == "auto" and sc.num_workers == 1):
         if sc.num_workers > 1:
             raise ConfigError("scaling.trainer: 'direct' runs one worker; use 'ray_train' or 'auto' for "
                               f"num_workers={sc.num_workers}")
         task = ray.remote(_train_direct).options(num_cpus=sc.cpus_per_worker,
-                                                  num_gpus=sc.gpus_per_worker if use_gpu else 0)
+                                                  num_gpus=sc.gpus_per_worker if gpu else 0)
         return ray.get(task.remote(payload))
 
     return fit_data_parallel(cfg, payload)
@@ -119,11 +120,11 @@ def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], callbacks:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    sc, use_gpu = cfg.scaling, payload["use_gpu"]
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if use_gpu else {})}
+    sc, gpu = cfg.scaling, payload["use_gpu"]
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         _train_worker, train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"{cfg.name}-{payload['run_id'][:8]}", storage_path=cfg.tracking.storage_path,
                              callbacks=callbacks),
     )
@@ -232,7 +233,7 @@ def _execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | No
         tracker.log_text(cfg.to_yaml(), "config.yaml")
         payload = {"config": cfg.model_dump(mode="json"), "data": ray.put(splits),
                    "teacher": ray.put(teacher) if teacher is not None else None,
-                   "run_id": tracker.run_id, "artifact_name": artifact_name, "use_gpu": _use_gpu(cfg)}
+                   "run_id": tracker.run_id, "artifact_name": artifact_name, "use_gpu": use_gpu(cfg)}
         out = _launch(cfg, payload)
         tracker.set_tags({"kdo.status": out.status})
         status = "FINISHED" if out.status == "finished" else "FAILED"

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orchestrator.config import ExperimentConfig, format_validation_error
+from orchestrator.config import ExperimentConfig, format_validation_error, set_path
 from orchestrator.errors import ConfigError
 
 
@@ -92,11 +92,7 @@ class SearchSpace(BaseModel):
         """The base config with the fixed values and one setting applied, validated."""
         raw = base.model_dump(mode="json")
         for path, value in {**self.fixed, **setting}.items():
-            node = raw
-            *parents, leaf = path.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+            set_path(raw, path, value)
         return ExperimentConfig.model_validate(raw)
 
 

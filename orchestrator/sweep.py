@@ -26,7 +26,7 @@ from orchestrator.data import Splits
 from orchestrator.design import build_design
 from orchestrator.errors import ConfigError
 from orchestrator.loop import iterate_epochs
-from orchestrator.runner import Prepared, fit_data_parallel, prepare
+from orchestrator.runner import Prepared, fit_data_parallel, prepare, use_gpu
 from orchestrator.spaces import SearchSpace, load_space
 from orchestrator.tracking import Tracker, flatten, start_run, ui_hint
 
@@ -341,7 +341,7 @@ def sweep(config: str | Path | dict[str, Any] | ExperimentConfig, space: str | P
     prepared = prepare(cfg, address=address)  # data loaded and teacher trained once, before any trial
     cfg = prepared.config
     assert cfg.tracking.uri is not None
-    _trial_resources(cfg, _gpu(cfg), concurrency)  # a trial that cannot fit fails before the parent run exists
+    _trial_resources(cfg, use_gpu(cfg), concurrency)  # a trial that cannot fit fails before the parent run exists
     options = {"sampler": sampler, "scheduler": scheduler, "trials": trials, "concurrency": concurrency,
                "metric": metric, "seeds": seeds, "max_failures": max_failures, "design_seed": design_seed}
     parent, experiment_id = start_run(
@@ -395,7 +395,7 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
     from ray.tune.schedulers import ASHAScheduler
 
     cfg, space_obj, sampler = prepared.config, plan.space, options["sampler"]
-    plan.use_gpu = _gpu(cfg)
+    plan.use_gpu = use_gpu(cfg)
     if sampler in FIXED_DESIGNS:
         design = build_design(space_obj, sampler, options["trials"], seed=options["design_seed"])
         client = MlflowClient(plan.tracking_uri)
@@ -465,14 +465,6 @@ def _trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> 
         raise ConfigError(f"scaling: one data-parallel trial needs {per_trial:g} CPUs ({sc.num_workers} workers x "
                           f"{sc.cpus_per_worker:g} + {TRIAL_DRIVER_CPU:g}); the cluster has {cpus:g}")
     return {"cpu": TRIAL_DRIVER_CPU, "gpu": 0.0}, min(concurrency, fits)
-
-
-def _gpu(cfg: ExperimentConfig) -> bool:
-    import ray
-
-    if cfg.scaling.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(cfg.scaling.use_gpu)
 
 
 def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str) -> SweepResult:
