@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+
+Batches = Iterable[tuple[Tensor, Tensor | None]]
 
 
 class MethodParams(BaseModel):
@@ -16,17 +20,56 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass
+class LoopContext:
+    """What the training loop lends a method's hooks; plain callables, so `methods/` needs no Ray or MLflow.
+
+    `train_batches(epoch)`: this rank's augmented share of one epoch of real training data.
+    `clean_batches(batch_size)`: every training image once, un-augmented, in a fixed order (teacher passes).
+    `log(metrics, step)`, `log_images(x, file)`, `set_tags(tags)`: write to the run's tracker only, never to
+    Ray Tune, so pre-phases do not count as Tune iterations. `make_optimizer(params)`: the configured
+    optimizer. `accuracy(model, split)`: a model on "val" or "test". `fingerprint()`: names the teacher and
+    the data, the key of results cached across the trials of a sweep in `cache_dir`.
+    """
+
+    device: torch.device
+    num_classes: int
+    image_shape: tuple[int, int, int]  # channels, height, width
+    batch_size: int
+    epochs: int
+    seed: int
+    precision: str
+    rank: int
+    world: int
+    train_batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]]
+    clean_batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]]
+    log: Callable[[dict[str, float], int], None]
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    accuracy: Callable[[nn.Module, str], float]
+    fingerprint: Callable[[], str]
+    log_images: Callable[[Tensor, str], None]  # (a batch of normalized images, artifact file): a PNG grid
+    set_tags: Callable[[dict[str, str]], None]
+    cache_dir: Path | None = None
+
+
 class Distiller(nn.Module):
     """Holds the student, the frozen teacher (if any) and the method's extra modules.
 
     `forward(x, y)` is one training step's loss: it returns the total loss and every named part
     (detached) for logging. Wrapping the whole distiller in DDP syncs the student and any extra
     trainable module; the teacher's parameters do not require grad, so DDP leaves them alone.
-    Evaluation always uses `self.student` alone.
+    Evaluation always uses `self.student` alone (`inference_student()` when a method folds extra parts in).
+
+    Multi-phase methods override the hooks, all optional: `setup` runs once before the first student
+    epoch (FitNets' hint stage, a generator phase, TCS's teacher pass), `start_epoch`/`epoch_metrics`
+    bracket each student epoch (an annealed weight, generator losses), `batches` feeds the student steps
+    (data-free methods synthesize them and never read real training images), `optimized_parameters`
+    is what the loop's optimizer steps, and `extra_accuracies` adds named accuracies (EKD's sub-nets).
     """
 
     Params: type[MethodParams] = MethodParams
     needs_teacher: bool = True
+    data_free: bool = False  # True: the student never sees a real training image
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: MethodParams) -> None:
         super().__init__()
@@ -51,8 +94,40 @@ class Distiller(nn.Module):
         assert self.teacher is not None
         return self.teacher(x)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    @classmethod
+    def check_setup(cls, params: MethodParams, *, student: nn.Module, teacher: nn.Module | None,
+                    num_workers: int) -> None:
+        """Reject a setup the method cannot run with one `ValueError` line naming the field (e.g. a teacher
+        without BatchNorm for DeepInversion); called when the config is validated, before any work starts."""
+
+    def setup(self, ctx: LoopContext) -> None:
+        """One-off work before the first student epoch; log it with `ctx.log`, report nothing to Tune."""
+
+    def start_epoch(self, epoch: int, ctx: LoopContext) -> None:
+        """Called before student epoch `epoch` (1-based)."""
+
+    def batches(self, epoch: int, ctx: LoopContext) -> Batches:
+        """The student steps of one epoch: real training batches unless the method is data-free."""
+        return ctx.train_batches(epoch)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Scalars logged with the epoch's metrics (a weight's value this epoch, a generator loss mean)."""
+        return {}
+
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """What the loop's optimizer trains: every trainable parameter unless the method steps some itself."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def extra_accuracies(self, split: str, ctx: LoopContext) -> dict[str, float]:
+        """Named accuracies beside the headline one, logged as `<split>_acc/<name>`."""
+        return {}
+
+    def inference_student(self) -> nn.Module:
+        """The network evaluated, selected and checkpointed."""
+        return self.student
 
 
 _METHODS: dict[str, type[Distiller]] = {}

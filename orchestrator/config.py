@@ -131,6 +131,13 @@ class TrackingConfig(_Strict):
     storage_path: str = Field("kdo_runs", description="where Ray Train/Tune keep run state and checkpoints")
 
 
+def check_method_setup(cfg: ExperimentConfig, student: Any, teacher: Any) -> None:
+    """The method's own check of the networks and scaling it is given (raises ValueError, one line)."""
+    method = get_method(cfg.method.name)
+    method.check_setup(method.Params.model_validate(cfg.method.params), student=student,
+                       teacher=teacher if method.needs_teacher else None, num_workers=cfg.scaling.num_workers)
+
+
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", min_length=1)
     data: DataConfig = DataConfig()
@@ -151,15 +158,18 @@ class ExperimentConfig(_Strict):
         nets = [("student", self.student)]
         if self.teacher is not None and self.teacher.architecture is not None:
             nets.append(("teacher", NetworkConfig(architecture=self.teacher.architecture, args=self.teacher.args)))
+        built = {}
         for where, net in nets:
             if net.architecture not in list_networks() and not net.architecture.startswith("wrn_"):
                 raise ValueError(f"{where}.architecture: unknown architecture '{net.architecture}'; "
                                  f"allowed: {', '.join(list_networks())}")
             try:
-                build_network(net.architecture, num_classes=info.num_classes, in_channels=info.channels,
-                              image_size=size, **net.args)
+                built[where] = build_network(net.architecture, num_classes=info.num_classes,
+                                             in_channels=info.channels, image_size=size, **net.args)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{where}: {err}") from None
+        if self.teacher is None or "teacher" in built:  # a checkpoint teacher is checked when it is loaded
+            check_method_setup(self, built["student"], built.get("teacher"))
         return self
 
     def to_yaml(self) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import tempfile
 import time
@@ -14,10 +16,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torchvision
 from torch import nn
 
 from methods import get_method
 from methods.networks import FeatureNet, build_network
+from methods.registry import LoopContext
 from orchestrator.checkpoints import build_from_checkpoint, save_network
 from orchestrator.config import ExperimentConfig, TrainingConfig
 from orchestrator.data import DeviceData, Splits
@@ -76,6 +80,10 @@ def build_student(cfg: ExperimentConfig, splits: Splits) -> FeatureNet:
                          image_size=info.image_size, **cfg.student.args)
 
 
+def _named(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{name}": value for name, value in values.items()}
+
+
 def _mean_over_ranks(values: dict[str, float], device: torch.device, world: int) -> dict[str, float]:
     if world == 1 or not values:
         return values
@@ -83,6 +91,20 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device, world: int)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def fingerprint(cfg: ExperimentConfig, teacher_ckpt: dict[str, Any] | None) -> str:
+    """Names the training images and the teacher's weights: what a cached teacher pass depends on."""
+    digest = hashlib.sha256()
+    data = cfg.data.model_dump(mode="json", include={"name", "val_fraction", "train_fraction", "image_size",
+                                                     "split_seed", "synthetic"})
+    digest.update(json.dumps(data, sort_keys=True).encode())
+    if teacher_ckpt is not None:
+        digest.update(json.dumps({k: teacher_ckpt[k] for k in ("architecture", "args")}, sort_keys=True).encode())
+        for name, tensor in sorted(teacher_ckpt["state_dict"].items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, Any] | None = None, *,
@@ -120,10 +142,38 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
     distiller.to(device)
     if tc.channels_last:
         distiller.to(memory_format=torch.channels_last)
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=step)
+
+    def log_images(images: torch.Tensor, artifact_file: str) -> None:
+        if tracker is not None and rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / Path(artifact_file).name
+                torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=8, normalize=True)
+                tracker.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def set_tags(tags: dict[str, str]) -> None:
+        if tracker is not None:
+            tracker.set_tags(tags)
+
+    ctx = LoopContext(
+        device=device, num_classes=splits.info.num_classes,
+        image_shape=(splits.info.channels, splits.info.image_size, splits.info.image_size),
+        batch_size=cfg.data.batch_size, epochs=tc.epochs, seed=tc.seed, precision=tc.precision, rank=rank,
+        world=world, log=log_metrics, make_optimizer=lambda params: make_optimizer(params, tc),
+        train_batches=lambda epoch: data.train_batches(cfg.data.batch_size, seed=tc.seed * 100_003 + epoch,
+                                                       rank=rank, world=world, augment=cfg.data.augment),
+        clean_batches=lambda batch_size: data.eval_batches("train", batch_size),
+        accuracy=lambda net, split: accuracy(net, data, split, tc.precision),
+        fingerprint=lambda: fingerprint(cfg, teacher_ckpt), log_images=log_images, set_tags=set_tags,
+        cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher is not None else None)
+    distiller.setup(ctx)  # before DDP wraps it: every rank runs the same seeded pre-phase, DDP syncs from rank 0
     model: nn.Module = wrap(distiller) if wrap is not None else distiller
     if tc.compile:
         model = torch.compile(model)
-    optimizer = make_optimizer([p for p in distiller.parameters() if p.requires_grad], tc)
+    optimizer = make_optimizer(distiller.optimized_parameters(), tc)
     schedule = make_schedule(optimizer, tc)
 
     status = "finished"
@@ -134,15 +184,15 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         if tracker is not None:
             tracker.log_metrics(static, step=0)
     best_val, best_epoch, best_state = -1.0, 0, None
-    n_train = data.size("train") // world * world
     for epoch in range(1, tc.epochs + 1):
         distiller.train()
+        distiller.start_epoch(epoch, ctx)
         start = time.perf_counter()
         sums: dict[str, float] = {}
-        batches = 0
+        batches = seen = 0
         lr = optimizer.param_groups[0]["lr"]
-        for x, y in data.train_batches(cfg.data.batch_size, seed=tc.seed * 100_003 + epoch, rank=rank,
-                                       world=world, augment=cfg.data.augment):
+        for x, y in distiller.batches(epoch, ctx):
+            seen += x.shape[0]
             with autocast(device, tc.precision):
                 loss, parts = model(x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -155,19 +205,24 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         schedule.step()
         means = _mean_over_ranks({k: float(v) / max(1, batches) for k, v in sums.items()}, device, world)
         seconds = time.perf_counter() - start
-        val_acc = accuracy(distiller.student, data, "val", tc.precision)
-        metrics: dict[str, Any] = {"epoch": epoch, **means, "val_acc": val_acc, "lr": lr,
-                                   "epoch_seconds": seconds, "images_per_s": n_train / seconds}
-        if not math.isfinite(means.get("train_loss", 0.0)):
+        method_metrics = distiller.epoch_metrics()
+        student = distiller.inference_student()
+        val_acc = accuracy(student, data, "val", tc.precision)
+        metrics: dict[str, Any] = {"epoch": epoch, **means, **method_metrics, "val_acc": val_acc, "lr": lr,
+                                   "epoch_seconds": seconds, "images_per_s": seen * world / seconds,
+                                   **_named("val_acc", distiller.extra_accuracies("val", ctx))}
+        if not all(math.isfinite(v) for v in (*means.values(), *method_metrics.values())):
             status = "diverged"
         elif tc.selection == "last" or val_acc > best_val:
             best_val, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in distiller.student.state_dict().items()})
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
         last = epoch == tc.epochs or status == "diverged"
         if last:
+            test_acc = float("nan")
             if best_state is not None:
-                distiller.student.load_state_dict(best_state)
-            test_acc = accuracy(distiller.student, data, "test", tc.precision) if best_state else float("nan")
+                student.load_state_dict(best_state)
+                test_acc = accuracy(student, data, "test", tc.precision)
+                metrics.update(_named("test_acc", distiller.extra_accuracies("test", ctx)))
             metrics.update(test_acc=test_acc, best_epoch=best_epoch, selected_val_acc=best_val, **static)
             metrics["status"] = status
         if rank == 0 and log is not None:
@@ -179,13 +234,16 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         checkpoint_dir = None
         if rank == 0 and (report is not None or (last and tracker is not None)):
             checkpoint_dir = tempfile.mkdtemp(prefix="kdo-ckpt-")
-            save_network(Path(checkpoint_dir) / f"{artifact_name}.pt", distiller.student,
+            save_network(Path(checkpoint_dir) / f"{artifact_name}.pt", student,
                          architecture=cfg.student.architecture, args=cfg.student.args,
                          num_classes=splits.info.num_classes, in_channels=splits.info.channels,
                          image_size=splits.info.image_size, val_acc=val_acc, epoch=epoch,
                          **({"test_acc": metrics["test_acc"]} if last else {}))
             if last and tracker is not None:
                 tracker.log_artifact(Path(checkpoint_dir) / f"{artifact_name}.pt", artifact_name)
+                # The outcome is on record before anyone hears of it: a trial process Tune tears down right
+                # after its last report still leaves a run whose tag says how it ended.
+                tracker.set_tags({"kdo.status": status})
         if report is not None:
             report(metrics, checkpoint_dir)
         yield metrics

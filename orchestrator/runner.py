@@ -15,11 +15,12 @@ import ray
 import torch
 from filelock import FileLock
 
+from methods import get_method
 from orchestrator.checkpoints import build_from_checkpoint, check_compatible, load_checkpoint
-from orchestrator.config import ExperimentConfig, NetworkConfig, load_config, resolve_paths
+from orchestrator.config import ExperimentConfig, NetworkConfig, check_method_setup, load_config, resolve_paths
 from orchestrator.data import Splits, load_splits
 from orchestrator.errors import ConfigError
-from orchestrator.loop import LoopOutput, train_loop
+from orchestrator.loop import LoopOutput, build_student, train_loop
 from orchestrator.tracking import Tracker, flatten, start_run, ui_hint
 
 
@@ -168,7 +169,11 @@ def _resolve_checkpoint(cfg: ExperimentConfig, splits: Splits) -> dict[str, Any]
     ckpt = load_checkpoint(source)
     info = splits.info
     check_compatible(ckpt, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size)
-    build_from_checkpoint(ckpt)  # tensors that do not fit the architecture fail here, not on a worker
+    teacher = build_from_checkpoint(ckpt)  # tensors that do not fit the architecture fail here, not on a worker
+    try:
+        check_method_setup(cfg, build_student(cfg, splits), teacher)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return ckpt
 
 
@@ -226,7 +231,8 @@ def _execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | No
         cfg.tracking.uri, cfg.tracking.experiment, cfg.name, parent_run_id=parent_run_id,
         tags={"kdo.method": cfg.method.name, "kdo.dataset": cfg.data.name,
               "kdo.student": cfg.student.architecture, "kdo.seed": cfg.training.seed,
-              "kdo.teacher": _teacher_label(cfg), "kdo.kind": artifact_name, **(tags or {})})
+              "kdo.teacher": _teacher_label(cfg), "kdo.kind": artifact_name,
+              "kdo.data_free": str(get_method(cfg.method.name).data_free).lower(), **(tags or {})})
     status = "FAILED"
     try:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
@@ -235,7 +241,6 @@ def _execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | No
                    "teacher": ray.put(teacher) if teacher is not None else None,
                    "run_id": tracker.run_id, "artifact_name": artifact_name, "use_gpu": use_gpu(cfg)}
         out = _launch(cfg, payload)
-        tracker.set_tags({"kdo.status": out.status})
         status = "FINISHED" if out.status == "finished" else "FAILED"
     finally:
         tracker.finish(status)

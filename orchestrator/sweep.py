@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
+from methods import get_method
 from orchestrator.config import ExperimentConfig, load_config, resolve_paths
 from orchestrator.data import Splits
 from orchestrator.design import build_design
@@ -65,7 +66,14 @@ def _close(tracker: Tracker, status: str, mlflow_status: str) -> None:
 
 DONE = ("finished", "diverged", "early_stopped")  # terminal outcomes of a (setting, seed): never rerun
 _MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "stopped": "KILLED", "early_stopped": "KILLED",
-                  "error": "FAILED", "running": "KILLED"}
+                  "error": "FAILED", "running": "KILLED", "orphaned": "KILLED"}
+
+
+def _settle(uri: str, run: Any, unfinished: str) -> None:
+    """Terminate a child left RUNNING: with the outcome its loop recorded if it got that far, else `unfinished`."""
+    recorded = run.data.tags.get("kdo.status")
+    status = recorded if recorded in ("finished", "diverged") else unfinished
+    _close(Tracker(uri, run.info.run_id), status, _MLFLOW_STATUS[status])
 
 
 def _replay(client: MlflowClient, run: Any) -> Iterator[dict[str, Any]]:
@@ -88,7 +96,8 @@ def _start_child(plan: SweepPlan, base: ExperimentConfig, setting: dict[str, Any
     tracker, _ = start_run(plan.tracking_uri, plan.experiment, cfg.name, parent_run_id=plan.parent_run_id,
                            tags={"kdo.kind": "trial", "kdo.sweep": plan.name, "kdo.setting_id": sid,
                                  "kdo.setting": json.dumps(setting, sort_keys=True), "kdo.seed": seed,
-                                 "kdo.method": cfg.method.name})
+                                 "kdo.method": cfg.method.name,
+                                 "kdo.data_free": str(get_method(cfg.method.name).data_free).lower()})
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
     return cfg, tracker
 
@@ -112,14 +121,14 @@ def _data_parallel_trial(plan: SweepPlan, base: ExperimentConfig, setting: dict[
                    "teacher": ray.put(teacher) if teacher is not None else None, "run_id": tracker.run_id,
                    "artifact_name": "student", "use_gpu": plan.use_gpu}
         status = fit_data_parallel(cfg, payload, callbacks=[TuneReportCallback()]).status
-    except SystemExit:
-        status = "early_stopped"
-        raise
-    except BaseException:
-        status = "error"
+    except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
+        status = "early_stopped" if isinstance(exc, SystemExit) else "error"
         raise
     finally:
-        _close(tracker, "early_stopped" if status == "running" else status, _MLFLOW_STATUS[status])
+        if status == "early_stopped":  # the stop may come with the last report, after the loop recorded its outcome
+            _settle(plan.tracking_uri, client.get_run(tracker.run_id), "early_stopped")
+        else:
+            _close(tracker, status, _MLFLOW_STATUS[status])
 
 
 def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None,
@@ -174,6 +183,11 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
                 report.update(test_acc=sum(tests) / len(tests), status="diverged" if any(diverged) else "finished")
                 statuses = ["diverged" if d else ("finished" if "test_acc" in row else "stopped")
                             for row, d in zip(rows, diverged, strict=True)]
+                # Closed before the last report: Tune may tear this process down as soon as it has it.
+                for i, (tracker, status) in enumerate(zip(trackers, statuses, strict=True)):
+                    if tracker is not None:
+                        _close(tracker, status, _MLFLOW_STATUS[status])
+                        trackers[i] = None
             tune.report(report)
             if last:
                 break
@@ -371,7 +385,7 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     options = json.loads(parent_run.data.tags["kdo.options"])
     for run in client.search_runs([found.experiment_id], f"tags.mlflow.parentRunId = '{found.parent_run_id}' "
                                                          "and attributes.status = 'RUNNING'"):
-        _close(Tracker(found.tracking_uri, run.info.run_id), "orphaned", "KILLED")
+        _settle(found.tracking_uri, run, "orphaned")
     local = Path(tempfile.mkdtemp(prefix="kdo-resume-"))
     cfg_path = client.download_artifacts(found.parent_run_id, "config.yaml", str(local))
     space_path = client.download_artifacts(found.parent_run_id, "space.json", str(local))
@@ -472,7 +486,7 @@ def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str
     client = parent.client
     for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
                                                    "and attributes.status = 'RUNNING'"):
-        _close(Tracker(parent.uri, run.info.run_id), "early_stopped", "KILLED")
+        _settle(parent.uri, run, "early_stopped")
     result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
                          _children_frame(client, experiment_id, parent.run_id, parameters))
     with_results = result.dataframe()

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.sweep import load_sweep, sweep
+from orchestrator.sweep import _finish, load_sweep, sweep
+from orchestrator.tracking import start_run
 from tests.conftest import digits_config
 
 KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
@@ -93,6 +94,27 @@ def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir
 
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("ray_runtime")
+def test_children_left_running_keep_the_outcome_their_loop_recorded(workdir: Path) -> None:
+    # Tune may tear a trial process down right after its last report, before it closes its MLflow run:
+    # the sweep's finisher must not turn such a finished run into an early-stopped one.
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    parent, exp = start_run(uri, "kdo", "p", tags={"kdo.kind": "sweep"})
+    tags = {"kdo.kind": "trial", "kdo.setting_id": "s1", "kdo.setting": "{}"}
+    done, _ = start_run(uri, "kdo", "done", tags={**tags, "kdo.seed": 0}, parent_run_id=parent.run_id)
+    done.log_metrics({"val_acc": 0.8, "selected_val_acc": 0.8, "test_acc": 0.7}, step=1)
+    done.set_tags({"kdo.status": "finished"})
+    cut, _ = start_run(uri, "kdo", "cut", tags={**tags, "kdo.setting_id": "s2", "kdo.seed": 0},
+                       parent_run_id=parent.run_id)
+    cut.log_metrics({"val_acc": 0.3}, step=1)
+    result = _finish(parent, exp, "p", [], "FINISHED")
+    frame = result.dataframe().set_index("setting_id")
+    assert frame.loc["s1", "status"] == "finished" and frame.loc["s2", "status"] == "early_stopped"
+    client = MlflowClient(uri)
+    assert client.get_run(done.run_id).info.status == "FINISHED"
+    assert client.get_run(cut.run_id).info.status == "KILLED"
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
 def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Path) -> None:
     cfg = digits_config(student={"architecture": "mlp", "args": {}},
                         training={"epochs": 2, "lr": 0.05, "momentum": 0.99})
