@@ -1,0 +1,244 @@
+"""Robustness analysis of a study's results: plain functions on the results DataFrame.
+
+The results table has one row per (method, setting, seed) with at least `method`, `setting_id`, `seed`,
+`status`, the metric columns and one column per hyperparameter; `defaults` marks the method's default
+setting. Accuracies are in whatever unit the table uses (the study uses percentage points).
+
+Failed runs (`diverged`, `error`) are never dropped silently: `failures="chance"` counts them at chance
+level in every accuracy statistic, `failures="drop"` leaves them out; the failure rate is reported either way.
+Measures follow the HPO-reporting literature: variance split (Bouthillier et al., arXiv 2103.03098),
+tunability (Probst et al., arXiv 1802.09596), expected best validation accuracy vs budget (Dodge et al.,
+arXiv 1909.03004), and Optuna's fANOVA / PED-ANOVA importances.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+FAILED = ("diverged", "error", "failed")
+Failures = Literal["chance", "drop"]
+
+
+def scored(frame: pd.DataFrame, metric: str, chance: float, failures: Failures = "chance") -> pd.DataFrame:
+    """`frame` with a `score` column: the metric, failed runs at `chance` (or removed with `failures="drop"`)."""
+    out = frame.copy()
+    failed = out["status"].isin(FAILED)
+    out["failed"] = failed
+    out["score"] = out[metric].where(~failed, chance)
+    if failures == "drop":
+        out = out[~failed]
+    return out
+
+
+def setting_means(frame: pd.DataFrame, metric: str, chance: float, failures: Failures = "chance",
+                  parameters: list[str] | None = None) -> pd.DataFrame:
+    """One row per (method, setting): seed-mean `score`, its seed std, seeds run, failures, the parameters.
+
+    With `failures="drop"` a setting whose seeds all failed keeps its row (and its failures) with no score.
+    """
+    full = scored(frame, metric, chance)
+    keys = ["method", "setting_id"]
+    out = full.groupby(keys, sort=False).agg(seeds=("score", "size"), failed=("failed", "sum")).reset_index()
+    kept = full if failures == "chance" else full[~full["failed"]]
+    scores = kept.groupby(keys, sort=False)["score"].agg(score="mean", seed_std="std").reset_index()
+    out = out.merge(scores, on=keys, how="left")
+    extra = [c for c in (parameters or []) + ["defaults"] if c in full.columns]
+    if extra:
+        out = out.merge(full.groupby(keys, sort=False)[extra].first().reset_index(), on=keys)
+    return out
+
+
+def distribution(means: pd.DataFrame, delta: float = 1.0) -> pd.DataFrame:
+    """Per method, over its design settings (not the defaults): best, median, mean, std, IQR, P10, worst,
+    failure rate, and the share of settings within `delta` of the method's best."""
+    rows = []
+    for method, group in means.groupby("method", sort=False):
+        design = group[~group["defaults"]] if "defaults" in group else group
+        s = design["score"].dropna().to_numpy(dtype=float)
+        q10, q25, q50, q75 = np.quantile(s, [0.10, 0.25, 0.50, 0.75])
+        rows.append({"method": method, "settings": len(s), "best": s.max(), "median": q50, "mean": s.mean(),
+                     "std": s.std(ddof=1) if len(s) > 1 else math.nan, "iqr": q75 - q25, "p10": q10,
+                     "worst": s.min(),
+                     "failure_rate": float(design["failed"].sum() / max(1, design["seeds"].sum())),
+                     "within_delta": float(np.mean(s >= s.max() - delta))})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def variance_split(frame: pd.DataFrame, metric: str, chance: float, failures: Failures = "chance") -> pd.DataFrame:
+    """Per method: pooled within-setting (seed) variance vs between-setting (hyperparameter) variance.
+
+    One-way random-effects ANOVA on the (setting, seed) scores: the seed variance is the pooled
+    within-setting variance; the hyperparameter variance is the variance of the setting means minus the
+    seed variance's share of it (seed variance / seeds per setting), clipped at 0.
+    """
+    data = scored(frame, metric, chance, failures)
+    if "defaults" in data:
+        data = data[~data["defaults"]]
+    rows = []
+    for method, group in data.groupby("method", sort=False):
+        by_setting = group.groupby("setting_id")["score"]
+        sizes, variances, means = by_setting.size(), by_setting.var(ddof=1), by_setting.mean()
+        usable = sizes > 1
+        dof = (sizes[usable] - 1).sum()
+        seed_var = float(((sizes[usable] - 1) * variances[usable]).sum() / dof) if dof > 0 else math.nan
+        n_bar = float(sizes.mean())
+        observed = float(means.var(ddof=1)) if len(means) > 1 else math.nan
+        hp_var = max(0.0, observed - (seed_var / n_bar if not math.isnan(seed_var) else 0.0))
+        total = hp_var + seed_var
+        rows.append({"method": method, "seed_std": math.sqrt(seed_var) if not math.isnan(seed_var) else math.nan,
+                     "hparam_std": math.sqrt(hp_var), "hparam_share": hp_var / total if total > 0 else math.nan})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def expected_max(values: np.ndarray | list[float], budget: int) -> tuple[float, float]:
+    """Expected maximum (and its std) of `budget` settings drawn i.i.d. with replacement from `values`.
+
+    Dodge et al. (arXiv 1909.03004), eq. 1: with v sorted ascending, P(max = v_i) = (i/N)^n - ((i-1)/N)^n.
+    """
+    v = np.sort(np.asarray(values, dtype=float))
+    n = len(v)
+    i = np.arange(1, n + 1)
+    p = (i / n) ** budget - ((i - 1) / n) ** budget
+    mean = float((p * v).sum())
+    return mean, math.sqrt(max(0.0, float((p * (v - mean) ** 2).sum())))
+
+
+def expected_best_curve(means: pd.DataFrame) -> pd.DataFrame:
+    """Per method, the expected best seed-mean accuracy (± std) after n = 1..N random settings."""
+    rows = []
+    for method, group in means.groupby("method", sort=False):
+        design = group[~group["defaults"]] if "defaults" in group else group
+        scores = design["score"].dropna().to_numpy(dtype=float)
+        for budget in range(1, len(scores) + 1):
+            mean, std = expected_max(scores, budget)
+            rows.append({"method": method, "budget": budget, "expected_best": mean, "std": std})
+    return pd.DataFrame(rows)
+
+
+def tunability(means: pd.DataFrame, parameters: dict[str, list[str]], seed: int = 0) -> pd.DataFrame:
+    """Gain of tuning over the defaults, overall and per parameter (Probst et al., arXiv 1802.09596).
+
+    Overall: best design setting minus the default setting (seed means). Per parameter: as Probst et al.
+    do, through a surrogate (a random forest on the design's seed means): the best predicted score when
+    only that parameter moves away from its default value, minus the surrogate's prediction at the defaults.
+    """
+    from sklearn.ensemble import RandomForestRegressor
+
+    rows = []
+    for method, group in means.groupby("method", sort=False):
+        defaults = group[group["defaults"]] if "defaults" in group else group.iloc[:0]
+        design = group[~group["defaults"]] if "defaults" in group else group
+        row: dict[str, Any] = {"method": method, "default": math.nan, "best": float(design["score"].max()),
+                               "gain": math.nan}
+        params = [p for p in parameters.get(method, []) if p in group and group[p].notna().all()]
+        if not defaults.empty:
+            row["default"] = float(defaults["score"].iloc[0])
+            row["gain"] = row["best"] - row["default"]
+        numeric = [p for p in params if pd.api.types.is_numeric_dtype(group[p])]
+        if not defaults.empty and numeric and len(design) >= 4:
+            x = design[numeric].to_numpy(dtype=float)
+            forest = RandomForestRegressor(n_estimators=200, random_state=seed, min_samples_leaf=1).fit(
+                x, design["score"].to_numpy(dtype=float))
+            at_default = defaults[numeric].to_numpy(dtype=float)[0]
+            base = float(forest.predict(at_default[None])[0])
+            for j, p in enumerate(numeric):
+                probe = np.repeat(at_default[None], len(design), axis=0)
+                probe[:, j] = x[:, j]
+                row[f"gain/{p}"] = max(0.0, float(forest.predict(probe).max()) - base)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("method")
+
+
+def importances(means: pd.DataFrame, spaces: dict[str, Any], seed: int = 0,
+                target_quantile: float = 0.25) -> pd.DataFrame:
+    """Per-parameter importance per method, from Optuna evaluators named explicitly (Optuna 5 changed the
+    default): fANOVA on the seed means, and PED-ANOVA for the top `target_quantile` of settings."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = []
+    for method, group in means.groupby("method", sort=False):
+        space = spaces.get(method)
+        design = group[~group["defaults"]] if "defaults" in group else group
+        if space is None or len(design) < 4:
+            continue
+        distributions = {p: _distribution(spec) for p, spec in space.parameters.items() if p in design}
+        if not distributions:
+            continue
+        study = optuna.create_study(direction="maximize")
+        study.add_trials([
+            optuna.trial.create_trial(params={p: _native(r[p], distributions[p]) for p in distributions},
+                                      distributions=distributions, value=float(r["score"]))
+            for _, r in design.iterrows()])
+        evaluators = {"fanova": optuna.importance.FanovaImportanceEvaluator(seed=seed),
+                      "ped_anova": optuna.importance.PedAnovaImportanceEvaluator(target_quantile=target_quantile)}
+        for name, evaluator in evaluators.items():
+            if len(distributions) == 1:  # one parameter: all the importance is its own
+                scores = dict.fromkeys(distributions, 1.0)
+            else:
+                scores = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            for p, value in scores.items():
+                rows.append({"method": method, "evaluator": name, "parameter": p, "importance": float(value)})
+    return pd.DataFrame(rows, columns=["method", "evaluator", "parameter", "importance"])
+
+
+def _distribution(spec: Any) -> Any:
+    import optuna.distributions as d
+
+    if spec.type == "choice":
+        return d.CategoricalDistribution(spec.values)
+    if spec.type == "int":
+        return d.IntDistribution(int(spec.low), int(spec.high), log=spec.log)
+    return d.FloatDistribution(spec.low, spec.high, log=spec.log)
+
+
+def _native(value: Any, distribution: Any) -> Any:
+    import optuna.distributions as d
+
+    if isinstance(distribution, d.IntDistribution):
+        return int(value)
+    if isinstance(distribution, d.FloatDistribution):
+        return min(max(float(value), distribution.low), distribution.high)
+    return value.item() if hasattr(value, "item") else value
+
+
+Verdict = Literal["holds", "does not hold", "inconclusive"]
+
+
+def compare(a: np.ndarray | list[float], b: np.ndarray | list[float], *, delta: float = 1.0,
+            n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Is A more robust than B? `a`, `b`: per-setting seed-mean scores of each method.
+
+    P(a random setting of A beats one of B) (ties count half), and the differences in median and in IQR,
+    each with a percentile bootstrap CI (settings of A and B resampled independently). Verdict: "A is more
+    robust than B" holds when the CI of (median A - median B) lies above -delta and the CI of
+    (IQR A - IQR B) lies below 0; it does not hold when either CI lies wholly on the wrong side
+    (median CI below -delta, or IQR CI above 0); otherwise inconclusive.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+
+    def stats(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        beats = (x[:, None] > y[None, :]).mean() + 0.5 * (x[:, None] == y[None, :]).mean()
+        iqr = np.subtract(*np.quantile(x, [0.75, 0.25])) - np.subtract(*np.quantile(y, [0.75, 0.25]))
+        return np.array([beats, np.median(x) - np.median(y), iqr])
+
+    point = stats(a, b)
+    boots = np.array([stats(rng.choice(a, len(a)), rng.choice(b, len(b))) for _ in range(n_boot)])
+    tail = (1 - level) / 2
+    low, high = np.quantile(boots, [tail, 1 - tail], axis=0)
+    median_ci, iqr_ci = (low[1], high[1]), (low[2], high[2])
+    if median_ci[0] > -delta and iqr_ci[1] < 0:
+        verdict: Verdict = "holds"
+    elif median_ci[1] < -delta or iqr_ci[0] > 0:
+        verdict = "does not hold"
+    else:
+        verdict = "inconclusive"
+    return {"p_a_beats_b": float(point[0]), "p_a_beats_b_ci": (float(low[0]), float(high[0])),
+            "median_diff": float(point[1]), "median_diff_ci": (float(median_ci[0]), float(median_ci[1])),
+            "iqr_diff": float(point[2]), "iqr_diff_ci": (float(iqr_ci[0]), float(iqr_ci[1])),
+            "delta": delta, "verdict": verdict}

@@ -1,0 +1,137 @@
+"""The robustness measures on hand-built result tables whose answers are known."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orchestrator.analysis import (
+    compare,
+    distribution,
+    expected_best_curve,
+    expected_max,
+    importances,
+    setting_means,
+    tunability,
+    variance_split,
+)
+from orchestrator.spaces import ParamSpec, SearchSpace
+
+CHANCE = 10.0
+X, Y = "method.params.x", "method.params.y"  # a space's bare names are method.params paths
+
+
+def _table(method: str, setting_scores: dict[str, list[float]], statuses: dict[tuple[str, int], str] | None = None,
+           params: dict[str, dict[str, float]] | None = None, defaults: str | None = None) -> pd.DataFrame:
+    rows = []
+    for sid, scores in setting_scores.items():
+        for seed, score in enumerate(scores):
+            status = (statuses or {}).get((sid, seed), "finished")
+            rows.append({"method": method, "setting_id": sid, "seed": seed, "status": status,
+                         "val_acc": math.nan if status != "finished" else score, "defaults": sid == defaults,
+                         **(params or {}).get(sid, {})})
+    return pd.DataFrame(rows)
+
+
+def test_variance_split_matches_the_anova_estimate() -> None:
+    # Seed effects -1, 0, +1 in every setting: within-setting variance exactly 1.
+    centres = [10.0, 12.0, 14.0, 16.0]
+    frame = _table("m", {f"s{k}": [c - 1, c, c + 1] for k, c in enumerate(centres)})
+    split = variance_split(frame, "val_acc", CHANCE).loc["m"]
+    between = np.var(centres, ddof=1) - 1.0 / 3
+    assert split["seed_std"] == pytest.approx(1.0)
+    assert split["hparam_std"] == pytest.approx(math.sqrt(between))
+    assert split["hparam_share"] == pytest.approx(between / (between + 1.0))
+
+
+def test_seed_noise_only_gives_no_hyperparameter_share() -> None:
+    frame = _table("m", {f"s{k}": [9.0, 10.0, 11.0] for k in range(5)})
+    assert variance_split(frame, "val_acc", CHANCE).loc["m", "hparam_share"] == 0.0
+
+
+def test_distribution_and_within_delta_share() -> None:
+    frame = _table("m", {"a": [90.0, 90.0], "b": [89.5, 89.5], "c": [88.0, 88.0], "d": [70.0, 70.0]})
+    d = distribution(setting_means(frame, "val_acc", CHANCE), delta=1.0).loc["m"]
+    assert (d["best"], d["worst"], d["settings"]) == (90.0, 70.0, 4)
+    assert d["within_delta"] == 0.5 and d["median"] == pytest.approx(88.75)
+    assert d["iqr"] == pytest.approx(np.subtract(*np.quantile([90, 89.5, 88, 70], [0.75, 0.25])))
+    assert d["failure_rate"] == 0.0
+
+
+def test_failures_count_at_chance_or_are_dropped_but_always_counted() -> None:
+    frame = _table("m", {"a": [80.0, 80.0], "b": [60.0, 70.0]}, statuses={("b", 1): "diverged"})
+    at_chance = setting_means(frame, "val_acc", CHANCE).set_index("setting_id")
+    assert at_chance.loc["b", "score"] == pytest.approx((60.0 + CHANCE) / 2)
+    assert at_chance.loc["b", "failed"] == 1
+    dropped = setting_means(frame, "val_acc", CHANCE, failures="drop").set_index("setting_id")
+    assert dropped.loc["b", "score"] == 60.0 and dropped.loc["b", "failed"] == 1
+    for means in (at_chance.reset_index(), dropped.reset_index()):
+        assert distribution(means).loc["m", "failure_rate"] == pytest.approx(1 / 4)
+    all_failed = _table("m", {"a": [80.0], "b": [0.0]}, statuses={("b", 0): "error"})
+    assert distribution(setting_means(all_failed, "val_acc", CHANCE, failures="drop")).loc["m", "worst"] == 80.0
+    assert distribution(setting_means(all_failed, "val_acc", CHANCE)).loc["m", "worst"] == CHANCE
+
+
+def test_expected_max_equals_brute_force_enumeration() -> None:
+    values = np.array([3.0, 7.0, 7.0, 1.0, 9.5])
+    for budget in (1, 2, 3):
+        maxima = [max(draw) for draw in itertools.product(values, repeat=budget)]
+        mean, std = expected_max(values, budget)
+        assert mean == pytest.approx(np.mean(maxima)) and std == pytest.approx(np.std(maxima))
+    curve = expected_best_curve(setting_means(_table("m", {f"s{i}": [v] for i, v in enumerate(values)}),
+                                              "val_acc", CHANCE))
+    assert list(curve["budget"]) == [1, 2, 3, 4, 5]
+    assert curve["expected_best"].is_monotonic_increasing
+    assert curve["expected_best"].iloc[0] == pytest.approx(values.mean())
+
+
+def test_bootstrap_ci_covers_a_known_difference_and_gives_each_verdict() -> None:
+    rng = np.random.default_rng(1)
+    steady, fragile = 80 + rng.normal(0, 0.5, 256), 80 + rng.normal(0, 3.0, 256)
+    out = compare(steady, fragile, delta=1.0, n_boot=2000)
+    low, high = out["median_diff_ci"]
+    assert low < out["median_diff"] < high and low < 0.0 < high  # true median difference is 0
+    assert out["iqr_diff_ci"][1] < 0 and out["verdict"] == "holds"
+    assert compare(fragile, steady, delta=1.0, n_boot=2000)["verdict"] == "does not hold"
+    worse = compare(steady - 5.0, fragile, delta=1.0, n_boot=2000)
+    assert worse["median_diff_ci"][1] < -1.0 and worse["verdict"] == "does not hold"
+    same = compare(fragile[:8], fragile[8:16], delta=1.0, n_boot=2000)
+    assert same["verdict"] == "inconclusive"
+    assert compare([2.0, 3.0], [1.0, 1.0], n_boot=10)["p_a_beats_b"] == 1.0
+    assert compare([1.0], [1.0], n_boot=10)["p_a_beats_b"] == 0.5
+
+
+def _one_parameter_method() -> tuple[pd.DataFrame, SearchSpace]:
+    """Score depends on x only (peak at x = 0.7); y is noise-free and irrelevant; defaults at x = 0.2."""
+    rng = np.random.default_rng(0)
+    xs, ys = rng.uniform(0, 1, 32), rng.uniform(0, 1, 32)
+    settings = {f"s{i}": [90 - 100 * (x - 0.7) ** 2] for i, x in enumerate(xs)}
+    params = {f"s{i}": {X: x, Y: y} for i, (x, y) in enumerate(zip(xs, ys, strict=True))}
+    settings["default"] = [90 - 100 * 0.25]
+    params["default"] = {X: 0.2, Y: 0.5}
+    frame = _table("m", settings, params=params, defaults="default")
+    space = SearchSpace(parameters={"x": ParamSpec(type="float", low=0, high=1),
+                                    "y": ParamSpec(type="float", low=0, high=1)})
+    return frame, space
+
+
+def test_tunability_overall_and_per_parameter() -> None:
+    frame, _ = _one_parameter_method()
+    means = setting_means(frame, "val_acc", CHANCE, parameters=[X, Y])
+    t = tunability(means, {"m": [X, Y]}).loc["m"]
+    assert t["default"] == pytest.approx(65.0)
+    assert t["gain"] == pytest.approx(means[~means["defaults"]]["score"].max() - 65.0)
+    assert t[f"gain/{X}"] > 15.0 and t[f"gain/{Y}"] < 3.0
+
+
+def test_importances_name_their_evaluator_and_find_the_parameter_that_matters() -> None:
+    frame, space = _one_parameter_method()
+    means = setting_means(frame, "val_acc", CHANCE, parameters=[X, Y])
+    imp = importances(means, {"m": space}).set_index(["evaluator", "parameter"])["importance"]
+    assert set(imp.index.get_level_values(0)) == {"fanova", "ped_anova"}
+    assert imp[("fanova", X)] > imp[("fanova", Y)]
+    assert imp[("ped_anova", X)] > imp[("ped_anova", Y)]
