@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -102,29 +103,73 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
     print_sweep(result)
 
 
+@app.command("study")
+@user_errors
+def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or shipped study name")],
+              set_: Overrides = None, address: Address = None,
+              name: Annotated[str | None, typer.Option(help="study name (default: the file's)")] = None,
+              report: Annotated[str | None, typer.Option(help="report path (default ./<name>-report)")] = None) -> None:
+    """A robustness study: each method's space covered evenly × seeds, analysed, plotted and reported."""
+    from orchestrator.display import print_study
+    from orchestrator.study import RobustnessStudy
+
+    spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
+    if name:
+        spec = RobustnessStudy._from_spec(spec.spec.model_copy(update={"name": name}))
+    typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
+    done = spec.run(address=address)
+    print_study(done, done.report(report or f"{done.name}-report"))
+
+
+def _is_study(name: str, tracking_uri: str | None, experiment: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import absolute_uri, default_tracking_uri
+
+    uri = absolute_uri(tracking_uri or default_tracking_uri())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return exp is not None and bool(client.search_runs(
+        [exp.experiment_id], f"tags.`kdo.study` = '{name}' and tags.`kdo.kind` = 'study'", max_results=1))
+
+
 @app.command("report")
 @user_errors
-def report_cmd(name: Annotated[str, typer.Argument(help="sweep name")],
+def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
-               experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo") -> None:
-    """Rebuild a sweep's results table from MLflow alone."""
-    from orchestrator.display import print_sweep
+               experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
+               report: Annotated[str | None, typer.Option(help="study report path (default ./<name>-report)")] = None,
+               ) -> None:
+    """Rebuild a sweep's results table, or a study's analysis and report, from MLflow alone."""
+    from orchestrator.display import print_study, print_sweep
+    from orchestrator.study import RobustnessStudy
     from orchestrator.sweep import load_sweep
 
-    print_sweep(load_sweep(name, tracking_uri, experiment))
+    if _is_study(name, tracking_uri, experiment):
+        study = RobustnessStudy.load(name, tracking_uri=tracking_uri, experiment=experiment)
+        print_study(study, study.report(report or f"{name}-report"))
+    else:
+        print_sweep(load_sweep(name, tracking_uri, experiment))
 
 
 @app.command("resume")
 @user_errors
-def resume_cmd(name: Annotated[str, typer.Argument(help="sweep name")],
+def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
                address: Address = None) -> None:
-    """Finish a sweep whose driver died: skip what is done, close and redo what was running."""
-    from orchestrator.display import print_sweep
+    """Finish a sweep or study whose driver died: skip what is done, close and redo what was running."""
+    from orchestrator.display import print_study, print_sweep
+    from orchestrator.study import RobustnessStudy
     from orchestrator.sweep import resume
 
-    print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment))
+    if _is_study(name, tracking_uri, experiment):
+        study = RobustnessStudy.resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment)
+        print_study(study, study.report(f"{name}-report"))
+    else:
+        print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment))
 
 
 def _seed_list(seeds: str) -> list[int]:

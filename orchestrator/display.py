@@ -1,13 +1,18 @@
-"""Terminal tables for runs and sweeps (rich)."""
+"""Terminal tables for runs, sweeps and studies (rich)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator.sweep import SweepResult
+
+if TYPE_CHECKING:
+    from orchestrator.study import RobustnessStudy
 
 
 def wide_console() -> Console:
@@ -31,3 +36,41 @@ def print_sweep(result: SweepResult, top: int = 10, console: Console | None = No
     console = console or wide_console()
     console.print(table)
     console.print(f"MLflow: {result.ui_hint()}")
+
+
+def print_study(study: RobustnessStudy, report: Path | None = None, console: Console | None = None) -> None:
+    """Per method: defaults and tuned accuracy (mean ± std over seeds), the spread over settings,
+    failures; then each comparison's verdict, the report path and the MLflow link."""
+    summary = study.summary()
+    table = Table(title=f"study {study.name}: val accuracy (points) over {study.spec.n_settings} settings × "
+                        f"{len(study.spec.seeds)} seeds; failed runs at chance")
+
+    def pm(row: Any, mean: str, std: str) -> str:
+        return f"{row[mean]:.2f} ± {row[std]:.2f}" if mean in row and row[mean] == row[mean] else ""
+
+    def num(row: Any, key: str) -> str:
+        return f"{row[key]:.2f}" if key in row and row[key] == row[key] else ""
+
+    for col in ("method", "default val", "default test", "tuned val", "tuned test", "median", "IQR", "worst",
+                f"within {study.spec.delta:g}", "hparam share", "failed"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for method, row in summary.iterrows():
+        table.add_row(str(method), pm(row, "default_val", "default_val_std"),
+                      pm(row, "default_test", "default_test_std"), pm(row, "tuned_val", "tuned_val_std"),
+                      pm(row, "tuned_test", "tuned_test_std"),
+                      num(row, "median"), num(row, "iqr"), num(row, "worst"), num(row, "within_delta"),
+                      num(row, "hparam_share"), f"{int(row['failed_runs'])}/{int(row['runs'])}")
+    console = console or wide_console()
+    console.print(table)
+    teacher = study.teacher()
+    if teacher:
+        console.print(f"teacher: val {teacher['val']:.2f}, test {teacher['test']:.2f}")
+    for c in study.comparisons():
+        median, iqr = c["median_diff_ci"], c["iqr_diff_ci"]
+        console.print(f"{c['a']} more robust than {c['b']}: [bold]{c['verdict']}[/bold] "
+                      f"(median diff {c['median_diff']:.2f} [{median[0]:.2f}, {median[1]:.2f}], "
+                      f"IQR diff {c['iqr_diff']:.2f} [{iqr[0]:.2f}, {iqr[1]:.2f}], "
+                      f"P(a beats b) {c['p_a_beats_b']:.2f}; delta {c['delta']:g})")
+    if report is not None:
+        console.print(f"report: {report}")
+    console.print(f"MLflow: {study.ui_hint()}")

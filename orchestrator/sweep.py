@@ -22,7 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from methods import get_method
-from orchestrator.config import ExperimentConfig, load_config, resolve_paths
+from orchestrator.config import ExperimentConfig, load_config, resolve_paths, set_path
 from orchestrator.data import Splits
 from orchestrator.design import build_design
 from orchestrator.errors import ConfigError
@@ -49,7 +49,7 @@ class SweepPlan:
 
     name: str
     base: dict[str, Any]
-    space: SearchSpace
+    space: SearchSpace | None  # None for a study: its points carry their own configs
     seeds: list[int]
     points: list[dict[str, Any]] | None  # fixed designs: one trial per {"setting", "seed"}
     parent_run_id: str
@@ -76,6 +76,13 @@ def _settle(uri: str, run: Any, unfinished: str) -> None:
     _close(Tracker(uri, run.info.run_id), status, _MLFLOW_STATUS[status])
 
 
+def _with(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    raw = cfg.model_dump(mode="json")
+    for path, value in values.items():
+        set_path(raw, path, value)
+    return ExperimentConfig.model_validate(raw)
+
+
 def _replay(client: MlflowClient, run: Any) -> Iterator[dict[str, Any]]:
     """A finished child's epochs, from MLflow, as `iterate_epochs` would yield them (resume: no rerun)."""
     status = run.data.tags["kdo.status"]
@@ -88,33 +95,40 @@ def _replay(client: MlflowClient, run: Any) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def _start_child(plan: SweepPlan, base: ExperimentConfig, setting: dict[str, Any],
-                 seed: int) -> tuple[ExperimentConfig, Tracker]:
-    """The config of one (setting, seed) and its MLflow child run under the sweep's parent."""
-    sid = setting_id(setting)
-    cfg = plan.space.apply(base, {**setting, "training.seed": seed, "name": f"{plan.name}-{sid[:6]}-s{seed}"})
+def _start_child(plan: SweepPlan, base: ExperimentConfig, setting: dict[str, Any], seed: int,
+                 point: dict[str, Any] | None = None) -> tuple[ExperimentConfig, Tracker]:
+    """The config of one (setting, seed) and its MLflow child run under the sweep's parent.
+
+    A study's point carries its own config (its method, the setting applied), its id and extra tags.
+    """
+    point = point or {}
+    sid = point.get("setting_id") or setting_id(setting)
+    run = {"training.seed": seed, "name": f"{plan.name}-{sid[:6]}-s{seed}"}
+    cfg = plan.space.apply(base, {**setting, **run}) if "config" not in point else _with(base, run)
     tracker, _ = start_run(plan.tracking_uri, plan.experiment, cfg.name, parent_run_id=plan.parent_run_id,
                            tags={"kdo.kind": "trial", "kdo.sweep": plan.name, "kdo.setting_id": sid,
                                  "kdo.setting": json.dumps(setting, sort_keys=True), "kdo.seed": seed,
                                  "kdo.method": cfg.method.name,
-                                 "kdo.data_free": str(get_method(cfg.method.name).data_free).lower()})
+                                 "kdo.data_free": str(get_method(cfg.method.name).data_free).lower(),
+                                 **point.get("tags", {})})
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
     return cfg, tracker
 
 
 def _data_parallel_trial(plan: SweepPlan, base: ExperimentConfig, setting: dict[str, Any], seed: int,
-                         previous: Any, client: MlflowClient, splits: Splits, teacher: dict[str, Any] | None) -> None:
+                         previous: Any, client: MlflowClient, splits: Splits, teacher: dict[str, Any] | None,
+                         point: dict[str, Any] | None) -> None:
     """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    sid = setting_id(setting)
+    sid = (point or {}).get("setting_id") or setting_id(setting)
     if previous is not None:  # resume: this (setting, seed) is in the ledger already
         for row in _replay(client, previous):
             tune.report({**row, "setting_id": sid})
         return
-    cfg, tracker = _start_child(plan, base, setting, seed)
+    cfg, tracker = _start_child(plan, base, setting, seed, point)
     status = "running"
     try:
         payload = {"config": cfg.model_dump(mode="json"), "data": ray.put(splits),
@@ -141,14 +155,15 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
     """
     from ray import tune
 
+    point: dict[str, Any] | None = None
     if plan.points is not None:
         point = plan.points[tune_config["point"]]
         setting, seeds = point["setting"], [point["seed"]]
     else:
         keys = {_tune_key(p): p for p in plan.space.parameters}
         setting, seeds = {keys[k]: v for k, v in tune_config.items() if k in keys}, plan.seeds
-    sid = setting_id(setting)
-    base = ExperimentConfig.model_validate(plan.base)
+    sid = (point or {}).get("setting_id") or setting_id(setting)
+    base = ExperimentConfig.model_validate((point or {}).get("config", plan.base))
     torch.set_num_threads(max(1, int(base.scaling.cpus_per_worker)))
     chance = 1.0 / splits.info.num_classes
     client = MlflowClient(plan.tracking_uri)
@@ -156,7 +171,7 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
         [plan.experiment_id], f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`kdo.setting_id` = '{sid}'")
         if r.data.tags.get("kdo.status") in DONE}
     if base.scaling.num_workers > 1:  # one seed per trial (checked by the sweep), DDP through Ray Train
-        _data_parallel_trial(plan, base, setting, seeds[0], done.get(seeds[0]), client, splits, teacher)
+        _data_parallel_trial(plan, base, setting, seeds[0], done.get(seeds[0]), client, splits, teacher, point)
         return
     trackers: list[Tracker | None] = []
     runs: list[Iterator[dict[str, Any]]] = []
@@ -165,7 +180,7 @@ def run_trial(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
             trackers.append(None)
             runs.append(_replay(client, done[seed]))
             continue
-        cfg, tracker = _start_child(plan, base, setting, seed)
+        cfg, tracker = _start_child(plan, base, setting, seed, point)
         trackers.append(tracker)
         runs.append(iterate_epochs(cfg, splits, teacher, device=torch.device("cuda" if plan.use_gpu else "cpu"),
                                    tracker=tracker, log=None))
@@ -250,8 +265,10 @@ class SweepResult:
         return ui_hint(self.tracking_uri, self.experiment_id)
 
 
-def _children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
-                    parameters: list[str]) -> pd.DataFrame:
+def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                   parameters: list[str], tag_columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per child run of `parent_run_id`: setting, seed, parameters, status, accuracies, seconds, run id
+    (and `tag_columns`: column name -> tag key)."""
     runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=50_000)
     rows = []
@@ -264,7 +281,7 @@ def _children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str
                "val_acc": m.get("selected_val_acc", m.get("val_acc", math.nan)),
                "test_acc": m.get("test_acc", math.nan),
                "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000.0,
-               "run_id": r.info.run_id}
+               "run_id": r.info.run_id, **{col: tags.get(key) for col, key in (tag_columns or {}).items()}}
         for p in parameters:
             raw = r.data.params.get(p)
             try:
@@ -273,7 +290,7 @@ def _children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str
                 row[p] = raw
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["setting_id", "seed", *parameters, "status", "val_acc", "test_acc",
-                                        "seconds", "run_id"])
+                                        "seconds", "run_id", *(tag_columns or {})])
     return frame.sort_values(["setting_id", "seed"]).reset_index(drop=True)
 
 
@@ -294,7 +311,7 @@ def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kd
         raise ConfigError(f"NAME: no sweep named '{name}' in {uri} (experiment '{experiment}')")
     parent = parents[0]
     parameters = json.loads(parent.data.tags.get("kdo.parameters", "[]"))
-    frame = _children_frame(client, exp.experiment_id, parent.info.run_id, parameters)
+    frame = children_frame(client, exp.experiment_id, parent.info.run_id, parameters)
     return SweepResult(name, parent.info.run_id, exp.experiment_id, uri, parameters, frame)
 
 
@@ -405,25 +422,42 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
 def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options: dict[str, Any],
                    previous: list[dict[str, Any]]) -> SweepResult:
     """Run the trials still to do under `parent` with Tune; `previous` settings are re-enqueued (resume)."""
+    assert plan.space is not None
+    status = "FAILED"
+    try:
+        run_tune(plan, prepared, options, previous)
+        status = "FINISHED"
+    finally:
+        result = _finish(parent, plan.experiment_id, plan.name, list(plan.space.parameters), status)
+    return result
+
+
+def run_tune(plan: SweepPlan, prepared: Prepared, options: dict[str, Any], previous: list[dict[str, Any]],
+             points: list[dict[str, Any]] | None = None) -> None:
+    """The Tune part of a sweep or a study: fixed points (a design, or a study's prebuilt `points`) minus
+    those the ledger holds, or an Optuna search; one `run_trial` per trial."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     cfg, space_obj, sampler = prepared.config, plan.space, options["sampler"]
     plan.use_gpu = use_gpu(cfg)
-    if sampler in FIXED_DESIGNS:
-        design = build_design(space_obj, sampler, options["trials"], seed=options["design_seed"])
+    if points is not None or sampler in FIXED_DESIGNS:
+        if points is None:
+            assert space_obj is not None
+            design = build_design(space_obj, sampler, options["trials"], seed=options["design_seed"])
+            points = [{"setting": s, "seed": seed} for s in design for seed in plan.seeds]
         client = MlflowClient(plan.tracking_uri)
         done = {(r.data.tags.get("kdo.setting_id"), int(r.data.tags.get("kdo.seed", -1))) for r in client.search_runs(
-            [plan.experiment_id], f"tags.mlflow.parentRunId = '{plan.parent_run_id}'")
+            [plan.experiment_id], f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=50_000)
             if r.data.tags.get("kdo.status") in DONE}
-        plan.points = [{"setting": s, "seed": seed} for s in design for seed in plan.seeds
-                       if (setting_id(s), seed) not in done]
+        plan.points = [p for p in points if (p.get("setting_id") or setting_id(p["setting"]), p["seed"]) not in done]
         param_space: dict[str, Any] = {"point": tune.grid_search(list(range(len(plan.points))))}
         search_alg, num_samples = None, 1
     else:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        assert space_obj is not None
         # On resume the sampler restarts: a fresh seed keeps it from drawing the settings it drew before.
         seed = options["design_seed"] + 7919 * len(previous)
         optuna_sampler = (optuna.samplers.TPESampler(seed=seed) if sampler == "tpe"
@@ -432,7 +466,7 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
         param_space = _tune_space(space_obj)
         search_alg = OptunaSearch(sampler=optuna_sampler, points_to_evaluate=replays or None)
         num_samples = max(options["trials"], len(replays))
-    epochs_spec = space_obj.parameters.get("training.epochs")
+    epochs_spec = space_obj.parameters.get("training.epochs") if space_obj is not None else None
     epochs = int(epochs_spec.high or 1) if epochs_spec is not None else cfg.training.epochs
     resources, concurrency = _trial_resources(cfg, plan.use_gpu, options["concurrency"])
     trainable = tune.with_resources(
@@ -440,21 +474,15 @@ def _execute_sweep(plan: SweepPlan, prepared: Prepared, parent: Tracker, options
     # The first epochs of a short run are noisy: no setting is judged before a quarter of its budget.
     asha = (ASHAScheduler(max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
             if options["scheduler"] == "asha" else None)
-    status = "FAILED"
-    try:
-        if plan.points is None or plan.points:
-            tune.Tuner(
-                trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(metric=options["metric"], mode="max", search_alg=search_alg,
-                                            num_samples=num_samples, max_concurrent_trials=concurrency,
-                                            scheduler=asha, reuse_actors=True),  # no re-import per trial
-                run_config=tune.RunConfig(name=plan.name, storage_path=cfg.tracking.storage_path, verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=options["max_failures"])),
-            ).fit()
-        status = "FINISHED"
-    finally:
-        result = _finish(parent, plan.experiment_id, plan.name, list(space_obj.parameters), status)
-    return result
+    if plan.points is None or plan.points:
+        tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=options["metric"], mode="max", search_alg=search_alg,
+                                        num_samples=num_samples, max_concurrent_trials=concurrency,
+                                        scheduler=asha, reuse_actors=True),  # no re-import per trial
+            run_config=tune.RunConfig(name=plan.name, storage_path=cfg.tracking.storage_path, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=options["max_failures"])),
+        ).fit()
 
 
 TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer (Tune needs a CPU share > 0)
@@ -481,14 +509,19 @@ def _trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> 
     return {"cpu": TRIAL_DRIVER_CPU, "gpu": 0.0}, min(concurrency, fits)
 
 
-def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str) -> SweepResult:
-    """Close orphaned children (trials Tune stopped between reports), summarise onto the parent."""
-    client = parent.client
-    for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
-                                                   "and attributes.status = 'RUNNING'"):
+def close_orphans(parent: Tracker, experiment_id: str) -> None:
+    """Children left RUNNING (trials Tune stopped between reports, or tore down after their last one)."""
+    for run in parent.client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
+                                                          "and attributes.status = 'RUNNING'", max_results=50_000):
         _settle(parent.uri, run, "early_stopped")
+
+
+def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str) -> SweepResult:
+    """Close orphaned children, summarise onto the parent."""
+    client = parent.client
+    close_orphans(parent, experiment_id)
     result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
-                         _children_frame(client, experiment_id, parent.run_id, parameters))
+                         children_frame(client, experiment_id, parent.run_id, parameters))
     with_results = result.dataframe()
     parent.log_text(with_results.to_csv(index=False), "results.csv")
     try:

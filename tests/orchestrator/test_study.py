@@ -1,0 +1,157 @@
+"""Robustness studies on a real local Ray runtime and a real SQLite MLflow store, on digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.study import RobustnessStudy, shipped_studies
+from tests.conftest import digits_config
+from tests.orchestrator.test_resume import _descendants, _finished_trials, _ray_pids
+
+TEACHER = {"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 3, "lr": 0.05}}
+# lr 10 with momentum 0.99 diverges, which the study must count as failures, not drop.
+CE_SPACE = {"parameters": {"training.lr": {"type": "choice", "values": [0.01, 0.02, 0.05, 10.0]}},
+            "fixed": {"training.momentum": 0.99}}
+
+
+def _config(epochs: int = 2) -> dict:
+    return digits_config(method={"name": "kd"}, teacher=TEACHER, training={"epochs": epochs, "lr": 0.05},
+                         student={"architecture": "mlp", "args": {}}, scaling={"cpus_per_worker": 0.5})
+
+
+def _study_file(workdir: Path, **changes: object) -> str:
+    spec = {"name": "s", "config": _config(), "methods": {"kd": None}, "n_settings": 4, "seeds": [0, 1]}
+    spec.update(changes)
+    path = workdir / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"methods": {"kdx": None}}, "study.methods: unknown method 'kdx'; allowed: ce, "),
+    ({"n_settings": 6}, "study.n_settings: a Sobol design needs a power of two (got 6; try 4 or 8)"),
+    ({"compare": [["kd", "ce"]]}, "study.compare: 'ce' is not a method of this study; allowed: kd"),
+    ({"seeds": [0, 0]}, "study.seeds: distinct non-negative integers"),
+    ({"design": "lhs"}, "study.design: Input should be 'sobol', 'grid' or 'random'"),
+    ({"budget": 3}, "study.budget: unknown field; allowed: name, config, methods"),
+    ({"methods": {"kd": {"space": {"parameters": {"tempx": {"type": "float", "low": 1, "high": 2}}}}}},
+     "method.params.tempx: unknown field; allowed: temperature"),
+    ({"methods": {"kd": {"params": {"temperature": -1}}}}, "study.methods.kd: method.params.temperature"),
+    ({"references": ["nope"]}, "study.references: unknown method 'nope'"),
+])
+def test_bad_study_is_one_line_exit_2_nothing_started(workdir: Path, changes: dict, needle: str) -> None:
+    result = CliRunner().invoke(app, ["study", _study_file(workdir, **changes)])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and result.output.count("\n") == 1, result.output
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "kdo_runs").exists()
+
+
+def test_shipped_studies_validate() -> None:
+    assert {"kd_temperature", "demo"} <= set(shipped_studies())
+    for name in shipped_studies():
+        study = RobustnessStudy.from_yaml(name)
+        assert study.points and all(p["config"]["data"]["name"] == "digits" for p in study.points)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("ray_runtime")
+def test_study_runs_counts_failures_and_is_rebuilt_from_mlflow(workdir: Path) -> None:
+    study = RobustnessStudy("small", _config(), {"kd": None, "ce": CE_SPACE}, n_settings=4, seeds=[0, 1],
+                            concurrency=4)
+    assert len(study.points) == 2 * (4 + 1) * 2  # (design + defaults) x seeds per method; ce is studied here
+    study.run()
+    frame = study.results()
+    assert len(frame) == 20 and set(frame["method"]) == {"kd", "ce"}
+    assert set(frame["role"]) == {"design", "defaults"}
+    assert frame.groupby(["method", "setting_id"]).size().eq(2).all()
+    lr = "training.lr"
+    diverged = frame[frame["status"] == "diverged"]
+    assert len(diverged) == 2 and (diverged[lr] == 10.0).all(), "the huge learning rates diverge, and are kept"
+    assert set(frame["status"]) <= {"finished", "diverged"}
+
+    summary = study.summary()
+    assert summary.loc["ce", "failed_runs"] == len(diverged) and summary.loc["kd", "failed_runs"] == 0
+    assert summary.loc["ce", "worst"] == pytest.approx(study.chance)  # a fully diverged setting, at chance
+    dropped = study.summary("drop")
+    assert dropped.loc["ce", "worst"] > study.chance and dropped.loc["ce", "failed_runs"] == len(diverged)
+    assert summary.loc["kd", "settings"] == 4 and "default_val" in summary
+    verdict = study.compare("kd", "ce")
+    assert verdict["verdict"] in ("holds", "does not hold", "inconclusive")
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'study'")
+    assert parent.info.status == "FINISHED"
+    plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"distribution.png", "ecdf.png", "expected_best.png", "importance.png", "params_kd.png"} <= plots
+    assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")} == {
+        "report.md", "report.html"}
+    runs_before = len(client.search_runs([exp], ""))
+
+    loaded = RobustnessStudy.load("small")
+    assert loaded.results().drop(columns="seconds").equals(frame.drop(columns="seconds"))
+    assert loaded.summary().round(6).equals(summary.round(6))
+    assert len(client.search_runs([exp], "")) == runs_before, "loading reran nothing"
+
+    result = CliRunner().invoke(app, ["report", "small", "--report", str(workdir / "out" / "small")])
+    assert result.exit_code == 0, result.output
+    assert "kd more robust than ce:" in result.output and "MLflow: mlflow ui" in result.output
+    page = (workdir / "out" / "small.html").read_text()
+    assert page.count("<img") >= 5 and "Verdict rule" in page and "failures left out" in page
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+@pytest.mark.usefixtures("ray_runtime")
+def test_sigkilled_study_resumes_without_loss_or_repeat(workdir: Path) -> None:
+    spec = _study_file(workdir, name="killed", methods={"kd": None, "ce": None}, n_settings=4, seeds=[0, 1],
+                       config=_config(epochs=3), concurrency=1)
+    before = _ray_pids()
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", spec], cwd=workdir,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _finished_trials(workdir / "mlflow.db") < 2:
+            assert driver.poll() is None, "the study ended before it could be killed"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        time.sleep(1)
+        ours = _descendants(os.getpid())
+        for pid in _ray_pids() - before - ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    total = 2 * 5 * 2
+    assert 2 <= _finished_trials(workdir / "mlflow.db") < total
+
+    result = CliRunner().invoke(app, ["resume", "killed"])
+    assert result.exit_code == 0, result.output
+    assert "kd more robust than ce:" in result.output
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'study'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
+    keys = [(c.data.tags["kdo.setting_id"], c.data.tags["kdo.seed"]) for c in finished]
+    assert len(keys) == len(set(keys)) == total, "every planned (method, setting, seed) finished exactly once"
+    assert {c.data.tags["kdo.status"] for c in children} <= {"finished", "orphaned"}
+    plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "distribution.png" in plots
+    assert len(RobustnessStudy.load("killed").results()) == total
