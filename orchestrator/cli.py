@@ -71,13 +71,13 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
 
 @app.command("demo")
 @user_errors
-def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
-             sweep_trials: Annotated[int, typer.Option(help="settings in the closing KD sweep (0: none)")] = 8,
+def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds per setting")] = "0,1",
+             settings: Annotated[int, typer.Option(help="Sobol settings per method (a power of 2)")] = 8,
              address: Address = None) -> None:
-    """The main job on the embedded digits data: teacher, CE and KD students (mean ± std), a small KD sweep."""
+    """The main job on the embedded digits data: a small robustness study of KD next to CE and the teacher."""
     from orchestrator.demo import run_demo
 
-    run_demo(_seed_list(seeds), address=address, sweep_trials=sweep_trials)
+    run_demo(_seed_list(seeds), settings, address=address)
 
 
 @app.command("sweep")

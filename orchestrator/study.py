@@ -35,7 +35,7 @@ from orchestrator.design import build_design
 from orchestrator.errors import ConfigError
 from orchestrator.runner import prepare
 from orchestrator.spaces import SearchSpace, load_space
-from orchestrator.sweep import SweepPlan, children_frame, close_orphans, run_tune, setting_id
+from orchestrator.sweep import SweepPlan, children_frame, close_orphans, run_tune, setting_id, settle_child
 from orchestrator.tracking import Tracker, flatten, start_run, ui_hint
 
 ROLES = ("design", "defaults", "reference")
@@ -221,12 +221,10 @@ class RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run."""
         study, parent_run = cls._from_mlflow(name, tracking_uri, experiment)
         client = MlflowClient(study._uri)
-        from orchestrator.sweep import _settle
-
         for run in client.search_runs([parent_run.info.experiment_id],
                                       f"tags.mlflow.parentRunId = '{parent_run.info.run_id}' "
                                       "and attributes.status = 'RUNNING'", max_results=50_000):
-            _settle(study._uri, run, "orphaned")
+            settle_child(study._uri, run, "orphaned")
         prepared = prepare(study._shared_config(), address=address)
         client.update_run(parent_run.info.run_id, status="RUNNING")
         return study._execute(prepared, Tracker(study._uri, parent_run.info.run_id), parent_run.info.experiment_id)

@@ -69,7 +69,7 @@ _MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "stopped": "KILL
                   "error": "FAILED", "running": "KILLED", "orphaned": "KILLED"}
 
 
-def _settle(uri: str, run: Any, unfinished: str) -> None:
+def settle_child(uri: str, run: Any, unfinished: str) -> None:
     """Terminate a child left RUNNING: with the outcome its loop recorded if it got that far, else `unfinished`."""
     recorded = run.data.tags.get("kdo.status")
     status = recorded if recorded in ("finished", "diverged") else unfinished
@@ -140,7 +140,7 @@ def _data_parallel_trial(plan: SweepPlan, base: ExperimentConfig, setting: dict[
         raise
     finally:
         if status == "early_stopped":  # the stop may come with the last report, after the loop recorded its outcome
-            _settle(plan.tracking_uri, client.get_run(tracker.run_id), "early_stopped")
+            settle_child(plan.tracking_uri, client.get_run(tracker.run_id), "early_stopped")
         else:
             _close(tracker, status, _MLFLOW_STATUS[status])
 
@@ -402,7 +402,7 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     options = json.loads(parent_run.data.tags["kdo.options"])
     for run in client.search_runs([found.experiment_id], f"tags.mlflow.parentRunId = '{found.parent_run_id}' "
                                                          "and attributes.status = 'RUNNING'"):
-        _settle(found.tracking_uri, run, "orphaned")
+        settle_child(found.tracking_uri, run, "orphaned")
     local = Path(tempfile.mkdtemp(prefix="kdo-resume-"))
     cfg_path = client.download_artifacts(found.parent_run_id, "config.yaml", str(local))
     space_path = client.download_artifacts(found.parent_run_id, "space.json", str(local))
@@ -513,7 +513,7 @@ def close_orphans(parent: Tracker, experiment_id: str) -> None:
     """Children left RUNNING (trials Tune stopped between reports, or tore down after their last one)."""
     for run in parent.client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' "
                                                           "and attributes.status = 'RUNNING'", max_results=50_000):
-        _settle(parent.uri, run, "early_stopped")
+        settle_child(parent.uri, run, "early_stopped")
 
 
 def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str) -> SweepResult:
