@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench browser clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ test: $(STAMP)
 # pytest exits 5 when no test is marked slow: not a failure.
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+# The browser check (a slow test): Debian's Chromium, and Playwright's Python driver (never its browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: $(STAMP)
+	test -x /usr/bin/chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements-browser.lock
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

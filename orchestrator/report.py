@@ -58,7 +58,7 @@ def _short(path: str) -> str:
 
 
 def _distribution(study: RobustnessStudy, means: pd.DataFrame, studied: list[str], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(studied), 4.2))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.8 + 1.4 * len(studied)), 4.2))
     data = [means[(means["method"] == m) & ~means["defaults"]]["score"].dropna().to_numpy() for m in studied]
     ax.boxplot(data, tick_labels=studied, showfliers=False)
     rng = np.random.default_rng(0)

@@ -1,0 +1,73 @@
+"""A study seen in a real browser: Debian's headless Chromium, driven by Playwright, opens the MLflow UI
+served by `mlflow server` on 127.0.0.1 and the study's HTML report (`make browser` installs both)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator.study import RobustnessStudy
+from tests.conftest import digits_config
+from tests.orchestrator.test_cluster import mlflow_server
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+
+
+def _browser_or_skip() -> None:
+    missing = []
+    if shutil.which(CHROMIUM) is None:
+        missing.append("chromium")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright")
+    if missing:
+        why = f"{' and '.join(missing)} not installed: run `make browser`"
+        if os.environ.get("CI"):
+            pytest.fail(why)  # CI installs them: missing there is a failure, not a skip
+        pytest.skip(why)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.usefixtures("ray_runtime")
+def test_mlflow_ui_and_html_report_show_the_study(workdir: Path) -> None:
+    _browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    with mlflow_server(workdir) as url:
+        cfg = digits_config(method={"name": "kd"}, training={"epochs": 1, "lr": 0.05},
+                            teacher={"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 2}},
+                            student={"architecture": "mlp", "args": {}}, scaling={"cpus_per_worker": 0.5},
+                            tracking={"uri": url, "experiment": "browser"})
+        study = RobustnessStudy("browser-study", cfg, {"kd": None}, n_settings=2, seeds=[0], concurrency=4).run()
+        report = study.report(workdir / "report")
+        child = study.results()["run_id"].iloc[0]
+        child_name = f"browser-study-{study.results()['setting_id'].iloc[0][:6]}-s0"
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/#/experiments/{study.experiment_id}/runs")
+            expect(page.get_by_text("browser-study", exact=True)).to_be_visible(timeout=60_000)
+            page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # expand its children
+            expect(page.get_by_text(child_name, exact=True)).to_be_visible(timeout=30_000)
+            assert page.locator(f"a[href*='{child}']").count() >= 1
+
+            page.goto(f"{url}/#/experiments/{study.experiment_id}/runs/{study.parent_run_id}"
+                      "/artifacts/plots/distribution.png")
+            plot = page.locator("img[alt='plots/distribution.png']").first
+            expect(plot).to_be_visible(timeout=60_000)
+            assert plot.evaluate("img => img.complete && img.naturalWidth > 100")
+
+            page.goto(report.resolve().as_uri())
+            expect(page.get_by_role("heading", name="Robustness study: browser-study")).to_be_visible()
+            widths = page.locator("figure img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+            assert len(widths) >= 5 and min(widths) > 100, widths
+            expect(page.get_by_text("Verdict rule", exact=False)).to_be_visible()
+            browser.close()
