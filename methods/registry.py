@@ -50,6 +50,14 @@ class LoopContext:
     log_images: Callable[[Tensor, str], None]  # (a batch of normalized images, artifact file): a PNG grid
     set_tags: Callable[[dict[str, str]], None]
     cache_dir: Path | None = None
+    # The same batches as `train_batches(epoch)` plus each image's training-set index (x, y, index), and
+    # `train_images(index)`: those images un-augmented and normalized (methods with per-image cached targets).
+    indexed_train_batches: Callable[[int], Iterator[tuple[Tensor, Tensor, Tensor]]] | None = None
+    train_images: Callable[[Tensor], Tensor] | None = None
+    # Per-channel mean/std of the training pixels in [0, 1]: inputs are (pixel - mean) / std. Data-free methods
+    # use them to keep synthesized images in the valid pixel range (DeepInversion clips every step).
+    data_mean: tuple[float, ...] = ()
+    data_std: tuple[float, ...] = ()
 
 
 class Distiller(nn.Module):

@@ -210,8 +210,9 @@ class DeviceData:
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def train_batches(self, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
-                      augment: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's share of one epoch: a seeded permutation, equal batch counts on every rank."""
+                      augment: bool = True, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """This rank's share of one epoch: a seeded permutation, equal batch counts on every rank.
+        `with_index` also yields each image's training-set index (x, y, index)."""
         x, y = self.tensors["train"]
         gen = torch.Generator(device=self.device).manual_seed(seed)
         order = torch.randperm(len(y), device=self.device, generator=gen)
@@ -222,7 +223,11 @@ class DeviceData:
             xb = x[idx]
             if augment:
                 xb = augment_batch(xb, pad=self.pad, flip=self.info.flip, generator=gen)
-            yield self.normalize(xb), y[idx]
+            yield (self.normalize(xb), y[idx], idx) if with_index else (self.normalize(xb), y[idx])
+
+    def train_images(self, index: Tensor) -> Tensor:
+        """Training images `index`, un-augmented and normalized."""
+        return self.normalize(self.tensors["train"][0][index])
 
     def eval_batches(self, split: str, batch_size: int = 1024) -> Iterator[tuple[Tensor, Tensor]]:
         x, y = self.tensors[split]

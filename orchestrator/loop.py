@@ -103,7 +103,7 @@ def fingerprint(cfg: ExperimentConfig, teacher_ckpt: dict[str, Any] | None) -> s
         digest.update(json.dumps({k: teacher_ckpt[k] for k in ("architecture", "args")}, sort_keys=True).encode())
         for name, tensor in sorted(teacher_ckpt["state_dict"].items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -168,7 +168,11 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         clean_batches=lambda batch_size: data.eval_batches("train", batch_size),
         accuracy=lambda net, split: accuracy(net, data, split, tc.precision),
         fingerprint=lambda: fingerprint(cfg, teacher_ckpt), log_images=log_images, set_tags=set_tags,
-        cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher is not None else None)
+        cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher is not None else None,
+        indexed_train_batches=lambda epoch: data.train_batches(
+            cfg.data.batch_size, seed=tc.seed * 100_003 + epoch, rank=rank, world=world, augment=cfg.data.augment,
+            with_index=True),
+        train_images=data.train_images, data_mean=tuple(splits.mean), data_std=tuple(splits.std))
     distiller.setup(ctx)  # before DDP wraps it: every rank runs the same seeded pre-phase, DDP syncs from rank 0
     model: nn.Module = wrap(distiller) if wrap is not None else distiller
     if tc.compile:
