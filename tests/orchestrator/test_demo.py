@@ -18,7 +18,7 @@ def test_demo_prints_the_study_table_verdict_report_and_mlflow_link(workdir: Pat
     assert result.exit_code == 0, result.output
     out = result.output
     assert "val accuracy (points) over 4 settings × 2 seeds" in out and "teacher: val" in out
-    assert "more robust than ce:" in out
+    assert "lsh more robust than kd:" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out and "#/experiments/" in out
     [report] = workdir.glob("demo-*-report.html")
     assert "<img" in report.read_text()

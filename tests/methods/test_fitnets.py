@@ -1,0 +1,146 @@
+"""FitNets (Romero et al. 2015): the regressor, the hint stage, the lam schedule, and a real `kdo run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from methods.feature_utils import resolve_stage
+from methods.fitnets import ConvReg, FitNets, FitNetsParams, hint_loss, kd_weight_at, paper_regressor
+from methods.networks import build_network
+from methods.registry import LoopContext
+from orchestrator.cli import app
+from orchestrator.config import load_config
+from orchestrator.data import DeviceData, load_splits
+from orchestrator.loop import accuracy, make_optimizer
+from tests.conftest import digits_config
+
+
+def loop_context(epochs: int = 3, cache_dir: Path | None = None, logged: list | None = None,
+                 **training: Any) -> LoopContext:
+    """A LoopContext over real digits data, wired the way `orchestrator.loop` wires it (no tracker)."""
+    cfg = load_config(digits_config(training={"epochs": epochs, "lr": 0.05, "seed": 0, **training}))
+    data = DeviceData(load_splits(cfg.data), torch.device("cpu"))
+    tc = cfg.training
+    sink = logged if logged is not None else []
+    return LoopContext(
+        device=data.device, num_classes=10, image_shape=(1, 8, 8), batch_size=64, epochs=epochs, seed=tc.seed,
+        precision="fp32", rank=0, world=1, log=lambda metrics, step: sink.append((step, dict(metrics))),
+        make_optimizer=lambda params: make_optimizer(params, tc),
+        train_batches=lambda epoch: data.train_batches(64, seed=epoch),
+        clean_batches=lambda batch_size: data.eval_batches("train", batch_size),
+        accuracy=lambda net, split: accuracy(net, data, split), fingerprint=lambda: "digits-test-teacher",
+        log_images=lambda images, name: None, set_tags=lambda tags: sink.append(("tags", dict(tags))),
+        cache_dir=cache_dir,
+        indexed_train_batches=lambda epoch: data.train_batches(64, seed=epoch, with_index=True),
+        train_images=data.train_images)
+
+
+def cnn(width: int) -> Any:
+    return build_network("cnn", num_classes=10, in_channels=1, image_size=8, width=width)
+
+
+@pytest.mark.parametrize(("guided", "hint"), [((4, 8, 8), (16, 4, 4)), ((8, 4, 4), (32, 4, 4)),
+                                              ((3, 7, 5), (6, 2, 3)), ((64,), (128,))])
+def test_paper_regressor_output_matches_hint_shape(guided: tuple, hint: tuple) -> None:
+    regressor = paper_regressor(guided, hint)
+    out = regressor(torch.randn(5, *guided))
+    assert tuple(out.shape) == (5, *hint)
+    assert (out >= 0).all(), "the regressor ends in the hint layer's ReLU"
+
+
+@pytest.mark.parametrize(("guided", "hint"), [((4, 8, 8), (16, 4, 4)), ((8, 2, 2), (32, 4, 4)),
+                                              ((8, 4, 4), (16, 4, 4))])
+def test_one_stage_convreg_output_matches_hint_shape(guided: tuple, hint: tuple) -> None:
+    assert tuple(ConvReg(guided, hint, 3)(torch.randn(3, *guided)).shape) == (3, *hint)
+
+
+def test_regressor_rejects_a_guided_map_smaller_than_the_hint() -> None:
+    with pytest.raises(ValueError, match="guided_layer"):
+        paper_regressor((8, 2, 2), (16, 4, 4))
+
+
+def test_layers_by_name_or_relative_depth() -> None:
+    wrn = build_network("wrn_16_1", num_classes=10, in_channels=1, image_size=8)
+    assert [resolve_stage(wrn, d) for d in (1 / 3, 1 / 2, 2 / 3, 1.0)] == ["stage1", "stage2", "stage2", "stage3"]
+    assert resolve_stage(cnn(4), "stage2") == "stage2"
+    with pytest.raises(ValueError, match="unknown layer"):
+        resolve_stage(cnn(4), "stage9")
+    with pytest.raises(ValueError, match="method.params.hint_layer"):
+        FitNets.check_setup(FitNetsParams(hint_layer="conv7"), student=cnn(4), teacher=cnn(8), num_workers=1)
+
+
+def test_hint_loss_is_half_squared_l2_summed_over_units_mean_over_batch() -> None:
+    a, b = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    expected = sum(0.5 * float(((a[i] - b[i]) ** 2).sum()) for i in range(4)) / 4
+    assert hint_loss(a, b).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_stage1_trains_only_lower_layers_and_regressor_and_lowers_the_hint_loss() -> None:
+    torch.manual_seed(0)
+    student, teacher = cnn(4), cnn(16)
+    distiller = FitNets(student, teacher, FitNetsParams(guided_layer="stage1", hint_layer="stage1",
+                                                        stage1_epochs=3))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    logged: list = []
+    distiller.setup(loop_context(logged=logged))
+    after = student.state_dict()
+    upper = [k for k in before if k.startswith(("stages.1.", "classifier."))]
+    lower = [k for k in before if k.startswith("stages.0.") and "num_batches" not in k]
+    assert upper and lower
+    for key in upper:  # parameters AND BatchNorm statistics above the guided layer: those layers never ran
+        assert torch.equal(before[key], after[key]), key
+    assert all(not torch.equal(before[k], after[k]) for k in lower)
+    assert distiller.regressor is None and not any("regressor" in k for k in distiller.state_dict())
+    losses = [m["stage1/hint_loss"] for step, m in logged if step != "tags" and "stage1/hint_loss" in m]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_lambda_follows_the_annealing_schedule() -> None:
+    p = FitNetsParams(kd_weight=4.0, kd_weight_final=1.0, anneal_start_epoch=5, anneal_end_fraction=0.5)
+    epochs = 40  # saturate = 20; step = 3 / 16
+    values = [kd_weight_at(e, p, epochs) for e in range(1, epochs + 1)]
+    assert values[:4] == [4.0] * 4
+    assert values[4] == pytest.approx(4.0 - 3 / 16) and values[18] == pytest.approx(4.0 - 15 * 3 / 16)
+    assert values[19:] == [1.0] * 21
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+@pytest.mark.usefixtures("ray_runtime")
+@pytest.mark.timeout(120)
+def test_kdo_run_fitnets_logs_lambda_per_epoch_and_beats_chance(workdir: Path, teacher_checkpoint: Path) -> None:
+    params = {"stages": 2, "stage1_epochs": 1, "anneal_start_epoch": 2, "anneal_end_fraction": 1.0}
+    cfg = workdir / "fitnets.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(method={"name": "fitnets", "params": params},
+                                                teacher={"checkpoint": str(teacher_checkpoint)})))
+    result = CliRunner().invoke(app, ["run", str(cfg), "--set", "training.epochs=4"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("kdo").experiment_id])
+    lam = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "fitnets/kd_weight")}
+    expected = {e: kd_weight_at(e, FitNetsParams(**params), 4) for e in range(1, 5)}
+    assert lam == pytest.approx(expected) and lam[1] > lam[3]
+    assert len(client.get_metric_history(run.info.run_id, "stage1/hint_loss")) == 1
+    assert run.data.metrics["stage1/epochs"] == 1 and run.data.tags["kdo.fitnets.stages"] == "2"
+    assert run.data.metrics["test_acc"] > 0.3  # chance is 0.1
+
+
+def test_one_stage_variant_trains_regressor_with_student() -> None:
+    torch.manual_seed(0)
+    distiller = FitNets(cnn(4), cnn(16), FitNetsParams(stages=1, guided_layer="stage2", hint_layer="stage1"))
+    ctx = loop_context()
+    distiller.setup(ctx)
+    assert distiller.regressor is not None
+    x, y = next(iter(ctx.train_batches(1)))
+    loss, parts = distiller(x, y)
+    assert set(parts) == {"ce", "hint"}
+    assert loss.item() == pytest.approx(parts["ce"].item() + 100 * parts["hint"].item(), rel=1e-5)
+    loss.backward()
+    trained = distiller.optimized_parameters()
+    assert all(p.grad is not None for p in trained), "no trainable parameter is left out of the forward (DDP)"
