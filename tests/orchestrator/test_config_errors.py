@@ -50,7 +50,7 @@ def _assert_refused(workdir: Path, args: list[str], *needles: str) -> None:
     [
         ({"trainingg": {"epochs": 1}}, [], ["trainingg: unknown field", "allowed: name, data, student"]),
         ({}, ["training.lrr=0.1"], ["training.lrr: unknown field", "lr, momentum"]),
-        ({}, ["method.name=kdd"], ["method.name", "unknown method 'kdd'", "allowed: ce, kd"]),
+        ({}, ["method.name=kdd"], ["method.name", "unknown method 'kdd'", "allowed: ce, dafl, ", ", kd, lsh, "]),
         ({}, ["data.name=imagenet9"], ["data.name", "unknown dataset", "cifar10", "digits"]),
         ({}, ["student.architecture=resnet9000"], ["student.architecture", "unknown architecture", "resnet20"]),
         ({}, ["training.lr=-1"], ["training.lr", "greater than 0", "-1"]),

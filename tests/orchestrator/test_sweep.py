@@ -49,7 +49,7 @@ def test_bad_space_is_one_line_exit_2_nothing_started(workdir: Path, space: dict
     (["--sampler", "bayes"], "--sampler: unknown sampler 'bayes'; allowed: tpe, random, sobol, grid"),
     (["--sampler", "sobol", "--trials", "5"], "power of two (got 5; try 4 or 8)"),
     (["--sampler", "grid", "--scheduler", "asha"], "a fixed grid design runs every point in full"),
-    (["--space", "nope"], "--space: 'nope' is neither a file nor a shipped space; shipped: ce, kd"),
+    (["--space", "nope"], "--space: 'nope' is neither a file nor a shipped space; shipped: ce, dafl, "),
     (["--seeds", "0,0"], "--seeds: distinct non-negative integers"),
 ])
 def test_bad_sweep_options(workdir: Path, args: list[str], needle: str) -> None:
