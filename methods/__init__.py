@@ -1,5 +1,6 @@
 """The science of kd-orchestrator: networks, losses and one distiller per method (no Ray, no MLflow)."""
 
+import methods.ddnn  # noqa: F401  (registers the ddnn_* networks, so their checkpoints load in any process)
 from methods.registry import Distiller, MethodParams, get_method, list_methods, register
 
 __all__ = ["Distiller", "MethodParams", "get_method", "list_methods", "register"]
