@@ -189,7 +189,8 @@ def _summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     def pm(mean: str, std: str) -> pd.Series:
         if mean not in summary:
             return pd.Series("", index=summary.index)
-        return summary[mean].map(_fmt) + " ± " + summary[std].map(_fmt)
+        text = summary[mean].map(_fmt) + " ± " + summary[std].map(_fmt)
+        return text.where(summary[mean].notna(), "")
 
     out = pd.DataFrame(index=summary.index)
     out["default val"] = pm("default_val", "default_val_std")
@@ -238,7 +239,7 @@ def _blocks(study: RobustnessStudy, plots: list[Path]) -> list[tuple[str, Any]]:
     blocks.append(("h2", "Sensitivity (importance per parameter; tunability in points)"))
     sens = study.sensitivity()
     if not sens.empty:
-        sens = sens.rename(index=_short, level=1).map(_fmt)
+        sens = sens.rename(index=_short, level=1).map(_fmt).reset_index().set_index("method")
         blocks.append(("table", sens))
     curve = study.expected_best()
     if not curve.empty:
