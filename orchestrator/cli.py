@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -122,17 +121,13 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
 
 
 def _is_study(name: str, tracking_uri: str | None, experiment: str) -> bool:
-    from mlflow.tracking import MlflowClient
+    from orchestrator.sweep import find_parent
 
-    from orchestrator.config import absolute_uri, default_tracking_uri
-
-    uri = absolute_uri(tracking_uri or default_tracking_uri())
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return False
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return exp is not None and bool(client.search_runs(
-        [exp.experiment_id], f"tags.`kdo.study` = '{name}' and tags.`kdo.kind` = 'study'", max_results=1))
+    try:
+        find_parent("study", name, tracking_uri, experiment)
+    except ConfigError:
+        return False  # a sweep, or nothing: `load_sweep` says which
+    return True
 
 
 @app.command("report")

@@ -25,8 +25,6 @@ from methods import get_method, list_methods
 from orchestrator import analysis
 from orchestrator.config import (
     ExperimentConfig,
-    absolute_uri,
-    default_tracking_uri,
     format_validation_error,
     load_config,
 )
@@ -35,7 +33,15 @@ from orchestrator.design import build_design
 from orchestrator.errors import ConfigError
 from orchestrator.runner import prepare
 from orchestrator.spaces import SearchSpace, load_space
-from orchestrator.sweep import SweepPlan, children_frame, close_orphans, run_tune, setting_id, settle_child
+from orchestrator.sweep import (
+    SweepPlan,
+    children_frame,
+    close_orphans,
+    find_parent,
+    run_tune,
+    setting_id,
+    settle_child,
+)
 from orchestrator.tracking import Tracker, flatten, start_run, ui_hint
 
 ROLES = ("design", "defaults", "reference")
@@ -268,24 +274,13 @@ class RobustnessStudy:
 
     @classmethod
     def _from_mlflow(cls, name: str, tracking_uri: str | None, experiment: str) -> tuple[RobustnessStudy, Any]:
-        uri = absolute_uri(tracking_uri or default_tracking_uri())
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise ConfigError(f"--experiment: no experiment '{experiment}' in {uri}")
-        parents = client.search_runs([exp.experiment_id], f"tags.`kdo.study` = '{name}' and tags.`kdo.kind` = 'study'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-        if not parents:
-            raise ConfigError(f"NAME: no study named '{name}' in {uri} (experiment '{experiment}')")
-        parent = parents[0]
+        uri, client, parent = find_parent("study", name, tracking_uri, experiment)
         folder = tempfile.mkdtemp(prefix="kdo-study-")
         raw = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", folder)).read_text())
         raw.pop("tracking", None)
         raw["config"]["tracking"]["uri"] = uri
         study = cls._from_spec(StudySpec.model_validate(raw))
-        study.parent_run_id, study.experiment_id, study._uri = parent.info.run_id, exp.experiment_id, uri
+        study.parent_run_id, study.experiment_id, study._uri = parent.info.run_id, parent.info.experiment_id, uri
         return study, parent
 
     # ----------------------------------------------------------------------------------- analysis

@@ -294,8 +294,8 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return frame.sort_values(["setting_id", "seed"]).reset_index(drop=True)
 
 
-def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kdo") -> SweepResult:
-    """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`."""
+def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str) -> tuple[str, MlflowClient, Any]:
+    """The newest parent run of the sweep or study (`kind`) named `name`: its store URI, a client and the run."""
     from orchestrator.config import absolute_uri, default_tracking_uri
 
     uri = absolute_uri(tracking_uri or default_tracking_uri())
@@ -305,14 +305,19 @@ def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kd
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no experiment '{experiment}' in {uri}")
-    parents = client.search_runs([exp.experiment_id], f"tags.`kdo.sweep` = '{name}' and tags.`kdo.kind` = 'sweep'",
+    parents = client.search_runs([exp.experiment_id], f"tags.`kdo.{kind}` = '{name}' and tags.`kdo.kind` = '{kind}'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
-        raise ConfigError(f"NAME: no sweep named '{name}' in {uri} (experiment '{experiment}')")
-    parent = parents[0]
+        raise ConfigError(f"NAME: no {kind} named '{name}' in {uri} (experiment '{experiment}')")
+    return uri, client, parents[0]
+
+
+def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kdo") -> SweepResult:
+    """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`."""
+    uri, client, parent = find_parent("sweep", name, tracking_uri, experiment)
     parameters = json.loads(parent.data.tags.get("kdo.parameters", "[]"))
-    frame = children_frame(client, exp.experiment_id, parent.info.run_id, parameters)
-    return SweepResult(name, parent.info.run_id, exp.experiment_id, uri, parameters, frame)
+    frame = children_frame(client, parent.info.experiment_id, parent.info.run_id, parameters)
+    return SweepResult(name, parent.info.run_id, parent.info.experiment_id, uri, parameters, frame)
 
 
 # ------------------------------------------------------------------------------------------- sweep

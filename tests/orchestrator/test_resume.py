@@ -59,21 +59,12 @@ def _finished_trials(db: Path) -> int:
         return 0
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-@pytest.mark.usefixtures("ray_runtime")
-@pytest.mark.parametrize(("sampler", "seeds"), [("sobol", ["0"]), ("tpe", ["0", "1"])])
-def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: str, seeds: list[str]) -> None:
-    before = _ray_pids()
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "sweep", "digits_kd", "--sampler", sampler, "--trials", "4",
-         "--seeds", ",".join(seeds), "--scheduler", "none", "--concurrency", "1", "--set", "training.epochs=3",
-         "--name", "killed"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def kill_when_finished(driver: subprocess.Popen, db: Path, count: int, before: set[int]) -> None:
+    """SIGKILL the driver's process group once `count` trials have finished, then the Ray processes it left."""
     try:
         deadline = time.monotonic() + 300
-        while _finished_trials(workdir / "mlflow.db") < 1:
-            assert driver.poll() is None, "the sweep ended before it could be killed"
+        while _finished_trials(db) < count:
+            assert driver.poll() is None, "the driver ended before it could be killed"
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(1)
         os.killpg(driver.pid, signal.SIGKILL)
@@ -87,6 +78,20 @@ def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: 
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.usefixtures("ray_runtime")
+@pytest.mark.parametrize(("sampler", "seeds"), [("sobol", ["0"]), ("tpe", ["0", "1"])])
+def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: str, seeds: list[str]) -> None:
+    before = _ray_pids()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", "digits_kd", "--sampler", sampler, "--trials", "4",
+         "--seeds", ",".join(seeds), "--scheduler", "none", "--concurrency", "1", "--set", "training.epochs=3",
+         "--name", "killed"],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    kill_when_finished(driver, workdir / "mlflow.db", 1, before)
     done_before = _finished_trials(workdir / "mlflow.db")
     assert 1 <= done_before < 4 * len(seeds)
 

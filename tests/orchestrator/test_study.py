@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.study import RobustnessStudy, shipped_studies
 from tests.conftest import digits_config
-from tests.orchestrator.test_resume import _descendants, _finished_trials, _ray_pids
+from tests.orchestrator.test_resume import _finished_trials, _ray_pids, kill_when_finished
 
 TEACHER = {"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 3, "lr": 0.05}}
 # lr 10 with momentum 0.99 diverges, which the study must count as failures, not drop.
@@ -120,22 +117,7 @@ def test_sigkilled_study_resumes_without_loss_or_repeat(workdir: Path) -> None:
     before = _ray_pids()
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "study", spec], cwd=workdir,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while _finished_trials(workdir / "mlflow.db") < 2:
-            assert driver.poll() is None, "the study ended before it could be killed"
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(1)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        time.sleep(1)
-        ours = _descendants(os.getpid())
-        for pid in _ray_pids() - before - ours:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    kill_when_finished(driver, workdir / "mlflow.db", 2, before)
     total = 2 * 5 * 2
     assert 2 <= _finished_trials(workdir / "mlflow.db") < total
 
