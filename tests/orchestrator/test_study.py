@@ -31,7 +31,7 @@ def _study_file(workdir: Path, **changes: object) -> str:
     spec = {"name": "s", "config": _config(), "methods": {"kd": None}, "n_settings": 4, "seeds": [0, 1]}
     spec.update(changes)
     path = workdir / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the order of `methods` is the order of the table
     return str(path)
 
 
