@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.networks import FeatureNet, _BasicBlock, _conv3x3, _init_weights, register_network
+from methods.networks import FeatureNet, _BasicBlock, _conv3x3, _init_weights, register_network, shortcut
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("cifar", "imagenet")
@@ -43,12 +43,7 @@ class _Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_planes),
-            )
+        self.shortcut = shortcut(in_planes, out_planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -78,6 +78,15 @@ def _conv3x3(in_planes: int, planes: int, stride: int = 1, bias: bool = False) -
     return nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=bias)
 
 
+def shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+    """A residual block's shortcut: identity, or when the shape changes the option-B projection (1x1 conv + BN)
+    of the CRD/RepDistiller CIFAR ResNets."""
+    if stride == 1 and in_planes == planes:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False),
+                         nn.BatchNorm2d(planes))
+
+
 def _conv_bn_relu(in_planes: int, planes: int, batchnorm: bool = True) -> list[nn.Module]:
     # A conv bias is redundant when BatchNorm follows (BN's shift absorbs it).
     layers: list[nn.Module] = [_conv3x3(in_planes, planes, bias=not batchnorm)]
@@ -144,13 +153,7 @@ class _BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            # Option B (projection) shortcut, as in the CRD/RepDistiller CIFAR ResNets.
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
+        self.shortcut = shortcut(in_planes, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

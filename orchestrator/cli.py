@@ -114,7 +114,7 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
 
     spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
     if name:
-        spec = RobustnessStudy._from_spec(spec.spec.model_copy(update={"name": name}))
+        spec = spec.replace(name=name)
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
     done = spec.run(address=address)
     print_study(done, done.report(report or f"{done.name}-report"))

@@ -19,10 +19,9 @@ def run_demo(seeds: list[int] | None = None, settings: int | None = None, addres
              console: Console | None = None) -> RobustnessStudy:
     console = console or wide_console()
     started = time.perf_counter()
-    spec = RobustnessStudy.from_yaml("demo").spec
-    update = {"name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
-              **({"seeds": seeds} if seeds else {}), **({"n_settings": settings} if settings else {})}
-    study = RobustnessStudy._from_spec(spec.model_copy(update=update))
+    study = RobustnessStudy.from_yaml("demo").replace(
+        name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", **({"seeds": seeds} if seeds else {}),
+        **({"n_settings": settings} if settings else {}))
     console.rule(f"robustness study {study.name}: {', '.join(study.methods)} on digits, {len(study.points)} runs")
     study.run(address=address)
     report = study.report(f"{study.name}-report")

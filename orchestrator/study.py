@@ -147,6 +147,10 @@ class RobustnessStudy:
                    references=spec.references, delta=spec.delta, compare=[tuple(p) for p in spec.compare],
                    concurrency=spec.concurrency, design_seed=spec.design_seed, overrides=spec.set)
 
+    def replace(self, **changes: Any) -> RobustnessStudy:
+        """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew."""
+        return type(self)._from_spec(self.spec.model_copy(update=changes))
+
     @property
     def name(self) -> str:
         return self.spec.name
