@@ -16,9 +16,9 @@ from typing import Any
 
 from methods.ddnn import DDNNResNet
 from methods.networks import build_network
-from orchestrator.config import ExperimentConfig, load_config
-from orchestrator.data import dataset_info
-from orchestrator.runner import RunResult, run
+from orchestrator.experiment.config import ExperimentConfig, load_config
+from orchestrator.experiment.data import dataset_info
+from orchestrator.experiment.runner import RunResult, run
 
 
 def alone_config(cfg: ExperimentConfig, net: DDNNResNet, subnet: int) -> ExperimentConfig:

@@ -13,11 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from orchestrator.config import load_config
-from orchestrator.data import load_splits
-from orchestrator.loop import train_loop
-from orchestrator.runner import init_ray, prepare, run
-from orchestrator.sweep import sweep
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.launch import init_ray
+from orchestrator.experiment.loop import train_loop
+from orchestrator.experiment.runner import check, provision, run
+from orchestrator.search.sweep import sweep
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -45,7 +46,7 @@ def main() -> None:
     start = time.perf_counter()
     init_ray()
     ray_init = time.perf_counter() - start
-    prepared = prepare("digits_kd", overrides)  # trains and caches the teacher: not timed
+    prepared = provision(check("digits_kd", overrides))  # trains and caches the teacher: not timed
     cfg = prepared.config
     via_ray_train = load_config(cfg, ["scaling.trainer=ray_train"])
     one_point = {"parameters": {"temperature": {"type": "choice", "values": [cfg.method.params["temperature"]]}}}

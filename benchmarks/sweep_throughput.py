@@ -12,9 +12,10 @@ from typing import Any
 
 import ray
 
-from orchestrator.config import ExperimentConfig
-from orchestrator.runner import init_ray, prepare
-from orchestrator.sweep import SweepResult, sweep
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.launch import init_ray
+from orchestrator.experiment.runner import check, provision
+from orchestrator.search.sweep import SweepResult, sweep
 
 
 def grid_space(trials: int) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def main() -> None:
     init_ray()
     cpus = ray.cluster_resources().get("CPU", 1.0)
     base = [f"training.epochs={args.epochs}", f"scaling.use_gpu={cuda}", f"tracking.uri=sqlite:///{workdir}/mlflow.db"]
-    cfg = prepare("digits_kd", base).config  # trains and caches the teacher: not timed
+    cfg = provision(check("digits_kd", base)).config  # trains and caches the teacher: not timed
     space = grid_space(args.trials)
 
     serial = [f"scaling.cpus_per_worker={cpus}", "scaling.gpus_per_worker=1"]

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from methods.networks import build_network
-from orchestrator.checkpoints import load_checkpoint, save_network
-from orchestrator.config import load_config
-from orchestrator.data import load_splits
-from orchestrator.loop import iterate_epochs
+from orchestrator.experiment.checkpoints import load_checkpoint, save_network
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.loop import iterate_epochs
 
 
 def _rss_kib(field: str) -> int:

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from methods.networks import build_network
-from orchestrator.checkpoints import build_from_checkpoint, load_checkpoint, save_network
-from orchestrator.config import ExperimentConfig, load_config
-from orchestrator.data import Splits, load_splits
-from orchestrator.loop import train_loop
+from orchestrator.experiment.checkpoints import build_from_checkpoint, load_checkpoint, save_network
+from orchestrator.experiment.config import ExperimentConfig, load_config
+from orchestrator.experiment.data import Splits, load_splits
+from orchestrator.experiment.loop import train_loop
 
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"
 

@@ -17,23 +17,23 @@ from torch import Tensor
 
 from methods.datafree import (
     DataFreeDistiller,
+    DataFreeParams,
     GeneratorSynthesizer,
     activation_loss,
     mean_entropy_loss,
     onehot_loss,
 )
 from methods.generators import DAFLGenerator
-from methods.registry import LoopContext, MethodParams, register
+from methods.registry import LoopContext, register
 
 
-class DAFLParams(MethodParams):
+class DAFLParams(DataFreeParams):
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="student KD temperature T (code: 1)")
     onehot_weight: float = Field(1.0, ge=0.0, le=100.0, description="l_oh on the one-hot loss (MNIST 1)")
     activation_weight: float = Field(0.1, ge=0.0, le=100.0, description="alpha on the activation loss (MNIST 0.1)")
     entropy_weight: float = Field(5.0, ge=0.0, le=1000.0,
                                   description="beta on the information-entropy loss (MNIST 5)")
     generator_lr: float = Field(0.2, gt=0.0, le=10.0, description="lr_G of the generator's Adam (MNIST 0.2)")
-    iterations_per_epoch: int = Field(120, ge=1, le=1_000_000, description="joint G/S iterations per epoch (120)")
     latent_dim: int = Field(100, ge=1, le=100_000, description="dimension of z (MNIST 100, CIFAR 1000)")
     base_channels: int = Field(128, ge=2, le=4096, description="generator width C0 (code 128)")
 

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from methods.generators import DAFLGenerator
@@ -112,6 +113,14 @@ class GeneratorSynthesizer:
 
 
 # ---------------------------------------------------------------------------------------- distiller
+class DataFreeParams(MethodParams):
+    """The knobs every data-free method has: the student's KD temperature (each method restates its paper's
+    default) and the student steps per epoch on synthesized batches."""
+
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="student KD temperature T")
+    iterations_per_epoch: int = Field(120, ge=1, le=1_000_000, description="student steps per epoch (code: 120)")
+
+
 class DataFreeDistiller(Distiller):
     """A distiller whose batches come from `self.synthesizer` (built in `setup`), never from real data.
 
@@ -124,7 +133,9 @@ class DataFreeDistiller(Distiller):
     data_free = True
     synthesis_modules: tuple[str, ...] = ("generator",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, params: MethodParams) -> None:
+    params: DataFreeParams
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, params: DataFreeParams) -> None:
         super().__init__(student, teacher, params)
         self.synthesizer: Synthesizer | None = None
         self._sums: dict[str, Tensor] = {}
@@ -159,7 +170,7 @@ class DataFreeDistiller(Distiller):
     def batches(self, epoch: int, ctx: LoopContext) -> Iterator[tuple[Tensor, None]]:
         assert self.synthesizer is not None, "setup() builds the synthesizer"
         log_epochs = {1, (ctx.epochs + 1) // 2, ctx.epochs}
-        for iteration in range(self.params.iterations_per_epoch):  # type: ignore[attr-defined]
+        for iteration in range(self.params.iterations_per_epoch):
             if self.synthesis_due(epoch, iteration):
                 self.record(self.synthesizer.synthesize())
             x = self.synthesizer.sample(ctx.batch_size)
@@ -173,5 +184,5 @@ class DataFreeDistiller(Distiller):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in excluded]
 
     def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-        kd = kd_kl_loss(self.student(x), self.teacher_logits(x), self.params.temperature)  # type: ignore[attr-defined]
+        kd = kd_kl_loss(self.student(x), self.teacher_logits(x), self.params.temperature)
         return kd, {"kd": kd.detach()}

@@ -26,12 +26,12 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from methods.datafree import DataFreeDistiller
+from methods.datafree import DataFreeDistiller, DataFreeParams
 from methods.networks import has_batchnorm
 from methods.registry import LoopContext, MethodParams, register
 
 
-class DeepInversionParams(MethodParams):
+class DeepInversionParams(DataFreeParams):
     temperature: float = Field(4.0, gt=0.0, le=100.0, description="student KD temperature T (compact loop: 4)")
     bn_weight: float = Field(10.0, ge=0.0, le=1e4, description="a_f on the BN-statistics loss (CIFAR-10: 10)")
     first_bn_multiplier: float = Field(1.0, ge=0.0, le=1e3,
@@ -48,7 +48,6 @@ class DeepInversionParams(MethodParams):
     flip: bool = Field(False, description="random horizontal flip of x~ (ImageNet code only)")
     synthesis_batches: int = Field(1, ge=1, le=10_000, description="batches added to the pool per student epoch")
     pool_size: int = Field(100_000, ge=1, le=100_000_000, description="newest pool images kept (ours)")
-    iterations_per_epoch: int = Field(120, ge=1, le=1_000_000, description="student steps per epoch on the pool")
 
 
 def bn_statistics_loss(module: _BatchNorm, inputs: Tensor) -> Tensor:

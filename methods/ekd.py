@@ -164,7 +164,7 @@ class EmbeddedKD(Distiller):
 
     def _recalibration_batches(self, ctx: LoopContext) -> Iterator[tuple[Tensor, Tensor]]:
         if self.params.recalibration_data == "augmented":
-            return iter(ctx.train_batches(0))  # epoch 0: a fixed augmented draw, never a training epoch's
+            return iter(ctx.train_batches(0))  # epoch 0: the draw before the first student epoch (`batch_order_seed`)
         return iter(ctx.clean_batches(ctx.batch_size))
 
     def _calibrate(self, subnet: int, ctx: LoopContext) -> None:

@@ -35,7 +35,6 @@ from methods.networks import FeatureNet
 from methods.registry import Distiller, LoopContext, MethodParams, register
 
 # Stage 1 draws its epochs' batch orders from seeds apart from stage 2's.
-_STAGE1_EPOCH_OFFSET = 10_000
 
 
 class FitNetsParams(MethodParams):
@@ -189,7 +188,7 @@ class FitNets(Distiller):
         self.student.train()
         for epoch in range(1, epochs + 1):
             total, batches = 0.0, 0
-            for x, _ in ctx.train_batches(_STAGE1_EPOCH_OFFSET + epoch):
+            for x, _ in ctx.train_batches(epoch, "hint"):
                 with torch.no_grad():
                     hint = forward_to(self.teacher, self.hint, x)
                 loss = hint_loss(regressor(forward_to(self.student, self.guided, x)), hint)

@@ -25,22 +25,21 @@ from torch import Tensor, nn
 
 from methods.datafree import (
     DataFreeDistiller,
+    DataFreeParams,
     GeneratorSynthesizer,
     diversity_loss,
     mean_entropy_loss,
     onehot_loss,
 )
 from methods.generators import DAFLGenerator
-from methods.registry import LoopContext, MethodParams, register
+from methods.registry import LoopContext, register
 
 
-class RDSKDParams(MethodParams):
+class RDSKDParams(DataFreeParams):
     temperature: float = Field(10.0, gt=0.0, le=100.0, description="student KD temperature T (code: 10)")
     generator_lr: float = Field(1e-3, gt=0.0, le=10.0,
                                 description="lr_G of the generator's Adam (code 1e-3; sweep [1e-4, 1e-1])")
     generator_epochs: int = Field(20, ge=1, le=100_000, description="generator-phase epochs (code 20)")
-    iterations_per_epoch: int = Field(120, ge=1, le=1_000_000,
-                                      description="iterations per generator and per student epoch (code 120)")
     snapshot_interval: int = Field(120, ge=1, le=1_000_000,
                                    description="refresh period of the detached snapshots L~_oh, L~_ie (code 120)")
     latent_dim: int = Field(100, ge=1, le=100_000, description="dimension of z (code 100)")

@@ -14,6 +14,20 @@ from torch import Tensor, nn
 Batches = Iterable[tuple[Tensor, Tensor | None]]
 
 
+def batch_order_seed(seed: int, epoch: int, phase: str = "student") -> int:
+    """The one rule of batch orders: the seed of the permutation (and augmentation) of one epoch's batches.
+
+    Runs with the same `training.seed` see the same batches in the same order in each (phase, epoch), so
+    results repeat and runs of one seed can share teacher passes. Student epochs are 1..E; epoch 0 is a draw
+    before the first student epoch (EKD's BN recalibration); a pre-phase has its own range, so its batches
+    never repeat a student epoch's (FitNets' hint stage, `phase="hint"`).
+    """
+    return seed * 100_003 + _PHASE_START[phase] + epoch
+
+
+_PHASE_START = {"student": 0, "hint": 10_000}
+
+
 class MethodParams(BaseModel):
     """Base of every method's hyperparameter schema: typed, bounded, documented, no unknown keys."""
 
@@ -24,7 +38,8 @@ class MethodParams(BaseModel):
 class LoopContext:
     """What the training loop lends a method's hooks; plain callables, so `methods/` needs no Ray or MLflow.
 
-    `train_batches(epoch)`: this rank's augmented share of one epoch of real training data.
+    `train_batches(epoch, phase="student")`: this rank's augmented share of one epoch of real training data,
+    ordered by `batch_order_seed(seed, epoch, phase)`.
     `clean_batches(batch_size)`: every training image once, un-augmented, in a fixed order (teacher passes).
     `log(metrics, step)`, `log_images(x, file)`, `set_tags(tags)`: write to the run's tracker only, never to
     Ray Tune, so pre-phases do not count as Tune iterations. `make_optimizer(params)`: the configured
@@ -37,11 +52,8 @@ class LoopContext:
     image_shape: tuple[int, int, int]  # channels, height, width
     batch_size: int
     epochs: int
-    seed: int
     precision: str
-    rank: int
-    world: int
-    train_batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]]
+    train_batches: Callable[..., Iterator[tuple[Tensor, Tensor]]]
     clean_batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]]
     log: Callable[[dict[str, float], int], None]
     make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]

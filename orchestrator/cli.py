@@ -36,7 +36,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def run_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped config name")],
             set_: Overrides = None, address: Address = None) -> None:
     """Run one distillation experiment and log it to MLflow."""
-    from orchestrator.runner import run
+    from orchestrator.experiment.runner import run
 
     result = run(config, set_ or [], address=address)
     typer.echo(f"{result.name}: status={result.status} val_acc={result.val_acc:.4f} "
@@ -52,9 +52,10 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
                   set_: Overrides = None, address: Address = None,
                   force: Annotated[bool, typer.Option(help="retrain even if cached")] = False) -> None:
     """Train the teacher a config describes, cache it and log it to MLflow (artifact `teacher`)."""
-    from orchestrator.config import load_config, resolve_paths
-    from orchestrator.data import load_splits
-    from orchestrator.runner import ensure_teacher, init_ray
+    from orchestrator.experiment.config import load_config, resolve_paths
+    from orchestrator.experiment.data import load_splits
+    from orchestrator.experiment.launch import init_ray
+    from orchestrator.experiment.teachers import ensure_teacher
 
     cfg = resolve_paths(load_config(config, set_ or []))
     if cfg.teacher is None or cfg.teacher.architecture is None:
@@ -92,12 +93,12 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
               max_failures: Annotated[int, typer.Option(help="retries of a trial that raised")] = 0,
               set_: Overrides = None, address: Address = None) -> None:
     """Search a method's hyperparameters with Ray Tune + Optuna; every run an MLflow child of the sweep."""
-    from orchestrator.sweep import sweep
+    from orchestrator.search.sweep import sweep
 
     result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
                    concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
                    max_failures=max_failures, overrides=set_ or [])
-    from orchestrator.display import print_sweep
+    from orchestrator.study.display import print_sweep
 
     print_sweep(result)
 
@@ -109,19 +110,19 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
               name: Annotated[str | None, typer.Option(help="study name (default: the file's)")] = None,
               report: Annotated[str | None, typer.Option(help="report path (default ./<name>-report)")] = None) -> None:
     """A robustness study: each method's space covered evenly × seeds, analysed, plotted and reported."""
-    from orchestrator.display import print_study
-    from orchestrator.study import RobustnessStudy
+    from orchestrator.study.display import print_study
+    from orchestrator.study.robustness import RobustnessStudy
 
     spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
     if name:
         spec = spec.replace(name=name)
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
     done = spec.run(address=address)
-    print_study(done, done.report(report or f"{done.name}-report"))
+    print_study(done.outcome(), done.report(report or f"{done.name}-report"))
 
 
 def _is_study(name: str, tracking_uri: str | None, experiment: str) -> bool:
-    from orchestrator.sweep import find_parent
+    from orchestrator.search.ledger import find_parent
 
     try:
         find_parent("study", name, tracking_uri, experiment)
@@ -138,13 +139,13 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                report: Annotated[str | None, typer.Option(help="study report path (default ./<name>-report)")] = None,
                ) -> None:
     """Rebuild a sweep's results table, or a study's analysis and report, from MLflow alone."""
-    from orchestrator.display import print_study, print_sweep
-    from orchestrator.study import RobustnessStudy
-    from orchestrator.sweep import load_sweep
+    from orchestrator.search.sweep import load_sweep
+    from orchestrator.study.display import print_study, print_sweep
+    from orchestrator.study.robustness import RobustnessStudy
 
     if _is_study(name, tracking_uri, experiment):
         study = RobustnessStudy.load(name, tracking_uri=tracking_uri, experiment=experiment)
-        print_study(study, study.report(report or f"{name}-report"))
+        print_study(study.outcome(), study.report(report or f"{name}-report"))
     else:
         print_sweep(load_sweep(name, tracking_uri, experiment))
 
@@ -156,13 +157,13 @@ def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
                address: Address = None) -> None:
     """Finish a sweep or study whose driver died: skip what is done, close and redo what was running."""
-    from orchestrator.display import print_study, print_sweep
-    from orchestrator.study import RobustnessStudy
-    from orchestrator.sweep import resume
+    from orchestrator.search.sweep import resume
+    from orchestrator.study.display import print_study, print_sweep
+    from orchestrator.study.robustness import RobustnessStudy
 
     if _is_study(name, tracking_uri, experiment):
         study = RobustnessStudy.resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment)
-        print_study(study, study.report(f"{name}-report"))
+        print_study(study.outcome(), study.report(f"{name}-report"))
     else:
         print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment))
 
@@ -177,7 +178,7 @@ def _seed_list(seeds: str) -> list[int]:
 @app.command("configs")
 def configs_cmd() -> None:
     """List the example configs shipped with the package (run them by name)."""
-    from orchestrator.config import shipped_configs
+    from orchestrator.experiment.config import shipped_configs
 
     for name in shipped_configs():
         typer.echo(name)

@@ -11,8 +11,8 @@ import time
 
 from rich.console import Console
 
-from orchestrator.display import print_study, wide_console
-from orchestrator.study import RobustnessStudy
+from orchestrator.study.display import print_study, wide_console
+from orchestrator.study.robustness import RobustnessStudy
 
 
 def run_demo(seeds: list[int] | None = None, settings: int | None = None, address: str | None = None,
@@ -25,6 +25,6 @@ def run_demo(seeds: list[int] | None = None, settings: int | None = None, addres
     console.rule(f"robustness study {study.name}: {', '.join(study.methods)} on digits, {len(study.points)} runs")
     study.run(address=address)
     report = study.report(f"{study.name}-report")
-    print_study(study, report, console=console)
+    print_study(study.outcome(), report, console=console)
     console.print(f"job time (without install): {time.perf_counter() - started:.1f} s")
     return study

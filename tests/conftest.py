@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.data import load_splits
-from orchestrator.loop import train_loop
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.loop import train_loop
 
 TEACHER_NET = {"architecture": "cnn", "args": {"width": 16}}
 

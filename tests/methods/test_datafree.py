@@ -20,12 +20,12 @@ from methods.deepinversion import bn_hooks, bn_statistics_loss
 from methods.generators import DAFLGenerator
 from methods.networks import build_network
 from methods.rdskd import RDSKDGeneratorLoss, RDSKDParams
-from orchestrator.checkpoints import load_checkpoint
 from orchestrator.cli import app
-from orchestrator.config import load_config, read_yaml
-from orchestrator.data import DeviceData, load_splits
 from orchestrator.errors import ConfigError
-from orchestrator.loop import train_loop
+from orchestrator.experiment.checkpoints import load_checkpoint
+from orchestrator.experiment.config import load_config, read_yaml
+from orchestrator.experiment.data import DeviceData, load_splits
+from orchestrator.experiment.loop import train_loop
 
 DIGITS32 = {"name": "digits", "val_fraction": 0.2, "batch_size": 64, "image_size": 32}
 

@@ -15,8 +15,8 @@ from methods.ddnn import DDNNResNet
 from methods.ekd import EKDParams, EmbeddedKD, attention_map, recalibrate_bn
 from methods.networks import build_network
 from orchestrator.cli import app
-from orchestrator.config import load_config
 from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import load_config
 
 DIGITS = {"num_classes": 10, "in_channels": 1, "image_size": 8}
 

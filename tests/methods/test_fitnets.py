@@ -14,31 +14,31 @@ from typer.testing import CliRunner
 from methods.feature_utils import resolve_stage
 from methods.fitnets import ConvReg, FitNets, FitNetsParams, hint_loss, kd_weight_at, paper_regressor
 from methods.networks import build_network
-from methods.registry import LoopContext
+from methods.registry import LoopContext, batch_order_seed
 from orchestrator.cli import app
-from orchestrator.config import load_config
-from orchestrator.data import DeviceData, load_splits
-from orchestrator.loop import accuracy, make_optimizer
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.data import DeviceData, load_splits
+from orchestrator.experiment.loop import accuracy, make_optimizer
 from tests.conftest import digits_config
 
 
 def loop_context(epochs: int = 3, cache_dir: Path | None = None, logged: list | None = None,
                  **training: Any) -> LoopContext:
-    """A LoopContext over real digits data, wired the way `orchestrator.loop` wires it (no tracker)."""
+    """A LoopContext over real digits data, wired the way `orchestrator.experiment.loop` wires it (no tracker)."""
     cfg = load_config(digits_config(training={"epochs": epochs, "lr": 0.05, "seed": 0, **training}))
     data = DeviceData(load_splits(cfg.data), torch.device("cpu"))
     tc = cfg.training
     sink = logged if logged is not None else []
     return LoopContext(
-        device=data.device, num_classes=10, image_shape=(1, 8, 8), batch_size=64, epochs=epochs, seed=tc.seed,
-        precision="fp32", rank=0, world=1, log=lambda metrics, step: sink.append((step, dict(metrics))),
+        device=data.device, num_classes=10, image_shape=(1, 8, 8), batch_size=64, epochs=epochs,
+        precision="fp32", log=lambda metrics, step: sink.append((step, dict(metrics))),
         make_optimizer=lambda params: make_optimizer(params, tc),
-        train_batches=lambda epoch: data.train_batches(64, seed=epoch),
+        train_batches=lambda epoch, phase="student": data.train_batches(64, seed=batch_order_seed(0, epoch, phase)),
         clean_batches=lambda batch_size: data.eval_batches("train", batch_size),
         accuracy=lambda net, split: accuracy(net, data, split), fingerprint=lambda: "digits-test-teacher",
         log_images=lambda images, name: None, set_tags=lambda tags: sink.append(("tags", dict(tags))),
         cache_dir=cache_dir,
-        indexed_train_batches=lambda epoch: data.train_batches(64, seed=epoch, with_index=True),
+        indexed_train_batches=lambda epoch: data.train_batches(64, seed=batch_order_seed(0, epoch), with_index=True),
         train_images=data.train_images)
 
 

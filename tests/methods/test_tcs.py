@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from methods.networks import FeatureNet
 from methods.tcs import TailoredCoordinateSystem, TCSParams, pca_coordinates
-from orchestrator.checkpoints import load_checkpoint
 from orchestrator.cli import app
-from orchestrator.config import load_config
-from orchestrator.data import load_splits
-from orchestrator.loop import train_loop
+from orchestrator.experiment.checkpoints import load_checkpoint
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.loop import train_loop
 from tests.conftest import digits_config
 from tests.methods.test_fitnets import cnn, loop_context
 

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.design import build_design
 from orchestrator.errors import ConfigError
-from orchestrator.spaces import load_space
+from orchestrator.experiment.config import load_config
+from orchestrator.search.design import build_design
+from orchestrator.search.spaces import load_space
 
 SPACE = {"method": "kd", "parameters": {
     "temperature": {"type": "float", "low": 1.0, "high": 16.0, "log": True, "grid_points": 5},

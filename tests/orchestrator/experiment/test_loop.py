@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.data import load_splits
-from orchestrator.loop import train_loop
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.loop import train_loop
 from tests.conftest import digits_config
 
 

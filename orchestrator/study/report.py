@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 if TYPE_CHECKING:
-    from orchestrator.study import RobustnessStudy
+    from orchestrator.study.results import StudyResults
 
 RULE = ("Verdict rule: \"A is more robust than B\" holds when the 95% bootstrap CI of (median A - median B) lies "
         "above -delta and the CI of (IQR A - IQR B) lies below 0; it does not hold when either CI lies wholly on "
@@ -24,7 +24,7 @@ RULE = ("Verdict rule: \"A is more robust than B\" holds when the 95% bootstrap 
         "setting scored by its seed-mean validation accuracy.")
 
 
-def draw_plots(study: RobustnessStudy, folder: Path) -> list[Path]:
+def draw_plots(study: StudyResults, folder: Path) -> list[Path]:
     """Every plot of the study as a PNG in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     means = study.setting_means()
@@ -57,7 +57,7 @@ def _short(path: str) -> str:
     return path.removeprefix("method.params.")
 
 
-def _distribution(study: RobustnessStudy, means: pd.DataFrame, studied: list[str], path: Path) -> Path:
+def _distribution(study: StudyResults, means: pd.DataFrame, studied: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.5, 1.8 + 1.4 * len(studied)), 4.2))
     data = [means[(means["method"] == m) & ~means["defaults"]]["score"].dropna().to_numpy() for m in studied]
     ax.boxplot(data, tick_labels=studied, showfliers=False)
@@ -94,7 +94,7 @@ def _ecdf(design: pd.DataFrame, studied: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _expected_best(study: RobustnessStudy, path: Path) -> Path:
+def _expected_best(study: StudyResults, path: Path) -> Path:
     curve = study.expected_best()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method, group in curve.groupby("method", sort=False):
@@ -125,7 +125,7 @@ def _importance(table: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _parameter_effects(study: RobustnessStudy, means: pd.DataFrame, method: str, params: list[str],
+def _parameter_effects(study: StudyResults, means: pd.DataFrame, method: str, params: list[str],
                        path: Path) -> Path:
     rows = means[(means["method"] == method) & ~means["defaults"]]
     default = means[(means["method"] == method) & means["defaults"]]
@@ -155,7 +155,7 @@ def _ranked(importance: pd.DataFrame, method: str, numeric: list[str]) -> list[s
     return numeric
 
 
-def _heatmap(study: RobustnessStudy, rows: pd.DataFrame, method: str, px: str, py: str, path: Path) -> Path:
+def _heatmap(study: StudyResults, rows: pd.DataFrame, method: str, px: str, py: str, path: Path) -> Path:
     bins = max(2, min(4, int(math.sqrt(len(rows)))))
     frame = rows[[px, py, "score"]].copy()
     for p in (px, py):
@@ -173,7 +173,7 @@ def _heatmap(study: RobustnessStudy, rows: pd.DataFrame, method: str, px: str, p
     return _save(fig, path)
 
 
-def _edge(interval: Any, study: RobustnessStudy, method: str, param: str) -> str:
+def _edge(interval: Any, study: StudyResults, method: str, param: str) -> str:
     mid = float(interval.mid)
     return f"{10 ** mid:.3g}" if study.spaces[method].parameters[param].log else f"{mid:.3g}"
 
@@ -206,7 +206,7 @@ def _summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _blocks(study: RobustnessStudy, plots: list[Path]) -> list[tuple[str, Any]]:
+def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
     spec = study.spec
     val_size = study.val_set_size()
     teacher = study.teacher()
@@ -257,7 +257,7 @@ def _ci(value: float, ci: tuple[float, float]) -> str:
     return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def write_report(study: RobustnessStudy, path: Path) -> Path:
+def write_report(study: StudyResults, path: Path) -> Path:
     """`path.md` (plots beside it) and `path.html` (plots inline); returns the HTML file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     plots = draw_plots(study, path.parent / f"{path.name}_plots")

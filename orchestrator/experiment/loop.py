@@ -12,23 +12,29 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torchvision
 from torch import nn
 
 from methods import get_method
 from methods.networks import FeatureNet, build_network
-from methods.registry import LoopContext
-from orchestrator.checkpoints import build_from_checkpoint, save_network
-from orchestrator.config import ExperimentConfig, TrainingConfig
-from orchestrator.data import DeviceData, Splits
-from orchestrator.tracking import Tracker
+from methods.registry import LoopContext, batch_order_seed
+from orchestrator.experiment.checkpoints import build_from_checkpoint, save_network
+from orchestrator.experiment.config import ExperimentConfig, TrainingConfig
+from orchestrator.experiment.data import DeviceData, Splits
 
 # report(metrics, checkpoint_dir): called by every rank once per epoch; checkpoint_dir only on rank 0.
 Reporter = Callable[[dict[str, Any], str | None], None]
+
+
+class RunLog(Protocol):
+    """Where the loop writes a run's metrics, tags and files (an MLflow `Tracker`; no MLflow import here)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -109,7 +115,7 @@ def fingerprint(cfg: ExperimentConfig, teacher_ckpt: dict[str, Any] | None) -> s
 
 def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, Any] | None = None, *,
                rank: int = 0, world: int = 1, device: torch.device | None = None,
-               report: Reporter | None = None, tracker: Tracker | None = None,
+               report: Reporter | None = None, tracker: RunLog | None = None,
                wrap: Callable[[nn.Module], nn.Module] | None = None, artifact_name: str = "student",
                log: Callable[[str], None] | None = print) -> LoopOutput:
     """Train `cfg.student` with `cfg.method`; select on val_acc; test the selected student once.
@@ -126,7 +132,7 @@ def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, An
 
 def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, Any] | None = None, *,
                    rank: int = 0, world: int = 1, device: torch.device | None = None,
-                   report: Reporter | None = None, tracker: Tracker | None = None,
+                   report: Reporter | None = None, tracker: RunLog | None = None,
                    wrap: Callable[[nn.Module], nn.Module] | None = None, artifact_name: str = "student",
                    log: Callable[[str], None] | None = print) -> Iterator[dict[str, Any]]:
     """`train_loop` one epoch at a time: yields each epoch's metrics after reporting and logging them,
@@ -149,6 +155,8 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
 
     def log_images(images: torch.Tensor, artifact_file: str) -> None:
         if tracker is not None and rank == 0:
+            import torchvision  # its ops pull in torch._dynamo: only methods that log images pay for it
+
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / Path(artifact_file).name
                 torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=8, normalize=True)
@@ -158,20 +166,20 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         if tracker is not None:
             tracker.set_tags(tags)
 
+    def train_batches(epoch: int, phase: str = "student", with_index: bool = False) -> Iterator[tuple[Any, ...]]:
+        return data.train_batches(cfg.data.batch_size, seed=batch_order_seed(tc.seed, epoch, phase), rank=rank,
+                                  world=world, augment=cfg.data.augment, with_index=with_index)
+
     ctx = LoopContext(
         device=device, num_classes=splits.info.num_classes,
         image_shape=(splits.info.channels, splits.info.image_size, splits.info.image_size),
-        batch_size=cfg.data.batch_size, epochs=tc.epochs, seed=tc.seed, precision=tc.precision, rank=rank,
-        world=world, log=log_metrics, make_optimizer=lambda params: make_optimizer(params, tc),
-        train_batches=lambda epoch: data.train_batches(cfg.data.batch_size, seed=tc.seed * 100_003 + epoch,
-                                                       rank=rank, world=world, augment=cfg.data.augment),
+        batch_size=cfg.data.batch_size, epochs=tc.epochs, precision=tc.precision, log=log_metrics,
+        make_optimizer=lambda params: make_optimizer(params, tc), train_batches=train_batches,
         clean_batches=lambda batch_size: data.eval_batches("train", batch_size),
         accuracy=lambda net, split: accuracy(net, data, split, tc.precision),
         fingerprint=lambda: fingerprint(cfg, teacher_ckpt), log_images=log_images, set_tags=set_tags,
         cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher is not None else None,
-        indexed_train_batches=lambda epoch: data.train_batches(
-            cfg.data.batch_size, seed=tc.seed * 100_003 + epoch, rank=rank, world=world, augment=cfg.data.augment,
-            with_index=True),
+        indexed_train_batches=lambda epoch: train_batches(epoch, with_index=True),
         train_images=data.train_images, data_mean=tuple(splits.mean), data_std=tuple(splits.std))
     distiller.setup(ctx)  # before DDP wraps it: every rank runs the same seeded pre-phase, DDP syncs from rank 0
     model: nn.Module = wrap(distiller) if wrap is not None else distiller

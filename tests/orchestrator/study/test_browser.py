@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.study import RobustnessStudy
+from orchestrator.study.robustness import RobustnessStudy
 from tests.conftest import digits_config
-from tests.orchestrator.test_cluster import mlflow_server
+from tests.orchestrator.search.test_cluster import mlflow_server
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-FAILED = ("diverged", "error", "failed")
+from orchestrator.search.status import FAILED
+
 Failures = Literal["chance", "drop"]
 
 

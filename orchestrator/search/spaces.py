@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orchestrator.config import ExperimentConfig, format_validation_error, set_path
 from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import ExperimentConfig, format_validation_error, set_path
 
 
 class ParamSpec(BaseModel):

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.stats import qmc
 
 from orchestrator.errors import ConfigError
-from orchestrator.spaces import SearchSpace
+from orchestrator.search.spaces import SearchSpace
 
 Design = Literal["sobol", "grid", "random"]
 

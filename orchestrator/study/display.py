@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.sweep import SweepResult
+from orchestrator.search.sweep import SweepResult
 
 if TYPE_CHECKING:
-    from orchestrator.study import RobustnessStudy
+    from orchestrator.study.results import StudyResults
 
 
 def wide_console() -> Console:
@@ -38,7 +38,7 @@ def print_sweep(result: SweepResult, top: int = 10, console: Console | None = No
     console.print(f"MLflow: {result.ui_hint()}")
 
 
-def print_study(study: RobustnessStudy, report: Path | None = None, console: Console | None = None) -> None:
+def print_study(study: StudyResults, report: Path | None = None, console: Console | None = None) -> None:
     """Per method: defaults and tuned accuracy (mean ± std over seeds), the spread over settings,
     failures; then each comparison's verdict, the report path and the MLflow link."""
     summary = study.summary()

@@ -10,17 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from orchestrator.errors import ConfigError
-
-if TYPE_CHECKING:
-    from orchestrator.config import DataConfig
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
 
@@ -60,6 +58,43 @@ _STATIC_INFO = {
 
 def list_datasets() -> list[str]:
     return sorted([*_STATIC_INFO, "synthetic"])
+
+
+class SyntheticConfig(BaseModel):
+    """Shape of the `synthetic` dataset: class prototypes plus noise, learnable but meaningless."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_train: int = Field(5000, ge=10, le=10_000_000)
+    num_test: int = Field(1000, ge=10, le=10_000_000)
+    channels: Literal[1, 3] = 3
+    image_size: int = Field(32, ge=4, le=512)
+    num_classes: int = Field(100, ge=2, le=100_000)
+    noise: float = Field(0.5, ge=0.0, le=10.0, description="noise std relative to the prototypes' spread")
+
+
+class DataConfig(BaseModel):
+    """The `data` section of an experiment: which dataset, its splits, batches and augmentation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=65536)
+    augment: bool = True
+    image_size: int | None = Field(None, ge=4, le=512, description="on-device resize (e.g. 32 for LeNet-5)")
+    split_seed: int = Field(0, ge=0, description="seed of the train/val split (fixed across runs)")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in list_datasets():
+            raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(list_datasets())}")
+        return name
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:

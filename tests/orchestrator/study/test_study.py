@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.study import RobustnessStudy, shipped_studies
+from orchestrator.study.robustness import RobustnessStudy, shipped_studies
 from tests.conftest import digits_config
-from tests.orchestrator.test_resume import _finished_trials, _ray_pids, kill_when_finished
+from tests.orchestrator.search.test_resume import _finished_trials, _ray_pids, kill_when_finished
 
 TEACHER = {"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 3, "lr": 0.05}}
 # lr 10 with momentum 0.99 diverges, which the study must count as failures, not drop.
@@ -58,7 +58,7 @@ def test_shipped_studies_validate() -> None:
     assert {"kd_temperature", "demo"} <= set(shipped_studies())
     for name in shipped_studies():
         study = RobustnessStudy.from_yaml(name)
-        assert study.points and all(p["config"]["data"]["name"] == "digits" for p in study.points)
+        assert study.points and all(p.config["data"]["name"] == "digits" for p in study.points)
 
 
 @pytest.mark.timeout(300)
@@ -95,6 +95,10 @@ def test_study_runs_counts_failures_and_is_rebuilt_from_mlflow(workdir: Path) ->
     assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report.md", "report.html"}
     runs_before = len(client.search_runs([exp], ""))
+    for run_id in frame["run_id"]:  # the run tags of `kdo run`, on every child
+        tags = client.get_run(run_id).data.tags
+        assert (tags["kdo.dataset"], tags["kdo.student"]) == ("digits", "mlp")
+        assert tags["kdo.teacher"].startswith("cnn (trained, key ")
 
     loaded = RobustnessStudy.load("small")
     assert loaded.results().drop(columns="seconds").equals(frame.drop(columns="seconds"))

@@ -12,7 +12,10 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+from methods import get_method
+from orchestrator.experiment.config import ExperimentConfig, teacher_label
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # Terminal output is the epoch lines and the results table: no download bars, no schema-migration chatter.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -38,6 +41,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """The tags every run carries, whether `kdo run`, a sweep child or a study child: what it trains on what."""
+    return {"kdo.method": cfg.method.name, "kdo.dataset": cfg.data.name, "kdo.student": cfg.student.architecture,
+            "kdo.teacher": teacher_label(cfg), "kdo.seed": str(cfg.training.seed),
+            "kdo.data_free": str(get_method(cfg.method.name).data_free).lower()}
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:

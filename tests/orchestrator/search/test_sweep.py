@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.sweep import _finish, load_sweep, sweep
-from orchestrator.tracking import start_run
+from orchestrator.experiment.tracking import start_run
+from orchestrator.search.sweep import _finish, load_sweep, sweep
 from tests.conftest import digits_config
 
 KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
@@ -115,11 +115,37 @@ def test_children_left_running_keep_the_outcome_their_loop_recorded(workdir: Pat
     assert client.get_run(parent.run_id).info.status == "FINISHED"
 
 
-def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Path) -> None:
+@pytest.mark.timeout(240)
+def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.search.sweep as sweep_module
+
+    events: list[tuple[str, str]] = []  # spies around the real check and provision: their calls, in order
+    real_check, real_provision = sweep_module.check, sweep_module.provision
+
+    def check(config: object, *args: object, **kwargs: object) -> object:
+        cfg = real_check(config, *args, **kwargs)
+        events.append(("check", cfg.name))
+        return cfg
+
+    def provision(cfg: object, **kwargs: object) -> object:
+        events.append(("provision", cfg.name))
+        return real_provision(cfg, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "check", check)
+    monkeypatch.setattr(sweep_module, "provision", provision)
     cfg = digits_config(student={"architecture": "mlp", "args": {}},
                         training={"epochs": 2, "lr": 0.05, "momentum": 0.99})
     space = {"parameters": {"training.lr": {"type": "choice", "values": [0.01, 0.05, 10.0]}}}
     result = sweep(cfg, space, sampler="grid", concurrency=2, name="grid-nan")
+    # The base config, then each (setting, seed) once, all before the one provision that starts Ray.
+    assert [kind for kind, _ in events] == ["check"] * 4 + ["provision"], events
+    assert sorted(name for _, name in events[1:4]) == sorted(f"grid-nan-{sid[:6]}-s0"
+                                                             for sid in result.dataframe()["setting_id"])
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for run_id in result.dataframe()["run_id"]:  # the run tags of `kdo run`, on every child
+        tags = client.get_run(run_id).data.tags
+        assert (tags["kdo.dataset"], tags["kdo.student"], tags["kdo.teacher"]) == ("digits", "mlp", "none")
     frame = result.dataframe().set_index("training.lr")
     assert len(frame) == 3
     assert frame.loc[10.0, "status"] == "diverged"
@@ -146,3 +172,4 @@ def test_data_parallel_trials_report_every_epoch_to_tune(workdir: Path, teacher_
         assert run.data.params["scaling.num_workers"] == "2"
         assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
         assert run.data.metrics["test_acc"] > 0.2
+

@@ -9,10 +9,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.checkpoints import save_network
 from orchestrator.cli import app
-from orchestrator.config import load_config
 from orchestrator.errors import ConfigError
+from orchestrator.experiment.checkpoints import save_network
+from orchestrator.experiment.config import load_config
 from tests.conftest import TEACHER_NET, digits_config
 
 KD = {"name": "kd", "params": {"temperature": 4.0}}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orchestrator.config import DataConfig
-from orchestrator.data import DeviceData, augment_batch, load_splits
+from orchestrator.experiment.config import DataConfig
+from orchestrator.experiment.data import DeviceData, augment_batch, load_splits
 
 
 def test_digits_split_is_deterministic_stratified_and_disjoint() -> None:

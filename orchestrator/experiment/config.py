@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import types
@@ -11,47 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from methods import get_method, list_methods
 from methods.networks import build_network, list_networks
-from orchestrator.data import dataset_info, list_datasets
 from orchestrator.errors import ConfigError
+from orchestrator.experiment.data import DataConfig, dataset_info
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SyntheticConfig(_Strict):
-    """Shape of the `synthetic` dataset: class prototypes plus noise, learnable but meaningless."""
-
-    num_train: int = Field(5000, ge=10, le=10_000_000)
-    num_test: int = Field(1000, ge=10, le=10_000_000)
-    channels: Literal[1, 3] = 3
-    image_size: int = Field(32, ge=4, le=512)
-    num_classes: int = Field(100, ge=2, le=100_000)
-    noise: float = Field(0.5, ge=0.0, le=10.0, description="noise std relative to the prototypes' spread")
-
-
-class DataConfig(_Strict):
-    name: str = "digits"
-    data_dir: str = "data"
-    download: bool = False
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    batch_size: int = Field(64, ge=1, le=65536)
-    augment: bool = True
-    image_size: int | None = Field(None, ge=4, le=512, description="on-device resize (e.g. 32 for LeNet-5)")
-    split_seed: int = Field(0, ge=0, description="seed of the train/val split (fixed across runs)")
-    synthetic: SyntheticConfig = SyntheticConfig()
-
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        if name not in list_datasets():
-            raise ValueError(f"unknown dataset '{name}'; allowed: {', '.join(list_datasets())}")
-        return name
 
 
 class NetworkConfig(_Strict):
@@ -174,6 +144,25 @@ class ExperimentConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def teacher_key(cfg: ExperimentConfig) -> str:
+    """Cache key of a described teacher: everything that changes its weights, nothing else."""
+    assert cfg.teacher is not None
+    data = cfg.data.model_dump(mode="json")
+    data.pop("data_dir")
+    data.pop("download")
+    data["batch_size"] = cfg.teacher.batch_size
+    teacher = cfg.teacher.model_dump(mode="json", include={"architecture", "args", "training"})
+    blob = json.dumps({"data": data, "teacher": teacher}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def teacher_label(cfg: ExperimentConfig) -> str:
+    """How a run's teacher is named in its tags: the checkpoint, or the described architecture and its key."""
+    if cfg.teacher is None:
+        return "none"
+    return cfg.teacher.checkpoint or f"{cfg.teacher.architecture} (trained, key {teacher_key(cfg)})"
 
 
 # --------------------------------------------------------------------------------------- errors

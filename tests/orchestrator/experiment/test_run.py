@@ -46,7 +46,8 @@ def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_
     assert [a.path for a in client.list_artifacts(run_info.info.run_id, "student")] == ["student/student.pt"]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_two_worker_ddp_run_beats_chance_and_is_read_back(workdir: Path, teacher_checkpoint: Path) -> None:
     result = run(digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)}),
                  ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "training.epochs=4"])

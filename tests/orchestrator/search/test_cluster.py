@@ -25,7 +25,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.sweep import sweep
+from orchestrator.search.sweep import sweep
 from tests.conftest import digits_config
 
 BIN = Path(sys.executable).parent

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.analysis import (
+from orchestrator.search.spaces import ParamSpec, SearchSpace
+from orchestrator.study.analysis import (
     compare,
     distribution,
     expected_best_curve,
@@ -19,7 +20,6 @@ from orchestrator.analysis import (
     tunability,
     variance_split,
 )
-from orchestrator.spaces import ParamSpec, SearchSpace
 
 CHANCE = 10.0
 X, Y = "method.params.x", "method.params.y"  # a space's bare names are method.params paths

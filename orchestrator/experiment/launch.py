@@ -1,0 +1,165 @@
+"""Launching one run on Ray: a direct Ray task for one worker, Ray Train's TorchTrainer for several (DDP),
+and `execute`, which logs the run in MLflow around the launch and returns its `RunResult`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import torch
+
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.data import Splits
+from orchestrator.experiment.loop import LoopOutput, train_loop
+from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run, ui_hint
+
+
+@dataclass
+class RunResult:
+    """One finished run: the selected student's val/test accuracy, its history and where it is logged."""
+
+    name: str
+    status: str
+    val_acc: float
+    test_acc: float
+    best_epoch: int
+    teacher_val_acc: float | None
+    teacher_test_acc: float | None
+    seconds: float
+    history: pd.DataFrame
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    config: ExperimentConfig
+
+    def ui_hint(self) -> str:
+        return ui_hint(self.tracking_uri, self.experiment_id)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to `address` (or $RAY_ADDRESS), else start a local runtime; reuse a live one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if address not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ and token.is_file():
+        # Ray 2.60 turns token auth on by itself only for address=None/"auto"; a `ray start` cluster
+        # reached by host:port otherwise refuses the driver with an opaque ConnectionError.
+        os.environ["RAY_AUTH_MODE"] = "token"
+    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def use_gpu(cfg: ExperimentConfig) -> bool:
+    """`scaling.use_gpu`, with `auto` meaning: the Ray cluster has GPUs."""
+    if cfg.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.scaling.use_gpu)
+
+
+def _train_direct(payload: dict[str, Any]) -> LoopOutput:
+    """One worker: the loop runs in this Ray process itself (no TorchTrainer start-up cost)."""
+    cfg = ExperimentConfig.model_validate(payload["config"])
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    device = torch.device("cuda" if payload["use_gpu"] else "cpu")
+    tracker = Tracker(cfg.tracking.uri, payload["run_id"])
+    teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
+    return train_loop(cfg, ray.get(payload["data"]), teacher, device=device, tracker=tracker,
+                      artifact_name=payload["artifact_name"])
+
+
+def _train_worker(payload: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel run; rank 0 logs to MLflow and reports checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(payload["config"])
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tracker = Tracker(cfg.tracking.uri, payload["run_id"]) if rank == 0 else None
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
+    train_loop(cfg, ray.get(payload["data"]), teacher, rank=rank, world=world,
+               device=ray.train.torch.get_device(), report=report, tracker=tracker,
+               wrap=ray.train.torch.prepare_model, artifact_name=payload["artifact_name"])
+
+
+def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
+    gpu = payload["use_gpu"]
+    sc = cfg.scaling
+    if sc.trainer == "direct" or (sc.trainer == "auto" and sc.num_workers == 1):
+        if sc.num_workers > 1:
+            raise ConfigError("scaling.trainer: 'direct' runs one worker; use 'ray_train' or 'auto' for "
+                              f"num_workers={sc.num_workers}")
+        task = ray.remote(_train_direct).options(num_cpus=sc.cpus_per_worker,
+                                                  num_gpus=sc.gpus_per_worker if gpu else 0)
+        return ray.get(task.remote(payload))
+
+    return fit_data_parallel(cfg, payload)
+
+
+def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], callbacks: list[Any] | None = None) -> LoopOutput:
+    """The loop on `scaling.num_workers` DDP workers through Ray Train's TorchTrainer.
+
+    In a sweep the trial passes Tune's `TuneReportCallback`, which forwards rank 0's per-epoch reports
+    to Tune (ASHA sees every epoch); Tune does not count these workers' CPUs, so the sweep budgets them.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    sc, gpu = cfg.scaling, payload["use_gpu"]
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if gpu else {})}
+    trainer = TorchTrainer(
+        _train_worker, train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"{cfg.name}-{payload['run_id'][:8]}", storage_path=cfg.tracking.storage_path,
+                             callbacks=callbacks),
+    )
+    result = trainer.fit()
+    rows = result.metrics_dataframe.to_dict("records")
+    history = [{k: v for k, v in row.items() if k in rows[-1] and not k.startswith(("_", "training_"))
+                and k not in ("timestamp", "checkpoint_dir_name")} for row in rows]
+    return LoopOutput(status=str(history[-1].get("status", "finished")), history=history, final=history[-1])
+
+
+def payload(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, run_id: str, *,
+            gpu: bool, artifact_name: str = "student") -> dict[str, Any]:
+    """What a Ray process needs to train one run: the config, data and teacher in the object store, the run id."""
+    return {"config": cfg.model_dump(mode="json"), "data": ray.put(splits),
+            "teacher": ray.put(teacher) if teacher is not None else None,
+            "run_id": run_id, "artifact_name": artifact_name, "use_gpu": gpu}
+
+
+def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, *,
+            artifact_name: str = "student") -> RunResult:
+    """Log one run in MLflow and train it on Ray; the config is already checked and resolved."""
+    started = time.perf_counter()
+    assert cfg.tracking.uri is not None
+    tracker, experiment_id = start_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.name,
+                                       tags={**run_tags(cfg), "kdo.kind": artifact_name})
+    status = "FAILED"
+    try:
+        tracker.log_params(flatten(cfg.model_dump(mode="json")))
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
+        out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
+                                   artifact_name=artifact_name))
+        status = "FINISHED" if out.status == "finished" else "FAILED"
+    finally:
+        tracker.finish(status)
+    final = out.final
+    return RunResult(
+        name=cfg.name, status=out.status, val_acc=float(final.get("selected_val_acc", float("nan"))),
+        test_acc=float(final.get("test_acc", float("nan"))), best_epoch=int(final.get("best_epoch", 0)),
+        teacher_val_acc=final.get("teacher_val_acc"), teacher_test_acc=final.get("teacher_test_acc"),
+        seconds=time.perf_counter() - started, history=pd.DataFrame(out.history), run_id=tracker.run_id,
+        experiment_id=experiment_id, tracking_uri=cfg.tracking.uri, config=cfg)

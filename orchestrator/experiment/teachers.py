@@ -1,0 +1,100 @@
+"""The teacher cache: a described teacher is trained once per cache key (`config.teacher_key`) under a file
+lock, logged as its own MLflow run and kept as a checkpoint file; checkpoint teachers are read from a file or
+downloaded from an MLflow `runs:/` URI and checked against the data and the method before any work starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from methods.networks import build_network
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.checkpoints import build_from_checkpoint, check_compatible, load_checkpoint
+from orchestrator.experiment.config import ExperimentConfig, NetworkConfig, check_method_setup, teacher_key
+from orchestrator.experiment.data import Splits, dataset_info
+from orchestrator.experiment.launch import execute
+
+
+def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The `ce` experiment that trains a described teacher on the student's data."""
+    assert cfg.teacher is not None and cfg.teacher.architecture is not None
+    raw = cfg.model_dump(mode="json")
+    raw.update(name=f"teacher-{teacher_key(cfg)}", teacher=None, method={"name": "ce", "params": {}},
+               student=NetworkConfig(architecture=cfg.teacher.architecture, args=cfg.teacher.args).model_dump(),
+               training=cfg.teacher.training.model_dump(mode="json"))
+    raw["data"]["batch_size"] = cfg.teacher.batch_size
+    return ExperimentConfig.model_validate(raw)
+
+
+def check_teacher_checkpoint(cfg: ExperimentConfig, loaded: dict[str, dict[str, Any]] | None = None
+                             ) -> dict[str, Any] | None:
+    """Load and check a given teacher checkpoint (file or MLflow `runs:/` URI) against the data's shape and the
+    method; None for a described teacher. `loaded` caches checkpoints by source across the points of a design."""
+    if cfg.teacher is None or cfg.teacher.checkpoint is None:
+        return None
+    source = cfg.teacher.checkpoint
+    if loaded is not None and source in loaded:
+        ckpt = loaded[source]
+    else:
+        path = str(_download_teacher(cfg, source)) if source.startswith("runs:/") else source
+        ckpt = load_checkpoint(path)
+        if loaded is not None:
+            loaded[source] = ckpt
+    info = dataset_info(cfg.data)
+    size = cfg.data.image_size or info.image_size
+    check_compatible(ckpt, num_classes=info.num_classes, in_channels=info.channels, image_size=size)
+    teacher = build_from_checkpoint(ckpt)  # tensors that do not fit the architecture fail here, not on a worker
+    student = build_network(cfg.student.architecture, num_classes=info.num_classes, in_channels=info.channels,
+                            image_size=size, **cfg.student.args)
+    try:
+        check_method_setup(cfg, student, teacher)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return ckpt
+
+
+def _download_teacher(cfg: ExperimentConfig, uri: str) -> Path:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    tracking = cfg.tracking.uri or ""
+    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"teacher.checkpoint: {uri} names an MLflow run but the store {tracking} does not exist")
+    assert cfg.teacher is not None
+    dest = Path(cfg.teacher.cache_dir) / "mlflow" / uri.removeprefix("runs:/").replace("/", "_")
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking)
+    except MlflowException as err:
+        raise ConfigError(f"teacher.checkpoint: cannot fetch {uri} from {tracking}: "
+                          f"{str(err).splitlines()[0][:200]}") from None
+    found = sorted(Path(local).rglob("*.pt")) if Path(local).is_dir() else [Path(local)]
+    if not found:
+        raise ConfigError(f"teacher.checkpoint: {uri} holds no .pt checkpoint")
+    return found[0]
+
+
+def ensure_teacher(cfg: ExperimentConfig, splits: Splits, *, force: bool = False) -> tuple[dict[str, Any], Path]:
+    """Train a described teacher once per cache key; concurrent callers wait on a file lock."""
+    assert cfg.teacher is not None
+    key = teacher_key(cfg)
+    folder = Path(cfg.teacher.cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.pt"
+    with FileLock(str(folder / f"{key}.lock")):
+        if force or not path.is_file():
+            teacher_run = execute(teacher_config(cfg), splits, None, artifact_name="teacher")
+            if teacher_run.status != "finished":
+                raise RuntimeError(f"teacher training {teacher_run.status} (MLflow run {teacher_run.run_id})")
+            _fetch_artifact(cfg.tracking.uri or "", teacher_run.run_id, "teacher/teacher.pt", path)
+    return load_checkpoint(path, "teacher cache"), path
+
+
+def _fetch_artifact(uri: str, run_id: str, artifact: str, dest: Path) -> None:
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri,
+                                                dst_path=str(dest.parent / f".{run_id}"))
+    os.replace(local, dest)

@@ -1,0 +1,179 @@
+"""The ledger: a sweep's or study's MLflow children, and every query and write about them.
+
+A child run is one (setting, seed); its tags `kdo.setting_id`, `kdo.seed` and `kdo.status` say what it is and
+how it ended. Results tables, `kdo report` and `kdo resume` are rebuilt from these children alone. This module
+owns finding a parent by name, listing children (paged), starting, closing and settling
+children, and replaying a finished child's epochs. MLflow is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import ExperimentConfig, absolute_uri, default_tracking_uri
+from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run
+from orchestrator.search.status import DONE, HIDDEN, MLFLOW_STATUS
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+PAGE_SIZE = 1000  # MLflow's own page size; `children` follows its page tokens
+
+
+def setting_id(setting: dict[str, Any]) -> str:
+    """The stable id of a setting ({config path: value}); a child's `kdo.setting_id`."""
+    return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------ queries
+def _quote(value: str) -> str:
+    return f"'{value}'"
+
+
+def children(client: MlflowClient, experiment_id: str, parent_run_id: str, *, running: bool = False,
+             setting: str | None = None, page_size: int = PAGE_SIZE, limit: int | None = None) -> list[Run]:
+    """Every child run of `parent_run_id` (only RUNNING ones, or one setting's, when asked), page by page;
+    at most `limit` when given."""
+    query = f"tags.mlflow.parentRunId = {_quote(parent_run_id)}"
+    if running:
+        query += " and attributes.status = 'RUNNING'"
+    if setting is not None:
+        query += f" and tags.`kdo.setting_id` = {_quote(setting)}"
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=page_size, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or (limit is not None and len(runs) >= limit):
+            return runs[:limit]
+
+
+def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str) -> tuple[str, MlflowClient, Run]:
+    """The newest parent run of the sweep or study (`kind`) named `name`: its store URI, a client and the run."""
+    from mlflow.tracking import MlflowClient
+
+    uri = absolute_uri(tracking_uri or default_tracking_uri())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"--experiment: no experiment '{experiment}' in {uri}")
+    parents = client.search_runs([exp.experiment_id],
+                                 f"tags.`kdo.{kind}` = {_quote(name)} and tags.`kdo.kind` = {_quote(kind)}",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise ConfigError(f"NAME: no {kind} named '{name}' in {uri} (experiment '{experiment}')")
+    return uri, client, parents[0]
+
+
+def done_seeds(client: MlflowClient, experiment_id: str, parent_run_id: str, sid: str) -> dict[int, Run]:
+    """The seeds of setting `sid` that ended for good, with their runs."""
+    return {int(r.data.tags["kdo.seed"]): r for r in children(client, experiment_id, parent_run_id, setting=sid)
+            if r.data.tags.get("kdo.status") in DONE}
+
+
+def done_points(client: MlflowClient, experiment_id: str, parent_run_id: str) -> set[tuple[str | None, int]]:
+    """(setting id, seed) of every child that ended for good: what a resumed fixed design skips."""
+    return {(r.data.tags.get("kdo.setting_id"), int(r.data.tags.get("kdo.seed", -1)))
+            for r in children(client, experiment_id, parent_run_id) if r.data.tags.get("kdo.status") in DONE}
+
+
+def seen_settings(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """Every distinct setting an adaptive sweep has tried, in a stable order (re-enqueued on resume)."""
+    settings = [json.loads(r.data.tags["kdo.setting"]) for r in children(client, experiment_id, parent_run_id)
+                if "kdo.setting" in r.data.tags]
+    return list({setting_id(s): s for s in settings}.values())
+
+
+def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                   parameters: list[str], tag_columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per child run of `parent_run_id`: setting, seed, parameters, status, accuracies, seconds, run id
+    (and `tag_columns`: column name -> tag key)."""
+    rows = []
+    for r in children(client, experiment_id, parent_run_id):
+        if r.data.tags.get("kdo.status") in HIDDEN:
+            continue
+        m, tags = r.data.metrics, r.data.tags
+        status = tags.get("kdo.status", "running" if r.info.status == "RUNNING" else r.info.status.lower())
+        row = {"setting_id": tags.get("kdo.setting_id"), "seed": int(tags.get("kdo.seed", -1)), "status": status,
+               "val_acc": m.get("selected_val_acc", m.get("val_acc", math.nan)),
+               "test_acc": m.get("test_acc", math.nan),
+               "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000.0,
+               "run_id": r.info.run_id, **{col: tags.get(key) for col, key in (tag_columns or {}).items()}}
+        for p in parameters:
+            raw = r.data.params.get(p)
+            try:
+                row[p] = json.loads(raw) if raw is not None else None
+            except json.JSONDecodeError:
+                row[p] = raw
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["setting_id", "seed", *parameters, "status", "val_acc", "test_acc",
+                                        "seconds", "run_id", *(tag_columns or {})])
+    return frame.sort_values(["setting_id", "seed"]).reset_index(drop=True)
+
+
+def replay(client: MlflowClient, run: Run) -> Iterator[dict[str, Any]]:
+    """A finished child's epochs, from MLflow, as the loop would yield them (resume: no rerun)."""
+    status = run.data.tags["kdo.status"]
+    history = {k: sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)
+               for k in ("val_acc", "train_loss")}
+    for i, (val, loss) in enumerate(zip(history["val_acc"], history["train_loss"], strict=False)):
+        row = {"val_acc": val.value, "train_loss": loss.value}
+        if i == len(history["val_acc"]) - 1 and status in ("finished", "diverged"):
+            row.update(test_acc=run.data.metrics.get("test_acc", math.nan), status=status)
+        yield row
+
+
+# ------------------------------------------------------------------------------------------- writes
+def start_child(ledger: LedgerRef, cfg: ExperimentConfig, setting: dict[str, Any], sid: str,
+                tags: dict[str, str]) -> Tracker:
+    """The MLflow child of one (setting, seed) under the parent: the run tags of any run, plus the ledger's."""
+    tracker, _ = start_run(ledger.tracking_uri, ledger.experiment, cfg.name, parent_run_id=ledger.parent_run_id,
+                           tags={**run_tags(cfg), "kdo.kind": "trial", "kdo.sweep": ledger.name,
+                                 "kdo.setting_id": sid, "kdo.setting": json.dumps(setting, sort_keys=True),
+                                 **tags})
+    tracker.log_params(flatten(cfg.model_dump(mode="json")))
+    return tracker
+
+
+def close_child(tracker: Tracker, status: str) -> None:
+    tracker.set_tags({"kdo.status": status, "kdo.early_stopped": str(status == "early_stopped").lower()})
+    tracker.finish(MLFLOW_STATUS[status])
+
+
+def settle_child(uri: str, run: Run, unfinished: str) -> None:
+    """Terminate a child left RUNNING: with the outcome its loop recorded if it got that far, else `unfinished`."""
+    recorded = run.data.tags.get("kdo.status")
+    close_child(Tracker(uri, run.info.run_id), recorded if recorded in ("finished", "diverged") else unfinished)
+
+
+def close_orphans(uri: str, experiment_id: str, parent_run_id: str, unfinished: str) -> None:
+    """Settle every child still RUNNING: at the end of a driver (`early_stopped`: Tune stopped it between
+    reports or tore it down after its last one) or before a resume (`orphaned`: its driver died)."""
+    from mlflow.tracking import MlflowClient
+
+    for run in children(MlflowClient(uri), experiment_id, parent_run_id, running=True):
+        settle_child(uri, run, unfinished)
+
+
+@dataclass(frozen=True)
+class LedgerRef:
+    """Where a sweep's or study's children live: the parent run in its store and experiment."""
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    experiment_id: str

@@ -1,0 +1,212 @@
+"""`sweep(config, space, ...) -> SweepResult`: Ray Tune + Optuna over distillation runs, and `resume(name)`.
+
+Every (setting, seed) is an MLflow child of the sweep's parent run, logged by the trial itself (Ray's
+MLflowLoggerCallback cannot nest runs). The children are also the sweep's ledger (`search.ledger`): results
+tables and `kdo report` are rebuilt from them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.launch import use_gpu
+from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
+from orchestrator.experiment.tracking import Tracker, flatten, start_run, ui_hint
+from orchestrator.search import ledger
+from orchestrator.search.design import build_design
+from orchestrator.search.ledger import LedgerRef
+from orchestrator.search.spaces import SearchSpace, load_space
+from orchestrator.search.status import FAILED
+from orchestrator.search.trial import FIXED_DESIGNS, Point, Sampler, TrialOptions, point_config
+from orchestrator.search.tuner import run_points, run_search, trial_resources
+
+
+@dataclass
+class SweepResult:
+    """One row per (setting, seed) child run, rebuilt from MLflow; `best()` picks on validation only."""
+
+    name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    parameters: list[str]
+    frame: pd.DataFrame
+
+    def dataframe(self) -> pd.DataFrame:
+        return self.frame.copy()
+
+    def settings(self) -> pd.DataFrame:
+        """One row per setting: seed mean ± std of val/test accuracy, seeds run, failures."""
+        if self.frame.empty:
+            return pd.DataFrame()
+        f = self.frame
+        grouped = f.groupby("setting_id", sort=False)
+        out = grouped[self.parameters].first()
+        out["seeds"] = grouped.size()
+        out["failed"] = grouped["status"].agg(lambda s: int(s.isin(FAILED).sum()))
+        out["early_stopped"] = grouped["status"].agg(lambda s: int((s == "early_stopped").sum()))
+        out["complete"] = grouped["status"].agg(lambda s: bool((s == "finished").all()))
+        for metric in ("val_acc", "test_acc"):
+            out[f"{metric}_mean"] = grouped[metric].mean()
+            out[f"{metric}_std"] = grouped[metric].std()
+        return out.sort_values(["complete", "val_acc_mean"], ascending=False)
+
+    def best(self) -> pd.Series:
+        """The complete setting with the highest mean validation accuracy (test accuracy is never used)."""
+        table = self.settings()
+        complete = table[table["complete"]] if not table.empty else table
+        if complete.empty:
+            raise ValueError(f"sweep {self.name}: no setting finished all its seeds")
+        return complete.iloc[0]
+
+    def ui_hint(self) -> str:
+        return ui_hint(self.tracking_uri, self.experiment_id)
+
+
+def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kdo") -> SweepResult:
+    """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`."""
+    uri, client, parent = ledger.find_parent("sweep", name, tracking_uri, experiment)
+    parameters = json.loads(parent.data.tags.get("kdo.parameters", "[]"))
+    frame = ledger.children_frame(client, parent.info.experiment_id, parent.info.run_id, parameters)
+    return SweepResult(name, parent.info.run_id, parent.info.experiment_id, uri, parameters, frame)
+
+
+def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int, metric: str, seeds: list[int],
+             max_failures: int, design_seed: int, cfg: ExperimentConfig) -> TrialOptions:
+    if sampler not in ("tpe", "random", "sobol", "grid"):
+        raise ConfigError(f"--sampler: unknown sampler '{sampler}'; allowed: tpe, random, sobol, grid")
+    if scheduler not in (None, "asha", "none"):
+        raise ConfigError(f"--scheduler: unknown scheduler '{scheduler}'; allowed: asha, none")
+    if sampler in FIXED_DESIGNS and scheduler == "asha":
+        raise ConfigError(f"--scheduler: a fixed {sampler} design runs every point in full; use --scheduler none")
+    if trials < 1:
+        raise ConfigError(f"--trials: must be >= 1 (got {trials})")
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency: must be >= 1 (got {concurrency})")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds: distinct non-negative integers, e.g. 0,1,2 (got {seeds})")
+    if cfg.scaling.num_workers > 1 and sampler not in FIXED_DESIGNS and len(seeds) > 1:
+        raise ConfigError(f"--seeds: a data-parallel trial (scaling.num_workers={cfg.scaling.num_workers}) runs one "
+                          "seed; use --sampler sobol|grid, which makes one trial per (setting, seed)")
+    return TrialOptions(sampler=sampler, scheduler=scheduler or ("none" if sampler in FIXED_DESIGNS else "asha"),
+                        trials=trials, concurrency=concurrency, metric=metric, seeds=seeds,
+                        max_failures=max_failures, design_seed=design_seed)
+
+
+def plan_points(name: str, space: SearchSpace, base: ExperimentConfig, options: TrialOptions,
+                checkpoints: dict[str, dict[str, Any]] | None = None) -> list[Point]:
+    """Every (setting, seed) of a fixed design, each config checked now, before Ray starts."""
+    points = []
+    for setting in build_design(space, options.sampler, options.trials, seed=options.design_seed):  # type: ignore[arg-type]
+        sid = ledger.setting_id(setting)
+        for seed in options.seeds:
+            cfg = check(point_config(space.apply(base, setting), name, sid, seed), checkpoints=checkpoints)
+            points.append(Point(setting, seed, sid, cfg.model_dump(mode="json")))
+    return points
+
+
+def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None,
+          *, trials: int = 8, sampler: Sampler = "tpe", scheduler: str | None = None, concurrency: int = 2,
+          metric: str = "val_acc", seeds: list[int] | tuple[int, ...] = (0,), name: str | None = None,
+          address: str | None = None, max_failures: int = 0, overrides: list[str] | None = None,
+          design_seed: int = 0) -> SweepResult:
+    """Search `space` (a shipped method name, a YAML path or a dict; default: the method's own) with Tune.
+
+    `trials` counts settings (a grid's size is fixed by the space). Adaptive samplers (`tpe`, `random`:
+    Optuna) run each setting's seeds in one trial and ASHA stops weak settings on the seed-mean `metric`;
+    fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping.
+    """
+    checkpoints: dict[str, dict[str, Any]] = {}
+    cfg = check(config, overrides, checkpoints=checkpoints)
+    options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed, cfg)
+    space_obj = load_space(space if space is not None else cfg.method.name, cfg)
+    name = name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
+
+    prepared = provision(cfg, address=address, checkpoints=checkpoints)  # data and teacher once, before any trial
+    gpu = use_gpu(cfg)
+    trial_resources(cfg, gpu, concurrency)  # a trial that cannot fit fails before the parent run exists
+    assert cfg.tracking.uri is not None
+    parent, experiment_id = start_run(
+        cfg.tracking.uri, cfg.tracking.experiment, name,
+        tags={"kdo.kind": "sweep", "kdo.sweep": name, "kdo.method": cfg.method.name, "kdo.space": space_obj.source,
+              "kdo.sampler": options.sampler, "kdo.scheduler": options.scheduler,
+              "kdo.seeds": ",".join(map(str, options.seeds)),
+              "kdo.parameters": json.dumps(list(space_obj.parameters)), "kdo.options": options.to_json()})
+    parent.log_params(flatten(cfg.model_dump(mode="json")))
+    parent.log_text(cfg.to_yaml(), "config.yaml")
+    parent.log_text(space_obj.model_dump_json(indent=2), "space.json")
+    ref = LedgerRef(name, parent.run_id, cfg.tracking.uri, cfg.tracking.experiment, experiment_id)
+    return _execute(ref, parent, prepared, space_obj, options, points, previous=[], gpu=gpu)
+
+
+def resume(name: str, *, address: str | None = None, tracking_uri: str | None = None,
+           experiment: str = "kdo") -> SweepResult:
+    """Finish a sweep whose driver died: nothing finished is rerun, orphaned children are closed and redone.
+
+    The ledger is the sweep's MLflow children (not Tune's state, which is snapshotted only every few
+    seconds): fixed designs run only their missing (setting, seed) points; adaptive sweeps re-enqueue
+    every setting seen (finished seeds are replayed from MLflow, not trained) and draw the rest anew.
+    """
+    found = load_sweep(name, tracking_uri, experiment)
+    uri, exp_id, parent_id = found.tracking_uri, found.experiment_id, found.parent_run_id
+    client = Tracker(uri, parent_id).client
+    options = TrialOptions.from_json(client.get_run(parent_id).data.tags["kdo.options"])
+    ledger.close_orphans(uri, exp_id, parent_id, "orphaned")
+    local = Path(tempfile.mkdtemp(prefix="kdo-resume-"))
+    checkpoints: dict[str, dict[str, Any]] = {}
+    cfg = check(client.download_artifacts(parent_id, "config.yaml", str(local)), checkpoints=checkpoints)
+    space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
+                                                                               str(local))).read_text())
+    points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
+    prepared = provision(cfg, address=address, checkpoints=checkpoints)
+    client.update_run(parent_id, status="RUNNING")
+    ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id)
+    previous = ledger.seen_settings(client, exp_id, parent_id) if points is None else []
+    return _execute(ref, Tracker(uri, parent_id), prepared, space_obj, options, points, previous=previous,
+                    gpu=use_gpu(cfg))
+
+
+def _execute(ref: LedgerRef, parent: Tracker, prepared: Prepared, space: SearchSpace, options: TrialOptions,
+             points: list[Point] | None, previous: list[dict[str, Any]], gpu: bool) -> SweepResult:
+    """Run the trials still to do under `parent` with Tune, then summarise onto the parent."""
+    status = "FAILED"
+    try:
+        if points is not None:
+            run_points(ref, prepared, points, options, use_gpu=gpu)
+        else:
+            run_search(ref, prepared, space, options, previous, use_gpu=gpu)
+        status = "FINISHED"
+    finally:
+        result = _finish(parent, ref.experiment_id, ref.name, list(space.parameters), status)
+    return result
+
+
+def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str) -> SweepResult:
+    """Close orphaned children, summarise onto the parent."""
+    ledger.close_orphans(parent.uri, experiment_id, parent.run_id, "early_stopped")
+    result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
+                         ledger.children_frame(parent.client, experiment_id, parent.run_id, parameters))
+    with_results = result.dataframe()
+    parent.log_text(with_results.to_csv(index=False), "results.csv")
+    try:
+        best = result.best()
+        parent.log_params({f"best.{p}": best[p] for p in parameters})
+        parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]}, step=0)
+        best_runs = with_results[with_results["setting_id"] == best.name]["run_id"]
+        parent.set_tags({"best_run_id": best_runs.iloc[0], "best_setting_id": best.name})
+    except ValueError:
+        status = "FAILED"
+    counts = with_results["status"].value_counts().to_dict()
+    parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, step=0)
+    parent.finish(status)
+    return result

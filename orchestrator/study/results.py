@@ -1,0 +1,169 @@
+"""`StudyResults`: a study's results table (one row per (method, setting, seed) child) and every statistic on
+it, in accuracy points; what the report, the plots and the console tables read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.data import dataset_info
+from orchestrator.experiment.tracking import ui_hint
+from orchestrator.search import ledger
+from orchestrator.search.spaces import SearchSpace
+from orchestrator.search.status import FAILED
+from orchestrator.study import analysis
+from orchestrator.study.spec import StudySpec
+
+
+@dataclass
+class StudyResults:
+    """The results of a study as MLflow holds them; `frame` in fractions (as logged), statistics in points."""
+
+    spec: StudySpec
+    base: ExperimentConfig
+    spaces: dict[str, SearchSpace]
+    frame: pd.DataFrame
+    teacher_acc: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str = ""
+    experiment_id: str = ""
+    parent_run_id: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def methods(self) -> list[str]:
+        return self.spec.all_methods
+
+    @property
+    def chance(self) -> float:
+        """Chance accuracy in points: failed runs count at this level."""
+        return 100.0 / dataset_info(self.base.data).num_classes
+
+    def parameters(self) -> dict[str, list[str]]:
+        return {m: list(s.parameters) for m, s in self.spaces.items()}
+
+    def results(self) -> pd.DataFrame:
+        """One row per (method, setting, seed): every parameter, seed, val/test accuracy (fractions, as in
+        MLflow), status (finished, diverged, error, ...), seconds, role and the MLflow run id."""
+        return self.frame.copy()
+
+    def _points_frame(self) -> pd.DataFrame:
+        """Results in accuracy points (0-100), the unit of every statistic and table."""
+        frame = self.results()
+        frame["val_acc"] *= 100.0
+        frame["test_acc"] *= 100.0
+        return frame
+
+    def setting_means(self, metric: str = "val_acc", failures: analysis.Failures = "chance") -> pd.DataFrame:
+        params = sorted({p for ps in self.parameters().values() for p in ps})
+        return analysis.setting_means(self._points_frame(), metric, self.chance, failures, params)
+
+    def summary(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
+        """One row per method (accuracy points): the distribution of per-setting seed means over the
+        design, the variance split, the defaults' and the tuned (best-on-val) setting's val/test
+        accuracy as mean ± std over seeds, tunability, and the failure rate."""
+        frame = self._points_frame()
+        val = self.setting_means("val_acc", failures)
+        test = self.setting_means("test_acc", failures).set_index(["method", "setting_id"])
+        rows = []
+        dist = analysis.distribution(val[val["method"].isin(self.spec.methods)], self.spec.delta)
+        split = analysis.variance_split(frame[frame["method"].isin(self.spec.methods)], "val_acc", self.chance,
+                                        failures)
+        for method in self.methods:
+            mine = val[val["method"] == method]
+            row: dict[str, Any] = {"method": method}
+            defaults = mine[mine["defaults"]]
+            if not defaults.empty:
+                sid = defaults["setting_id"].iloc[0]
+                row.update(default_val=defaults["score"].iloc[0], default_val_std=defaults["seed_std"].iloc[0],
+                           default_test=test.loc[(method, sid), "score"],
+                           default_test_std=test.loc[(method, sid), "seed_std"])
+            design = mine[~mine["defaults"]]
+            if not design.empty and design["score"].notna().any():
+                best = design.loc[design["score"].idxmax()]
+                row.update(tuned_val=best["score"], tuned_val_std=best["seed_std"],
+                           tuned_test=test.loc[(method, best["setting_id"]), "score"],
+                           tuned_test_std=test.loc[(method, best["setting_id"]), "seed_std"])
+                row.update(dist.loc[method].to_dict())
+                row.update(split.loc[method].to_dict())
+                if "default_val" in row:
+                    row["tunability"] = row["tuned_val"] - row["default_val"]
+            all_runs = frame[frame["method"] == method]
+            row["runs"] = len(all_runs)
+            row["failed_runs"] = int(all_runs["status"].isin(FAILED).sum())
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("method")
+
+    def teacher(self) -> dict[str, float]:
+        """The shared teacher's val/test accuracy in points (a reference row), from the children's metrics."""
+        return dict(self.teacher_acc)
+
+    def sensitivity(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
+        """Per (method, parameter): fANOVA and PED-ANOVA importance, and the parameter's tunability gain."""
+        means = self.setting_means("val_acc", failures)
+        means = means[means["method"].isin(self.spec.methods)]
+        imp = analysis.importances(means, self.spaces, seed=self.spec.design_seed)
+        table = imp.pivot_table(index=["method", "parameter"], columns="evaluator", values="importance")
+        tun = analysis.tunability(means, self.parameters(), seed=self.spec.design_seed)
+        gains = [{"method": m, "parameter": c.removeprefix("gain/"), "tunability": v}
+                 for m, row in tun.iterrows() for c, v in row.items() if str(c).startswith("gain/") and pd.notna(v)]
+        if gains:
+            table = table.join(pd.DataFrame(gains).set_index(["method", "parameter"]), how="outer")
+        return table
+
+    def expected_best(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
+        means = self.setting_means("val_acc", failures)
+        return analysis.expected_best_curve(means[means["method"].isin(self.spec.methods)])
+
+    def compare(self, a: str, b: str, failures: analysis.Failures = "chance") -> dict[str, Any]:
+        """Is `a` more robust than `b`? See `analysis.compare` for the rule."""
+        for m in (a, b):
+            if m not in self.spec.methods:
+                raise ConfigError(f"compare: '{m}' is not a method of this study; "
+                                  f"allowed: {', '.join(self.spec.methods)}")
+        means = self.setting_means("val_acc", failures)
+        design = means[~means["defaults"]]
+        scores = [design[design["method"] == m]["score"].dropna().to_numpy() for m in (a, b)]
+        return {"a": a, "b": b, **analysis.compare(*scores, delta=self.spec.delta, seed=self.spec.design_seed)}
+
+    def comparisons(self, failures: analysis.Failures = "chance") -> list[dict[str, Any]]:
+        """The study's declared pairs, or every studied method against the first one."""
+        studied = list(self.spec.methods)
+        pairs = self.spec.compare or [(studied[0], m) for m in studied[1:]]
+        return [self.compare(a, b, failures) for a, b in pairs]
+
+    def val_set_size(self) -> int:
+        from orchestrator.experiment.data import load_splits
+
+        return len(load_splits(self.base.data).val_y)
+
+    def ui_hint(self) -> str:
+        return ui_hint(self.tracking_uri, self.experiment_id)
+
+
+def read_results(spec: StudySpec, base: ExperimentConfig, spaces: dict[str, SearchSpace], uri: str,
+                 experiment_id: str, parent_run_id: str) -> StudyResults:
+    """A study's results from its MLflow children (the ledger), ordered by method as the study lists them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    params = sorted({p for s in spaces.values() for p in s.parameters})
+    frame = ledger.children_frame(client, experiment_id, parent_run_id, params,
+                                  tag_columns={"method": "kdo.method", "role": "kdo.role"})
+    frame["defaults"] = frame["role"] != "design"
+    order = {m: i for i, m in enumerate(spec.all_methods)}
+    frame = frame.sort_values(["method", "role", "setting_id", "seed"],
+                              key=lambda c: c.map(order) if c.name == "method" else c).reset_index(drop=True)
+    teacher: dict[str, float] = {}
+    for run in ledger.children(client, experiment_id, parent_run_id, page_size=50, limit=50):
+        m = run.data.metrics
+        if "teacher_val_acc" in m:
+            teacher = {"val": 100 * m["teacher_val_acc"], "test": 100 * m.get("teacher_test_acc", float("nan"))}
+            break
+    return StudyResults(spec, base, spaces, frame, teacher, uri, experiment_id, parent_run_id)

@@ -1,0 +1,299 @@
+"""Robustness studies: how fragile is each KD method to its hyperparameters?
+
+A study runs a design built up front (scrambled Sobol 2^m points, a full grid or i.i.d. random, by the
+sweeps' design builder) in each method's space, crossed with seeds, plus each method's defaults and the
+reference methods (`ce`) at their defaults: every (method, setting, seed) is one Ray Tune trial and one
+MLflow child run of the study's parent run, run through `search/`. Nothing is stopped early. Then
+`StudyResults` (`study.results`) measures the spread of each method over its settings, and `study.report`
+draws and writes it up. `RobustnessStudy.load(name)` rebuilds everything from MLflow, and
+`RobustnessStudy.resume(name)` finishes a study whose driver died without rerunning what finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import ValidationError
+
+from methods import get_method, list_methods
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import ExperimentConfig, format_validation_error, load_config
+from orchestrator.experiment.launch import use_gpu
+from orchestrator.experiment.runner import check, provision
+from orchestrator.experiment.tracking import Tracker, flatten, start_run
+from orchestrator.search import ledger
+from orchestrator.search.design import build_design
+from orchestrator.search.ledger import LedgerRef
+from orchestrator.search.spaces import SearchSpace, load_space
+from orchestrator.search.trial import Point, TrialOptions, point_config
+from orchestrator.search.tuner import run_points
+from orchestrator.study import analysis
+from orchestrator.study.results import StudyResults, read_results
+from orchestrator.study.spec import MethodEntry, StudySpec, build_spec, method_entry, read_spec, shipped_studies
+
+__all__ = ["RobustnessStudy", "shipped_studies"]
+
+
+class RobustnessStudy:
+    """`RobustnessStudy(name, base_config, methods={method: space or None}, ...)`, then `.run()`.
+
+    Everything the user can get wrong (configs, spaces, design sizes, comparisons) is checked here,
+    before Ray or MLflow are touched. Results, summaries, plots and the report come from MLflow
+    (`outcome()` -> `StudyResults`), so `RobustnessStudy.load(name)` in a notebook gives the same answers
+    without rerunning anything.
+    """
+
+    def __init__(self, name: str, base_config: str | Path | dict[str, Any] | ExperimentConfig,
+                 methods: dict[str, Any], design: str = "sobol", n_settings: int = 8,
+                 seeds: list[int] | tuple[int, ...] = (0, 1, 2), include_defaults: bool = True,
+                 metric: str = "val_acc", *, references: list[str] | tuple[str, ...] = ("ce",), delta: float = 1.0,
+                 compare: list[tuple[str, str]] | None = None, concurrency: int = 2, design_seed: int = 0,
+                 overrides: list[str] | None = None) -> None:
+        if isinstance(base_config, ExperimentConfig):
+            base_config = base_config.model_dump(mode="json")
+        self.spec = build_spec(name=name, config=str(base_config) if isinstance(base_config, Path) else base_config,
+                               methods={m: method_entry(v) for m, v in methods.items()}, design=design,
+                               n_settings=n_settings, seeds=list(seeds), include_defaults=include_defaults,
+                               references=list(references), metric=metric, delta=delta, compare=compare or [],
+                               concurrency=concurrency, design_seed=design_seed, set=overrides or [])
+        self._plan_points()
+        self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._uri = ""
+        self._results: StudyResults | None = None
+
+    # ------------------------------------------------------------------------------- definition
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RobustnessStudy:
+        """A `STUDY.yaml` (a path, or the name of a shipped study in `search_spaces/studies/`)."""
+        return cls._from_spec(read_spec(path, overrides))
+
+    @classmethod
+    def _from_spec(cls, spec: StudySpec) -> RobustnessStudy:
+        return cls(spec.name, spec.config, {m: e.model_dump() if e else None for m, e in spec.methods.items()},
+                   spec.design, spec.n_settings, spec.seeds, spec.include_defaults, spec.metric,
+                   references=spec.references, delta=spec.delta, compare=[tuple(p) for p in spec.compare],
+                   concurrency=spec.concurrency, design_seed=spec.design_seed, overrides=spec.set)
+
+    def replace(self, **changes: Any) -> RobustnessStudy:
+        """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew."""
+        return type(self)._from_spec(self.spec.model_copy(update=changes))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def methods(self) -> list[str]:
+        """The studied methods, then the references (which have no design)."""
+        return self.spec.all_methods
+
+    def _plan_points(self) -> None:
+        """Validate every config of every point up front; the points are what Tune runs."""
+        spec = self.spec
+        self.base = base = load_config(spec.config, spec.set)
+        self.spaces: dict[str, SearchSpace] = {}
+        self.points: list[Point] = []
+        for ref in spec.references:
+            if ref not in list_methods():
+                raise ConfigError(f"study.references: unknown method '{ref}'; allowed: {', '.join(list_methods())}")
+        for a, b in spec.compare:
+            for m in (a, b):
+                if m not in spec.methods:
+                    raise ConfigError(f"study.compare: '{m}' is not a method of this study; allowed: "
+                                      f"{', '.join(spec.methods)}")
+        for method in self.methods:
+            entry = spec.methods.get(method) or MethodEntry()
+            method_base = _method_config(base, method, entry.params)
+            planned: list[tuple[str, dict[str, Any], ExperimentConfig]] = []
+            if method in spec.methods:
+                space = load_space(entry.space if entry.space is not None else method, method_base)
+                self.spaces[method] = space
+                try:
+                    design = build_design(space, spec.design, spec.n_settings, seed=spec.design_seed)
+                except ConfigError as err:
+                    raise ConfigError(f"study.n_settings: {str(err).split(': ', 1)[-1]}") from None
+                planned += [("design", setting, space.apply(method_base, setting)) for setting in design]
+                if spec.include_defaults:
+                    planned.append(("defaults", {}, space.apply(method_base, {})))
+            else:
+                planned.append(("reference", {}, method_base))
+            seen: set[str] = set()
+            for role, setting, cfg in planned:
+                sid = ledger.setting_id({"method": method, "role": role, **setting})
+                if sid in seen:  # a design over choices can draw a setting twice: it runs (and counts) once
+                    continue
+                seen.add(sid)
+                self.points += [Point(setting, seed, sid, point_config(cfg, spec.name, sid, seed),
+                                      {"kdo.role": role, "kdo.study": spec.name}) for seed in spec.seeds]
+
+    def _checked_points(self) -> list[Point]:
+        """Every point's config checked (paths made absolute, teacher checkpoints read), before Ray starts."""
+        checkpoints: dict[str, dict[str, Any]] = {}
+        return [dataclasses.replace(p, config=check(p.config, checkpoints=checkpoints).model_dump(mode="json"))
+                for p in self.points]
+
+    @staticmethod
+    def _shared_config(points: list[Point]) -> ExperimentConfig:
+        """The config `provision` uses: data and teacher are the same for every point."""
+        for point in points:
+            if get_method(point.config["method"]["name"]).needs_teacher:
+                return ExperimentConfig.model_validate(point.config)
+        return ExperimentConfig.model_validate(points[0].config)
+
+    # ------------------------------------------------------------------------------------ running
+    def run(self, *, address: str | None = None) -> RobustnessStudy:
+        """Run every (method, setting, seed) as a Tune trial under one MLflow parent run; then analyse."""
+        points = self._checked_points()
+        prepared = provision(self._shared_config(points), address=address)
+        cfg = prepared.config
+        assert cfg.tracking.uri is not None
+        parent, experiment_id = start_run(
+            cfg.tracking.uri, cfg.tracking.experiment, self.name,
+            tags={"kdo.kind": "study", "kdo.study": self.name, "kdo.methods": ",".join(self.methods),
+                  "kdo.design": self.spec.design, "kdo.seeds": ",".join(map(str, self.spec.seeds))})
+        parent.log_params(flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}))
+        parent.log_text(self._stored_spec(cfg), "study.json")
+        parent.log_text(cfg.to_yaml(), "config.yaml")
+        return self._execute(prepared, points, parent, experiment_id)
+
+    @classmethod
+    def resume(cls, name: str, *, address: str | None = None, tracking_uri: str | None = None,
+               experiment: str = "kdo") -> RobustnessStudy:
+        """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run."""
+        study, parent_run = cls._from_mlflow(name, tracking_uri, experiment)
+        experiment_id, parent_id = parent_run.info.experiment_id, parent_run.info.run_id
+        ledger.close_orphans(study._uri, experiment_id, parent_id, "orphaned")
+        points = study._checked_points()
+        prepared = provision(cls._shared_config(points), address=address)
+        parent = Tracker(study._uri, parent_id)
+        parent.client.update_run(parent_id, status="RUNNING")
+        return study._execute(prepared, points, parent, experiment_id)
+
+    def _execute(self, prepared: Any, points: list[Point], parent: Tracker, experiment_id: str) -> RobustnessStudy:
+        cfg = prepared.config
+        self.parent_run_id, self.experiment_id, self._uri = parent.run_id, experiment_id, parent.uri
+        ref = LedgerRef(self.name, parent.run_id, parent.uri, cfg.tracking.experiment, experiment_id)
+        options = TrialOptions(sampler=self.spec.design,
+                               scheduler="none", trials=self.spec.n_settings, concurrency=self.spec.concurrency,
+                               metric=self.spec.metric, seeds=list(self.spec.seeds), max_failures=0,
+                               design_seed=self.spec.design_seed)
+        status = "FAILED"
+        try:
+            run_points(ref, prepared, points, options, use_gpu=use_gpu(cfg))
+            status = "FINISHED"
+        finally:
+            ledger.close_orphans(parent.uri, experiment_id, parent.run_id, "early_stopped")
+            self._results = None
+            if status == "FINISHED":
+                self._log_outputs(parent)
+            parent.finish(status)
+        return self
+
+    def _stored_spec(self, cfg: ExperimentConfig) -> str:
+        """The spec with its config inlined and its spaces resolved: enough to load or resume anywhere."""
+        raw = self.spec.model_dump(mode="json")
+        raw["config"] = self.base.model_dump(mode="json")
+        raw["set"] = []
+        for method, space in self.spaces.items():
+            entry = raw["methods"].get(method) or {"space": None, "params": {}}
+            entry["space"] = space.model_dump(mode="json", exclude={"source"})
+            raw["methods"][method] = entry
+        raw["tracking"] = {"uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment}
+        return json.dumps(raw, indent=2)
+
+    @classmethod
+    def load(cls, name: str, *, tracking_uri: str | None = None, experiment: str = "kdo") -> RobustnessStudy:
+        """Rebuild a finished (or interrupted) study from MLflow alone, to analyse it without rerunning."""
+        return cls._from_mlflow(name, tracking_uri, experiment)[0]
+
+    @classmethod
+    def _from_mlflow(cls, name: str, tracking_uri: str | None, experiment: str) -> tuple[RobustnessStudy, Any]:
+        uri, client, parent = ledger.find_parent("study", name, tracking_uri, experiment)
+        folder = tempfile.mkdtemp(prefix="kdo-study-")
+        raw = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", folder)).read_text())
+        raw.pop("tracking", None)
+        raw["config"]["tracking"]["uri"] = uri
+        study = cls._from_spec(StudySpec.model_validate(raw))
+        study.parent_run_id, study.experiment_id, study._uri = parent.info.run_id, parent.info.experiment_id, uri
+        return study, parent
+
+    # ----------------------------------------------------------------------------------- analysis
+    def outcome(self) -> StudyResults:
+        """The results table and every statistic, read from the study's MLflow children (cached)."""
+        if self.parent_run_id is None:
+            raise ConfigError(f"study '{self.name}' has not run: call .run() or RobustnessStudy.load(name)")
+        if self._results is None:
+            self._results = read_results(self.spec, self.base, self.spaces, self._uri, str(self.experiment_id),
+                                         self.parent_run_id)
+        return self._results
+
+    @property
+    def chance(self) -> float:
+        return self.outcome().chance
+
+    def results(self) -> pd.DataFrame:
+        """One row per (method, setting, seed) child: see `StudyResults.results`."""
+        return self.outcome().results()
+
+    def summary(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
+        """One row per method: see `StudyResults.summary`."""
+        return self.outcome().summary(failures)
+
+    def sensitivity(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
+        return self.outcome().sensitivity(failures)
+
+    def expected_best(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
+        return self.outcome().expected_best(failures)
+
+    def compare(self, a: str, b: str, failures: analysis.Failures = "chance") -> dict[str, Any]:
+        return self.outcome().compare(a, b, failures)
+
+    def comparisons(self, failures: analysis.Failures = "chance") -> list[dict[str, Any]]:
+        return self.outcome().comparisons(failures)
+
+    def teacher(self) -> dict[str, float]:
+        return self.outcome().teacher()
+
+    def plot(self, folder: str | Path | None = None) -> list[Path]:
+        """Draw every plot as PNG into `folder` (a temporary one by default); returns the files."""
+        from orchestrator.study.report import draw_plots
+
+        return draw_plots(self.outcome(), Path(folder or tempfile.mkdtemp(prefix=f"kdo-{self.name}-plots-")))
+
+    def report(self, path: str | Path | None = None) -> Path:
+        """Write `<name>.md` and a self-contained `<name>.html` (tables and plots inline); returns the HTML."""
+        from orchestrator.study.report import write_report
+
+        return write_report(self.outcome(), Path(path or f"{self.name}-report"))
+
+    def _log_outputs(self, parent: Tracker) -> None:
+        """Results table, summary, plots and report, on the parent run (they open in the MLflow UI)."""
+        parent.log_text(self.results().to_csv(index=False), "results.csv")
+        summary = self.summary()
+        parent.log_text(summary.to_csv(), "summary.csv")
+        for method, row in summary.iterrows():
+            parent.log_metrics({f"{method}.{k}": v for k, v in row.items() if isinstance(v, float | int)}, step=0)
+        folder = Path(tempfile.mkdtemp(prefix=f"kdo-{self.name}-"))
+        html = self.report(folder / "report")
+        for file in sorted(html.parent.rglob("*")):
+            if file.is_file():
+                parent.log_artifact(file, "report" if file.suffix in (".md", ".html") else "plots")
+
+    def ui_hint(self) -> str:
+        return self.outcome().ui_hint()
+
+
+def _method_config(base: ExperimentConfig, method: str, params: dict[str, Any]) -> ExperimentConfig:
+    """The base config running `method` with its defaults (plus the study's fixed params)."""
+    raw = base.model_dump(mode="json")
+    raw["method"] = {"name": method, "params": params}
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"study.methods.{method}: {format_validation_error(err, '', ExperimentConfig)}") from None

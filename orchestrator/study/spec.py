@@ -1,0 +1,117 @@
+"""The study spec: what `STUDY.yaml` holds (and the parent run's `study.json`), validated by pydantic."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from methods import list_methods
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import format_validation_error
+from orchestrator.search.spaces import SearchSpace
+
+ROLES = ("design", "defaults", "reference")
+
+
+class MethodEntry(BaseModel):
+    """One method of a study: its space (None: the method's shipped space) and fixed params."""
+
+    model_config = ConfigDict(extra="forbid")
+    space: str | dict[str, Any] | None = None
+    params: dict[str, Any] = Field({}, description="method params fixed for the whole study")
+
+
+class StudySpec(BaseModel):
+    """A study as written in `STUDY.yaml` (and logged as `study.json` on the parent run)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1)
+    config: str | dict[str, Any] = Field(..., description="base experiment: shipped name, YAML path or mapping")
+    methods: dict[str, MethodEntry | None] = Field(..., min_length=1)
+    design: Literal["sobol", "grid", "random"] = "sobol"
+    n_settings: int = Field(8, ge=1, le=4096, description="settings per method (2^m for sobol; grid: ignored)")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    include_defaults: bool = True
+    references: list[str] = Field(["ce"], description="methods run at their defaults only, as reference rows")
+    metric: Literal["val_acc"] = Field("val_acc", description="selection metric (test accuracy is never used)")
+    delta: float = Field(1.0, gt=0, le=100, description="points of accuracy that count as 'as good as the best'")
+    compare: list[tuple[str, str]] = Field([], description="pairs (A, B): is A more robust than B?")
+    concurrency: int = Field(2, ge=1, le=4096)
+    design_seed: int = Field(0, ge=0)
+    set: list[str] = Field([], description="overrides of the base config: a.b=value")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"distinct non-negative integers, e.g. [0, 1, 2] (got {seeds})")
+        return seeds
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: dict[str, MethodEntry | None]) -> dict[str, MethodEntry | None]:
+        for name in methods:
+            if name not in list_methods():
+                raise ValueError(f"unknown method '{name}'; allowed: {', '.join(list_methods())}")
+        return methods
+
+    @property
+    def all_methods(self) -> list[str]:
+        """The studied methods, then the references (which have no design)."""
+        return [*self.methods, *[r for r in self.references if r not in self.methods]]
+
+
+def build_spec(**fields: Any) -> StudySpec:
+    try:
+        return StudySpec(**fields)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "study", StudySpec)) from None
+
+
+def method_entry(value: Any) -> dict[str, Any] | None:
+    """A `methods` value: None, a space (name, path, dict or SearchSpace), or {space:, params:}."""
+    if value is None:
+        return None
+    if isinstance(value, SearchSpace):
+        return {"space": value.model_dump(mode="json", exclude={"source"})}
+    if isinstance(value, Path):
+        return {"space": str(value)}
+    if isinstance(value, dict) and set(value) <= {"space", "params"}:
+        return value
+    return {"space": value}
+
+
+def read_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    """A `STUDY.yaml` (a path, or the name of a shipped study), with a config beside it resolved."""
+    source = study_path(path)
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a study is a mapping with name, config and methods")
+    spec = build_spec(**raw)
+    config = spec.config
+    if isinstance(config, str) and not Path(config).is_absolute() and (source.parent / config).is_file():
+        config = str(source.parent / config)  # a config beside the study file
+    return spec.model_copy(update={"config": config, "set": [*spec.set, *(overrides or [])]})
+
+
+def study_path(path: str | Path) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    shipped = resources.files("search_spaces") / "studies" / f"{path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"STUDY: no file '{path}' and no shipped study of that name; shipped: "
+                      f"{', '.join(shipped_studies())}")
+
+
+def shipped_studies() -> list[str]:
+    folder = resources.files("search_spaces") / "studies"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))

@@ -1,0 +1,40 @@
+"""The ledger on a real SQLite MLflow store, built directly (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
+
+from orchestrator.experiment.tracking import start_run
+from orchestrator.search import ledger
+
+
+def _parent_with_children(workdir: Path, count: int) -> tuple[MlflowClient, str, str]:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    parent, experiment_id = start_run(uri, "kdo", "p", tags={"kdo.kind": "sweep", "kdo.sweep": "p"})
+    client = parent.client
+    for i in range(count):
+        run = client.create_run(experiment_id, run_name=f"c{i}", tags={"mlflow.parentRunId": parent.run_id})
+        client.log_batch(run.info.run_id, tags=[RunTag("kdo.setting_id", f"s{i}"), RunTag("kdo.seed", "0"),
+                                                RunTag("kdo.status", "finished")])
+    return client, experiment_id, parent.run_id
+
+
+def test_children_are_listed_page_by_page(workdir: Path) -> None:
+    client, experiment_id, parent_id = _parent_with_children(workdir, 120)
+    runs = ledger.children(client, experiment_id, parent_id, page_size=50)
+    assert len(runs) == 120 and len({r.info.run_id for r in runs}) == 120
+    assert len(ledger.children(client, experiment_id, parent_id, page_size=50, limit=7)) == 7
+    assert len(ledger.done_points(client, experiment_id, parent_id)) == 120
+    frame = ledger.children_frame(client, experiment_id, parent_id, [])
+    assert len(frame) == 120 and set(frame["status"]) == {"finished"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_more_than_one_mlflow_page_of_children_is_listed(workdir: Path) -> None:
+    client, experiment_id, parent_id = _parent_with_children(workdir, 1001)
+    assert len(ledger.children(client, experiment_id, parent_id)) == 1001
