@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,12 @@ class Synthesizer(Protocol):
     def sample(self, batch_size: int) -> Tensor:
         """Inputs for one student step, in the normalized image space, without a graph."""
         ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue synthesizing (optimizer state, kept images)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -104,6 +110,13 @@ class GeneratorSynthesizer:
         self.optimizer.step()
         self.last = images.detach()
         return {"total": loss.detach(), **parts}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.last = state["last"]
 
     @torch.no_grad()
     def sample(self, batch_size: int) -> Tensor:
@@ -177,6 +190,13 @@ class DataFreeDistiller(Distiller):
             if iteration == 0 and epoch in log_epochs:
                 ctx.log_images(x[:64], f"samples/epoch_{epoch:04d}.png")
             yield x, None
+
+    def method_state(self) -> dict[str, Any]:
+        return {"synthesizer": self.synthesizer.state_dict()} if self.synthesizer is not None else {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        if self.synthesizer is not None and "synthesizer" in state:
+            self.synthesizer.load_state_dict(state["synthesizer"])
 
     def optimized_parameters(self) -> list[nn.Parameter]:
         excluded = {id(p) for name in self.synthesis_modules if hasattr(self, name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,12 @@ class ImagePool:
         self.student.train(student_mode)
         self.images = torch.cat([self.images, x.detach()])[-p.pool_size:]
         return {"total": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.images = state["images"].to(self.device)
 
     def sample(self, batch_size: int) -> Tensor:
         index = torch.randint(0, self.images.shape[0], (batch_size,), device=self.device)

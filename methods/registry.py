@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -148,6 +149,14 @@ class Distiller(nn.Module):
     def inference_student(self) -> nn.Module:
         """The network evaluated, selected and checkpointed."""
         return self.student
+
+    def method_state(self) -> dict[str, Any]:
+        """What a trial checkpoint needs beyond the modules' weights and buffers (a synthesizer's optimizer, an
+        image pool, scores kept in plain tensors); restored by `load_method_state` after `setup`."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore what `method_state` returned."""
 
 
 _METHODS: dict[str, type[Distiller]] = {}

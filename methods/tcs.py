@@ -190,6 +190,13 @@ class TailoredCoordinateSystem(Distiller):
         self.score.zero_()
         self.rounds_done += 1
 
+    def method_state(self) -> dict[str, Any]:
+        return {"score": self.score.detach().cpu().clone(), "rounds_done": self.rounds_done}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.score = state["score"].to(self.score.device)
+        self.rounds_done = int(state["rounds_done"])
+
     def effective_mask(self) -> Tensor:
         return self.mask * self.alive
 

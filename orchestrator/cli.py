@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kd-orchestrator: knowledge-distillation experiments on Ray, tracked in MLflow.")
@@ -20,6 +20,8 @@ Address = Annotated[str | None, typer.Option(help="Ray cluster address ('auto' f
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors: one line, exit 2. Ctrl-C / SIGTERM of a sweep or study: the resume command, exit 130 / 143."""
+
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -27,6 +29,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ConfigError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as stop:
+            typer.echo(f"interrupted ({stop}): running runs are closed as 'interrupted'; finish with: "
+                       f"{stop.resume_hint or 'kdo resume NAME'}", err=True)
+            raise typer.Exit(stop.exit_code) from None
 
     return wrapper
 
@@ -39,6 +45,9 @@ def run_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped con
     from orchestrator.experiment.runner import run
 
     result = run(config, set_ or [], address=address)
+    if result.status == "crashed":
+        typer.echo(f"{result.name}: status=crashed ({result.reason}); MLflow run {result.run_id}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"{result.name}: status={result.status} val_acc={result.val_acc:.4f} "
                f"test_acc={result.test_acc:.4f} (epoch {result.best_epoch}) in {result.seconds:.1f} s")
     typer.echo(f"MLflow run {result.run_id}: {result.ui_hint()}")
@@ -90,14 +99,15 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
               concurrency: Annotated[int, typer.Option(help="trials running at once")] = 2,
               seeds: Annotated[str, typer.Option(help="comma-separated seeds per setting")] = "0",
               name: Annotated[str | None, typer.Option(help="sweep name (default: config-method-time)")] = None,
-              max_failures: Annotated[int, typer.Option(help="retries of a trial that raised")] = 0,
+              max_failures: Annotated[int, typer.Option(help="retries of a crashed trial, from its checkpoint")] = 0,
+              checkpoint_seconds: Annotated[float, typer.Option(help="seconds between trial checkpoints")] = 30.0,
               set_: Overrides = None, address: Address = None) -> None:
     """Search a method's hyperparameters with Ray Tune + Optuna; every run an MLflow child of the sweep."""
     from orchestrator.search.sweep import sweep
 
     result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
                    concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
-                   max_failures=max_failures, overrides=set_ or [])
+                   max_failures=max_failures, overrides=set_ or [], checkpoint_seconds=checkpoint_seconds)
     from orchestrator.study.display import print_sweep
 
     print_sweep(result)

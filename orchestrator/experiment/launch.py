@@ -37,6 +37,7 @@ class RunResult:
     experiment_id: str
     tracking_uri: str
     config: ExperimentConfig
+    reason: str = ""  # why a run crashed
 
     def ui_hint(self) -> str:
         return ui_hint(self.tracking_uri, self.experiment_id)
@@ -101,7 +102,8 @@ def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
         if sc.num_workers > 1:
             raise ConfigError("scaling.trainer: 'direct' runs one worker; use 'ray_train' or 'auto' for "
                               f"num_workers={sc.num_workers}")
-        task = ray.remote(_train_direct).options(num_cpus=sc.cpus_per_worker,
+        # No silent re-execution: a retried task would train from epoch 0 again into the same MLflow run.
+        task = ray.remote(_train_direct).options(num_cpus=sc.cpus_per_worker, max_retries=0,
                                                   num_gpus=sc.gpus_per_worker if gpu else 0)
         return ray.get(task.remote(payload))
 
@@ -140,6 +142,10 @@ def payload(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
             "run_id": run_id, "artifact_name": artifact_name, "use_gpu": gpu}
 
 
+_PROCESS_DIED = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+                 ray.exceptions.ActorDiedError)
+
+
 def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, *,
             artifact_name: str = "student") -> RunResult:
     """Log one run in MLflow and train it on Ray; the config is already checked and resolved."""
@@ -151,9 +157,14 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
     try:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_text(cfg.to_yaml(), "config.yaml")
-        out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
-                                   artifact_name=artifact_name))
+        try:
+            out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
+                                       artifact_name=artifact_name))
+        except _PROCESS_DIED as err:  # the worker or its node died (killed, out of memory): the run crashed
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            out = LoopOutput(status="crashed", history=[], final={"reason": reason})
         status = "FINISHED" if out.status == "finished" else "FAILED"
+        tracker.set_tags({"kdo.status": out.status})
     finally:
         tracker.finish(status)
     final = out.final
@@ -162,4 +173,4 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
         test_acc=float(final.get("test_acc", float("nan"))), best_epoch=int(final.get("best_epoch", 0)),
         teacher_val_acc=final.get("teacher_val_acc"), teacher_test_acc=final.get("teacher_test_acc"),
         seconds=time.perf_counter() - started, history=pd.DataFrame(out.history), run_id=tracker.run_id,
-        experiment_id=experiment_id, tracking_uri=cfg.tracking.uri, config=cfg)
+        experiment_id=experiment_id, tracking_uri=cfg.tracking.uri, config=cfg, reason=str(final.get("reason", "")))

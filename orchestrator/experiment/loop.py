@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -134,9 +135,16 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
                    rank: int = 0, world: int = 1, device: torch.device | None = None,
                    report: Reporter | None = None, tracker: RunLog | None = None,
                    wrap: Callable[[nn.Module], nn.Module] | None = None, artifact_name: str = "student",
-                   log: Callable[[str], None] | None = print) -> Iterator[dict[str, Any]]:
+                   log: Callable[[str], None] | None = print, snapshot_every: int = 0,
+                   resume: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """`train_loop` one epoch at a time: yields each epoch's metrics after reporting and logging them,
-    so a caller can advance several seeds in lockstep and report their mean."""
+    so a caller can advance several seeds in lockstep and report their mean.
+
+    Every `snapshot_every` epochs (0: never; never on the last) the yielded metrics also hold `loop_state`:
+    everything needed to continue the run after that epoch (the distiller's weights and method state, the
+    optimizer, the schedule, the RNG, the selection so far), on the CPU. `resume` takes such a state and
+    continues from the next epoch: the method's pre-phase runs again with its logging off (its result is
+    then overwritten), so nothing is logged twice."""
     tc = cfg.training
     device = device or torch.device("cpu")
     torch.manual_seed(tc.seed)
@@ -181,6 +189,9 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher is not None else None,
         indexed_train_batches=lambda epoch: train_batches(epoch, with_index=True),
         train_images=data.train_images, data_mean=tuple(splits.mean), data_std=tuple(splits.std))
+    if resume is not None:  # the pre-phase ran and was logged before: rerun it quietly, then overwrite its result
+        ctx = dataclasses.replace(ctx, log=lambda metrics, step: None, log_images=lambda images, name: None,
+                                  set_tags=lambda tags: None)
     distiller.setup(ctx)  # before DDP wraps it: every rank runs the same seeded pre-phase, DDP syncs from rank 0
     model: nn.Module = wrap(distiller) if wrap is not None else distiller
     if tc.compile:
@@ -193,10 +204,19 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
     if teacher is not None:
         static = {"teacher_val_acc": accuracy(teacher, data, "val", tc.precision),
                   "teacher_test_acc": accuracy(teacher, data, "test", tc.precision)}
-        if tracker is not None:
+        if tracker is not None and resume is None:
             tracker.log_metrics(static, step=0)
-    best_val, best_epoch, best_state = -1.0, 0, None
-    for epoch in range(1, tc.epochs + 1):
+    # No epoch is selected before the first finite one: a run that diverges at once tests nothing (NaN).
+    best_val, best_epoch, best_state, first = float("nan"), 0, None, 1
+    if resume is not None:
+        distiller.load_state_dict(resume["distiller"], strict=False)
+        distiller.load_method_state(resume["method"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        torch.set_rng_state(resume["rng"])
+        best_val, best_epoch, best_state = resume["best_val"], resume["best_epoch"], resume["best_state"]
+        first = resume["epoch"] + 1
+    for epoch in range(first, tc.epochs + 1):
         distiller.train()
         distiller.start_epoch(epoch, ctx)
         start = time.perf_counter()
@@ -225,7 +245,7 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
                                    **_named("val_acc", distiller.extra_accuracies("val", ctx))}
         if not all(math.isfinite(v) for v in (*means.values(), *method_metrics.values())):
             status = "diverged"
-        elif tc.selection == "last" or val_acc > best_val:
+        elif tc.selection == "last" or best_state is None or val_acc > best_val:
             best_val, best_epoch = val_acc, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
         last = epoch == tc.epochs or status == "diverged"
@@ -243,21 +263,28 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
             log(f"[{cfg.name}] epoch {epoch}/{tc.epochs} {shown}")
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        checkpoint_dir = None
-        if rank == 0 and (report is not None or (last and tracker is not None)):
-            checkpoint_dir = tempfile.mkdtemp(prefix="kdo-ckpt-")
-            save_network(Path(checkpoint_dir) / f"{artifact_name}.pt", student,
-                         architecture=cfg.student.architecture, args=cfg.student.args,
-                         num_classes=splits.info.num_classes, in_channels=splits.info.channels,
-                         image_size=splits.info.image_size, val_acc=val_acc, epoch=epoch,
-                         **({"test_acc": metrics["test_acc"]} if last else {}))
-            if last and tracker is not None:
-                tracker.log_artifact(Path(checkpoint_dir) / f"{artifact_name}.pt", artifact_name)
-                # The outcome is on record before anyone hears of it: a trial process Tune tears down right
-                # after its last report still leaves a run whose tag says how it ended.
-                tracker.set_tags({"kdo.status": status})
-        if report is not None:
-            report(metrics, checkpoint_dir)
+        with tempfile.TemporaryDirectory(prefix="kdo-student-") as folder:  # removed once reported and logged
+            checkpoint_dir = None
+            if rank == 0 and last and (report is not None or tracker is not None):
+                checkpoint_dir = folder
+                save_network(Path(folder) / f"{artifact_name}.pt", student, architecture=cfg.student.architecture,
+                             args=cfg.student.args, num_classes=splits.info.num_classes,
+                             in_channels=splits.info.channels, image_size=splits.info.image_size, val_acc=val_acc,
+                             epoch=epoch, test_acc=metrics["test_acc"])
+                if tracker is not None:
+                    tracker.log_artifact(Path(folder) / f"{artifact_name}.pt", artifact_name)
+                    # The outcome is on record before anyone hears of it: a trial process Tune tears down right
+                    # after its last report still leaves a run whose tag says how it ended.
+                    tracker.set_tags({"kdo.status": status})
+            if report is not None:
+                report(metrics, checkpoint_dir)
+        if snapshot_every and not last and epoch % snapshot_every == 0:
+            metrics["loop_state"] = copy.deepcopy({  # a copy: training on mutates the live tensors
+                "epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state(), "best_val": best_val, "best_epoch": best_epoch, "best_state": best_state,
+                "method": distiller.method_state(),
+                "distiller": {k: v.detach().cpu() for k, v in distiller.state_dict().items()
+                              if not k.startswith("teacher.")}})
         yield metrics
         if last:
             return

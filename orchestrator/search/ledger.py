@@ -21,7 +21,7 @@ import pandas as pd
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig, absolute_uri, default_tracking_uri
 from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run
-from orchestrator.search.status import DONE, HIDDEN, MLFLOW_STATUS
+from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -78,16 +78,40 @@ def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str)
     return uri, client, parents[0]
 
 
-def done_seeds(client: MlflowClient, experiment_id: str, parent_run_id: str, sid: str) -> dict[int, Run]:
-    """The seeds of setting `sid` that ended for good, with their runs."""
+def status_of(run: Run) -> str:
+    """A child's status in today's words: `running` while MLflow says RUNNING, else its `kdo.status` tag."""
+    if run.info.status == "RUNNING":
+        return "running"
+    return normalize(run.data.tags.get("kdo.status", run.info.status.lower()))
+
+
+def final_seeds(client: MlflowClient, experiment_id: str, parent_run_id: str, sid: str) -> dict[int, Run]:
+    """The seeds of setting `sid` that ended for good (never rerun), with their runs."""
     return {int(r.data.tags["kdo.seed"]): r for r in children(client, experiment_id, parent_run_id, setting=sid)
-            if r.data.tags.get("kdo.status") in DONE}
+            if status_of(r) in FINAL}
 
 
-def done_points(client: MlflowClient, experiment_id: str, parent_run_id: str) -> set[tuple[str | None, int]]:
+def unfinished_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str, sid: str,
+                        ) -> dict[int, list[Run]]:
+    """Per seed of setting `sid`, the attempts still to be redone (crashed, interrupted, or left RUNNING by a
+    process that died), newest first."""
+    out: dict[int, list[Run]] = {}
+    for r in children(client, experiment_id, parent_run_id, setting=sid):
+        if status_of(r) in (*REDO, "running"):
+            out.setdefault(int(r.data.tags["kdo.seed"]), []).append(r)
+    return {seed: sorted(runs, key=lambda r: r.info.start_time, reverse=True) for seed, runs in out.items()}
+
+
+def final_points(client: MlflowClient, experiment_id: str, parent_run_id: str) -> set[tuple[str | None, int]]:
     """(setting id, seed) of every child that ended for good: what a resumed fixed design skips."""
     return {(r.data.tags.get("kdo.setting_id"), int(r.data.tags.get("kdo.seed", -1)))
-            for r in children(client, experiment_id, parent_run_id) if r.data.tags.get("kdo.status") in DONE}
+            for r in children(client, experiment_id, parent_run_id)
+            if status_of(r) in FINAL}
+
+
+def logged_epochs(client: MlflowClient, run_id: str) -> int:
+    """The last epoch a child has logged (0 if none): a continued attempt logs only the epochs after it."""
+    return max((m.step for m in client.get_metric_history(run_id, "train_loss")), default=0)
 
 
 def seen_settings(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
@@ -103,10 +127,10 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
     (and `tag_columns`: column name -> tag key)."""
     rows = []
     for r in children(client, experiment_id, parent_run_id):
-        if r.data.tags.get("kdo.status") in HIDDEN:
+        status = status_of(r)
+        if status in HIDDEN:
             continue
         m, tags = r.data.metrics, r.data.tags
-        status = tags.get("kdo.status", "running" if r.info.status == "RUNNING" else r.info.status.lower())
         row = {"setting_id": tags.get("kdo.setting_id"), "seed": int(tags.get("kdo.seed", -1)), "status": status,
                "val_acc": m.get("selected_val_acc", m.get("val_acc", math.nan)),
                "test_acc": m.get("test_acc", math.nan),
@@ -130,7 +154,7 @@ def replay(client: MlflowClient, run: Run) -> Iterator[dict[str, Any]]:
     history = {k: sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)
                for k in ("val_acc", "train_loss")}
     for i, (val, loss) in enumerate(zip(history["val_acc"], history["train_loss"], strict=False)):
-        row = {"val_acc": val.value, "train_loss": loss.value}
+        row = {"val_acc": val.value, "train_loss": loss.value, "epoch": val.step}
         if i == len(history["val_acc"]) - 1 and status in ("finished", "diverged"):
             row.update(test_acc=run.data.metrics.get("test_acc", math.nan), status=status)
         yield row
@@ -159,13 +183,29 @@ def settle_child(uri: str, run: Run, unfinished: str) -> None:
     close_child(Tracker(uri, run.info.run_id), recorded if recorded in ("finished", "diverged") else unfinished)
 
 
-def close_orphans(uri: str, experiment_id: str, parent_run_id: str, unfinished: str) -> None:
-    """Settle every child still RUNNING: at the end of a driver (`early_stopped`: Tune stopped it between
-    reports or tore it down after its last one) or before a resume (`orphaned`: its driver died)."""
+def supersede(uri: str, run: Run) -> None:
+    """An attempt a later one replaces: hidden from every table (its runs stay in MLflow for the record)."""
+    close_child(Tracker(uri, run.info.run_id), "superseded")
+
+
+def reopen(uri: str, run: Run) -> Tracker:
+    """Continue an unfinished attempt in the same child run (a retried or resumed trial with a checkpoint)."""
+    tracker = Tracker(uri, run.info.run_id)
+    tracker.client.update_run(run.info.run_id, status="RUNNING")
+    tracker.set_tags({"kdo.status": "running"})
+    return tracker
+
+
+def close_running(uri: str, experiment_id: str, parent_run_id: str, unfinished: str,
+                  stopped_trials: frozenset[str] = frozenset()) -> None:
+    """Settle every child still RUNNING when a driver ends (or before a resume): the outcome its loop recorded,
+    else `early_stopped` if its Tune trial was stopped by the scheduler (`stopped_trials`), else `unfinished`
+    (`crashed` when its process died, `interrupted` when the driver was stopped or died)."""
     from mlflow.tracking import MlflowClient
 
     for run in children(MlflowClient(uri), experiment_id, parent_run_id, running=True):
-        settle_child(uri, run, unfinished)
+        stopped = run.data.tags.get("kdo.trial_id") in stopped_trials
+        settle_child(uri, run, "early_stopped" if stopped else unfinished)
 
 
 @dataclass(frozen=True)

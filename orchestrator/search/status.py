@@ -1,11 +1,33 @@
-"""The status words of the ledger, defined once: what a child's `kdo.status` may say, which MLflow status it
-ends with, which outcomes are final and which count as failures (used by the ledger, tables and analysis)."""
+"""The status words of the ledger, defined once: what a child's `kdo.status` may say, the MLflow status it ends
+with, which outcomes are final, which `kdo resume` redoes, and how each counts in tables and statistics.
+
+| status          | MLflow   | final | `kdo resume`                           | in the statistics                     |
+|-----------------|----------|-------|----------------------------------------|---------------------------------------|
+| `finished`      | FINISHED | yes   | kept                                   | its accuracy                          |
+| `diverged`      | FAILED   | yes   | kept                                   | a failure (at chance, or dropped)     |
+| `invalid`       | FAILED   | yes   | kept                                   | a failure                             |
+| `early_stopped` | KILLED   | yes   | kept (only a scheduler stops a run)    | not an outcome: left out              |
+| `crashed`       | FAILED   | no    | redone (from its checkpoint if any)    | a failure until redone                |
+| `interrupted`   | KILLED   | no    | redone (from its checkpoint if any)    | not an outcome: left out              |
+| `superseded`    | KILLED   | yes   | replaced by a later attempt            | hidden                                |
+
+Ledgers written before these words: `error` reads as `crashed`, `orphaned` as `superseded`, `stopped` as
+`early_stopped` (`normalize`).
+"""
 
 from __future__ import annotations
 
-# kdo.status of a child -> the MLflow status it ends with.
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "stopped": "KILLED", "early_stopped": "KILLED",
-                 "error": "FAILED", "running": "KILLED", "orphaned": "KILLED"}
-DONE = ("finished", "diverged", "early_stopped")  # terminal outcomes of a (setting, seed): never rerun
-FAILED = ("diverged", "error", "failed")  # count as failures in every table and statistic
-HIDDEN = ("orphaned",)  # interrupted attempts, redone by `resume`: not part of any result
+MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "invalid": "FAILED", "early_stopped": "KILLED",
+                 "crashed": "FAILED", "interrupted": "KILLED", "superseded": "KILLED"}
+FINAL = ("finished", "diverged", "invalid", "early_stopped")  # a (setting, seed) with one of these is never rerun
+REDO = ("crashed", "interrupted")  # resume runs these again, continuing from their checkpoint when there is one
+FAILED = ("diverged", "invalid", "crashed")  # count as failures in every table and statistic
+NOT_OUTCOMES = ("early_stopped", "interrupted", "running")  # partial runs: never enter a statistic
+HIDDEN = ("superseded",)  # attempts replaced by later ones: in no table
+LEGACY = {"error": "crashed", "orphaned": "superseded", "stopped": "early_stopped", "failed": "crashed",
+          "killed": "interrupted"}
+
+
+def normalize(status: str) -> str:
+    """Today's word for a status read from a ledger (older ledgers used other words)."""
+    return LEGACY.get(status, status)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, Interrupted
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
@@ -25,9 +25,16 @@ from orchestrator.search import ledger
 from orchestrator.search.design import build_design
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, load_space
-from orchestrator.search.status import FAILED
+from orchestrator.search.status import FAILED, REDO
 from orchestrator.search.trial import FIXED_DESIGNS, Point, Sampler, TrialOptions, point_config
-from orchestrator.search.tuner import run_points, run_search, trial_resources
+from orchestrator.search.tuner import (
+    forget_experiment,
+    interruptible,
+    run_points,
+    run_search,
+    stop_trials,
+    trial_resources,
+)
 
 
 @dataclass
@@ -81,7 +88,7 @@ def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kd
 
 
 def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int, metric: str, seeds: list[int],
-             max_failures: int, design_seed: int, cfg: ExperimentConfig) -> TrialOptions:
+             max_failures: int, design_seed: int, checkpoint_seconds: float, cfg: ExperimentConfig) -> TrialOptions:
     if sampler not in ("tpe", "random", "sobol", "grid"):
         raise ConfigError(f"--sampler: unknown sampler '{sampler}'; allowed: tpe, random, sobol, grid")
     if scheduler not in (None, "asha", "none"):
@@ -92,6 +99,10 @@ def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
         raise ConfigError(f"--trials: must be >= 1 (got {trials})")
     if concurrency < 1:
         raise ConfigError(f"--concurrency: must be >= 1 (got {concurrency})")
+    if not 0 <= max_failures <= 100:
+        raise ConfigError(f"--max-failures: retries of a crashed trial, 0 to 100 (got {max_failures})")
+    if checkpoint_seconds < 0:
+        raise ConfigError(f"--checkpoint-seconds: must be >= 0 (got {checkpoint_seconds:g})")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError(f"--seeds: distinct non-negative integers, e.g. 0,1,2 (got {seeds})")
     if cfg.scaling.num_workers > 1 and sampler not in FIXED_DESIGNS and len(seeds) > 1:
@@ -99,7 +110,7 @@ def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
                           "seed; use --sampler sobol|grid, which makes one trial per (setting, seed)")
     return TrialOptions(sampler=sampler, scheduler=scheduler or ("none" if sampler in FIXED_DESIGNS else "asha"),
                         trials=trials, concurrency=concurrency, metric=metric, seeds=seeds,
-                        max_failures=max_failures, design_seed=design_seed)
+                        max_failures=max_failures, design_seed=design_seed, checkpoint_seconds=checkpoint_seconds)
 
 
 def plan_points(name: str, space: SearchSpace, base: ExperimentConfig, options: TrialOptions,
@@ -118,16 +129,18 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
           *, trials: int = 8, sampler: Sampler = "tpe", scheduler: str | None = None, concurrency: int = 2,
           metric: str = "val_acc", seeds: list[int] | tuple[int, ...] = (0,), name: str | None = None,
           address: str | None = None, max_failures: int = 0, overrides: list[str] | None = None,
-          design_seed: int = 0) -> SweepResult:
+          design_seed: int = 0, checkpoint_seconds: float = 30.0) -> SweepResult:
     """Search `space` (a shipped method name, a YAML path or a dict; default: the method's own) with Tune.
 
     `trials` counts settings (a grid's size is fixed by the space). Adaptive samplers (`tpe`, `random`:
     Optuna) run each setting's seeds in one trial and ASHA stops weak settings on the seed-mean `metric`;
-    fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping.
+    fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping. A trial that
+    crashes is retried `max_failures` times from its last checkpoint (taken `checkpoint_seconds` apart).
     """
     checkpoints: dict[str, dict[str, Any]] = {}
     cfg = check(config, overrides, checkpoints=checkpoints)
-    options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed, cfg)
+    options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
+                       checkpoint_seconds, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
     name = name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
@@ -151,7 +164,8 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
 
 def resume(name: str, *, address: str | None = None, tracking_uri: str | None = None,
            experiment: str = "kdo") -> SweepResult:
-    """Finish a sweep whose driver died: nothing finished is rerun, orphaned children are closed and redone.
+    """Finish a sweep whose driver died or was stopped: nothing final is rerun; crashed and interrupted runs are
+    redone, continuing from their checkpoints where they have one (older attempts end `superseded`).
 
     The ledger is the sweep's MLflow children (not Tune's state, which is snapshotted only every few
     seconds): fixed designs run only their missing (setting, seed) points; adaptive sweeps re-enqueue
@@ -161,7 +175,7 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     uri, exp_id, parent_id = found.tracking_uri, found.experiment_id, found.parent_run_id
     client = Tracker(uri, parent_id).client
     options = TrialOptions.from_json(client.get_run(parent_id).data.tags["kdo.options"])
-    ledger.close_orphans(uri, exp_id, parent_id, "orphaned")
+    ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
     local = Path(tempfile.mkdtemp(prefix="kdo-resume-"))
     checkpoints: dict[str, dict[str, Any]] = {}
     cfg = check(client.download_artifacts(parent_id, "config.yaml", str(local)), checkpoints=checkpoints)
@@ -178,35 +192,49 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
 
 def _execute(ref: LedgerRef, parent: Tracker, prepared: Prepared, space: SearchSpace, options: TrialOptions,
              points: list[Point] | None, previous: list[dict[str, Any]], gpu: bool) -> SweepResult:
-    """Run the trials still to do under `parent` with Tune, then summarise onto the parent."""
-    status = "FAILED"
+    """Run the trials still to do under `parent` with Tune, then summarise onto the parent (never left RUNNING)."""
+    status, stopped, unfinished = "FAILED", frozenset[str](), "crashed"
     try:
-        if points is not None:
-            run_points(ref, prepared, points, options, use_gpu=gpu)
-        else:
-            run_search(ref, prepared, space, options, previous, use_gpu=gpu)
+        with interruptible():
+            if points is not None:
+                stopped = run_points(ref, prepared, points, options, use_gpu=gpu)
+            else:
+                stopped = run_search(ref, prepared, space, options, previous, use_gpu=gpu)
         status = "FINISHED"
+    except Interrupted as exc:
+        status, unfinished = "KILLED", "interrupted"
+        stop_trials()
+        exc.resume_hint = f"kdo resume {ref.name}"
+        raise
     finally:
-        result = _finish(parent, ref.experiment_id, ref.name, list(space.parameters), status)
+        result = _finish(parent, ref.experiment_id, ref.name, list(space.parameters), status, stopped, unfinished,
+                         storage_path=prepared.config.tracking.storage_path)
     return result
 
 
-def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str) -> SweepResult:
-    """Close orphaned children, summarise onto the parent."""
-    ledger.close_orphans(parent.uri, experiment_id, parent.run_id, "early_stopped")
-    result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
-                         ledger.children_frame(parent.client, experiment_id, parent.run_id, parameters))
-    with_results = result.dataframe()
-    parent.log_text(with_results.to_csv(index=False), "results.csv")
+def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str,
+            stopped: frozenset[str] = frozenset(), unfinished: str = "crashed", *,
+            storage_path: str | None = None) -> SweepResult:
+    """Settle the children still RUNNING (see `ledger.close_running`), summarise onto the parent, end it."""
     try:
-        best = result.best()
-        parent.log_params({f"best.{p}": best[p] for p in parameters})
-        parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]}, step=0)
-        best_runs = with_results[with_results["setting_id"] == best.name]["run_id"]
-        parent.set_tags({"best_run_id": best_runs.iloc[0], "best_setting_id": best.name})
-    except ValueError:
-        status = "FAILED"
-    counts = with_results["status"].value_counts().to_dict()
-    parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, step=0)
-    parent.finish(status)
+        ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished, stopped)
+        result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
+                             ledger.children_frame(parent.client, experiment_id, parent.run_id, parameters))
+        with_results = result.dataframe()
+        parent.log_text(with_results.to_csv(index=False), "results.csv")
+        try:
+            best = result.best()
+            # Tags, not params: a resumed sweep's best may change, and MLflow params cannot.
+            parent.set_tags({**{f"best.{p}": best[p] for p in parameters}, "best_setting_id": best.name,
+                             "best_run_id": with_results[with_results["setting_id"] == best.name]["run_id"].iloc[0]})
+            parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]}, step=0)
+        except ValueError:
+            status = "FAILED" if status == "FINISHED" else status
+        counts = with_results["status"].value_counts().to_dict()
+        parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, step=0)
+        if not set(with_results["status"]) & set(REDO):
+            forget_experiment(storage_path, name)
+    finally:
+        parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
+        parent.finish(status)
     return result

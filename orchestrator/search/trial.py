@@ -2,19 +2,30 @@
 adaptive sampler proposed, its seeds advanced in lockstep. Each run is an MLflow child the trial logs itself.
 
 A diverged seed fails the whole setting (status `diverged`, its accuracy counted at chance level in the
-reported mean), never averaged away. Seeds the ledger already holds are replayed from MLflow, not retrained.
+reported mean), never averaged away. Seeds the ledger holds as final are replayed from MLflow, not retrained.
+A trial checkpoints every run it trains through Tune's checkpoint API (`checkpoint_seconds` apart); a retried
+trial (`tune.get_checkpoint()`) or a resumed one (the child's `kdo.checkpoint` tag) continues from it in the
+same child, logging only the epochs that child has not logged yet; attempts that cannot continue are
+`superseded` by a fresh child.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import socket
+import tempfile
+import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 
-from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.config import ExperimentConfig, format_validation_error
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.launch import fit_data_parallel, payload
 from orchestrator.experiment.loop import iterate_epochs
@@ -39,13 +50,16 @@ class TrialOptions:
     seeds: list[int] = field(default_factory=lambda: [0])
     max_failures: int = 0
     design_seed: int = 0
+    checkpoint_seconds: float = 30.0  # a trial checkpoints its runs after the first epoch this long after the last
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> TrialOptions:
-        return cls(**json.loads(text))
+        """From the `kdo.options` tag; keys an older ledger lacks take their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -82,96 +96,181 @@ class AdaptiveSearch:
 
 @dataclass
 class _Member:
-    """One (setting, seed) of a trial: a config to train, or a finished child of the ledger to replay."""
+    """One (setting, seed) of a trial: a config to train (fresh, or continued from a checkpoint in the same child),
+    or a finished child of the ledger to replay."""
 
     config: ExperimentConfig
     setting: dict[str, Any]
     tags: dict[str, str]
-    previous: Any = None
+    replay: Any = None  # a final child
+    attempts: list[Any] = field(default_factory=list)  # unfinished attempts, newest first
+    state: dict[str, Any] | None = None  # the loop state to continue from
+    tracker: Tracker | None = None
+    status: str = "running"
+
+    @property
+    def seed(self) -> int:
+        return self.config.training.seed
 
 
 def run_point(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
-              use_gpu: bool, points: list[Point]) -> None:
+              use_gpu: bool, points: list[Point], options: TrialOptions) -> None:
     """One Tune trial of a fixed design or a study: the point `tune_config["point"]`."""
     point = points[tune_config["point"]]
     cfg = ExperimentConfig.model_validate(point.config)
-    _run(ref, point.setting_id, [_Member(cfg, point.setting, point.tags)],
-         splits, teacher, use_gpu)
+    _run(ref, point.setting_id, [_Member(cfg, point.setting, point.tags)], splits, teacher, use_gpu, options)
 
 
 def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
-                use_gpu: bool, search: AdaptiveSearch) -> None:
+                use_gpu: bool, search: AdaptiveSearch, options: TrialOptions) -> None:
     """One Tune trial of an adaptive sweep: the proposed setting, validated here, over every seed."""
     keys = {search.tune_key(p): p for p in search.space.parameters}
     setting = {keys[k]: v for k, v in tune_config.items() if k in keys}
     sid = ledger.setting_id(setting)
     base = ExperimentConfig.model_validate(search.base)
-    members = [_Member(ExperimentConfig.model_validate(point_config(search.space.apply(base, setting), ref.name,
-                                                                    sid, seed)), setting, {}) for seed in search.seeds]
-    _run(ref, sid, members, splits, teacher, use_gpu)
+    try:
+        configs = [ExperimentConfig.model_validate(point_config(search.space.apply(base, setting), ref.name, sid,
+                                                                seed)) for seed in search.seeds]
+    except ValidationError as err:  # a point inside the ranges the schema rejects: recorded, and Optuna moves on
+        _invalid(ref, base, setting, sid, format_validation_error(err, "", ExperimentConfig))
+        return
+    _run(ref, sid, [_Member(cfg, setting, {}) for cfg in configs], splits, teacher, use_gpu, options)
+
+
+def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], sid: str, reason: str) -> None:
+    """A child with status `invalid` and the reason (once per setting; the base config's params, the setting in
+    `kdo.setting`); Tune hears NaN, which Optuna records as a failed trial."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    if not ledger.final_seeds(MlflowClient(ref.tracking_uri), ref.experiment_id, ref.parent_run_id, sid):
+        cfg = ExperimentConfig.model_validate(point_config(base, ref.name, sid, base.training.seed))
+        tracker = ledger.start_child(ref, cfg, setting, sid, {"kdo.reason": reason[:5000]})
+        ledger.close_child(tracker, "invalid")
+    tune.report({"val_acc": float("nan"), "epoch": 1, "setting_id": sid, "status": "invalid"})
 
 
 def _run(ref: LedgerRef, sid: str, members: list[_Member], splits: Splits, teacher: dict[str, Any] | None,
-         use_gpu: bool) -> None:
+         use_gpu: bool, options: TrialOptions) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(ref.tracking_uri)
-    done = ledger.done_seeds(client, ref.experiment_id, ref.parent_run_id, sid)
-    for member in members:
-        member.previous = done.get(member.config.training.seed)
+    final = ledger.final_seeds(client, ref.experiment_id, ref.parent_run_id, sid)
+    unfinished = ledger.unfinished_attempts(client, ref.experiment_id, ref.parent_run_id, sid)
+    for m in members:
+        m.replay, m.attempts = final.get(m.seed), unfinished.get(m.seed, [])
     torch.set_num_threads(max(1, int(members[0].config.scaling.cpus_per_worker)))
     if members[0].config.scaling.num_workers > 1:  # one seed per trial (checked by the sweep), DDP through Ray Train
         _data_parallel(ref, sid, members[0], client, splits, teacher, use_gpu)
     else:
-        _lockstep(ref, sid, members, client, splits, teacher, use_gpu)
+        _lockstep(ref, sid, members, client, splits, teacher, use_gpu, options)
+
+
+def _start(ref: LedgerRef, m: _Member, sid: str, start_epoch: int, client: Any) -> int:
+    """Open the member's child: the newest unfinished attempt when continuing from a checkpoint, else a new child
+    (older attempts superseded). Returns the last epoch the child has logged already."""
+    from ray import tune
+
+    # Where the attempt runs: its Tune trial (the finisher tells a stopped trial from a dead one by it) and process.
+    trial_id = {"kdo.trial_id": tune.get_context().get_trial_id() or "", "kdo.host": socket.gethostname(),
+                "kdo.pid": str(os.getpid())}
+    if m.state is not None and start_epoch > 0:
+        keep, *older = m.attempts
+        m.tracker = ledger.reopen(ref.tracking_uri, keep)
+        m.tracker.set_tags(trial_id)
+        logged = ledger.logged_epochs(client, keep.info.run_id)
+    else:
+        older, logged = m.attempts, 0
+        m.state = None
+        m.tracker = ledger.start_child(ref, m.config, m.setting, sid, {**m.tags, **trial_id})
+    for run in older:
+        ledger.supersede(ref.tracking_uri, run)
+    return logged
+
+
+def _checkpoints(members: list[_Member], client: Any) -> int:
+    """Find each trained member's loop state: Tune's checkpoint of this trial (a retry) or the one its newest
+    unfinished attempt names (a resume). All of them continue from one common epoch, or none does (0)."""
+    from ray import tune
+
+    tune_dir = (ckpt.path if (ckpt := tune.get_checkpoint()) is not None else None)
+    epochs = set()
+    for m in (m for m in members if m.replay is None):
+        folder = tune_dir or (m.attempts[0].data.tags.get("kdo.checkpoint") if m.attempts else None)
+        path = Path(folder) / f"seed-{m.seed}.pt" if folder else None
+        if path is None or not path.is_file() or not m.attempts:
+            return 0
+        m.state = torch.load(path, map_location="cpu", weights_only=False)
+        epochs.add(m.state["epoch"])
+    return epochs.pop() if len(epochs) == 1 else 0
+
+
+def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, dict[str, Any]],
+                     report: dict[str, Any], storage: str) -> None:
+    """Report `report` to Tune with one checkpoint holding every trained member's state; tag each child with
+    where Tune keeps it (only the newest is kept: `CheckpointConfig(num_to_keep=1)`)."""
+    from ray import tune
+
+    scratch = Path(storage) / ref.name / ".kdo-scratch"  # removed with Tune's state of this sweep
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
+        for seed, state in states.items():
+            torch.save(state, Path(folder) / f"seed-{seed}.pt")
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+    persisted = tune.get_checkpoint()
+    for m in members:
+        if m.tracker is not None and persisted is not None:
+            m.tracker.set_tags({"kdo.checkpoint": persisted.path})
 
 
 def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, splits: Splits,
                    teacher: dict[str, Any] | None, use_gpu: bool) -> None:
-    """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`."""
+    """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`. It keeps no
+    checkpoint: a retried or resumed data-parallel run starts again in a new child (the old one superseded)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    if member.previous is not None:  # resume: this (setting, seed) is in the ledger already
-        for row in ledger.replay(client, member.previous):
+    if member.replay is not None:  # resume: this (setting, seed) is in the ledger already
+        for row in ledger.replay(client, member.replay):
             tune.report({**row, "setting_id": sid})
         return
     cfg = member.config
-    tracker = ledger.start_child(ref, cfg, member.setting, sid, member.tags)
-    status = "running"
+    _start(ref, member, sid, 0, client)
+    assert member.tracker is not None
     try:
-        status = fit_data_parallel(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu),
-                                   callbacks=[TuneReportCallback()]).status
+        member.status = fit_data_parallel(cfg, payload(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu),
+                                          callbacks=[TuneReportCallback()]).status
     except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
-        status = "early_stopped" if isinstance(exc, SystemExit) else "error"
+        member.status = "early_stopped" if isinstance(exc, SystemExit) else "crashed"
         raise
     finally:
-        if status == "early_stopped":  # the stop may come with the last report, after the loop recorded its outcome
-            ledger.settle_child(ref.tracking_uri, client.get_run(tracker.run_id), "early_stopped")
+        if member.status == "early_stopped":  # the stop may come with the last report, after the loop recorded it
+            ledger.settle_child(ref.tracking_uri, client.get_run(member.tracker.run_id), "early_stopped")
         else:
-            ledger.close_child(tracker, status)
+            ledger.close_child(member.tracker, member.status)
 
 
 def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, splits: Splits,
-              teacher: dict[str, Any] | None, use_gpu: bool) -> None:
+              teacher: dict[str, Any] | None, use_gpu: bool, options: TrialOptions) -> None:
     """The members' epochs advance together; Tune hears the seed mean of each epoch."""
     from ray import tune
 
     chance = 1.0 / splits.info.num_classes
     device = torch.device("cuda" if use_gpu else "cpu")
-    trackers: list[Tracker | None] = []
+    start_epoch = _checkpoints(members, client)
     runs: list[Iterator[dict[str, Any]]] = []
     for m in members:
-        if m.previous is not None:
-            trackers.append(None)
-            runs.append(ledger.replay(client, m.previous))
+        if m.replay is not None:
+            runs.append(itertools.islice(ledger.replay(client, m.replay), start_epoch, None))
             continue
-        tracker = ledger.start_child(ref, m.config, m.setting, sid, m.tags)
-        trackers.append(tracker)
-        runs.append(iterate_epochs(m.config, splits, teacher, device=device, tracker=tracker, log=None))
-    statuses = ["running"] * len(members)
+        logged = _start(ref, m, sid, start_epoch, client)
+        runs.append(iterate_epochs(m.config, splits, teacher, device=device, log=None, snapshot_every=1,
+                                   tracker=_AfterEpoch(m.tracker, logged), resume=m.state))
+    last_checkpoint = time.monotonic()
     try:
-        for epoch, rows in enumerate(zip(*runs, strict=False), start=1):  # seeds share their epochs
+        for epoch, rows in enumerate(zip(*runs, strict=False), start=start_epoch + 1):  # seeds share their epochs
+            states = {m.seed: row.pop("loop_state") for m, row in zip(members, rows, strict=True)
+                      if "loop_state" in row}
             diverged = [row.get("status") == "diverged" for row in rows]
             vals = [chance if d else row["val_acc"] for row, d in zip(rows, diverged, strict=True)]
             report: dict[str, Any] = {"val_acc": sum(vals) / len(vals), "epoch": epoch,
@@ -181,23 +280,54 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
             if last:
                 tests = [chance if d else row["test_acc"] for row, d in zip(rows, diverged, strict=True)]
                 report.update(test_acc=sum(tests) / len(tests), status="diverged" if any(diverged) else "finished")
-                statuses = ["diverged" if d else ("finished" if "test_acc" in row else "stopped")
-                            for row, d in zip(rows, diverged, strict=True)]
                 # Closed before the last report: Tune may tear this process down as soon as it has it.
-                for i, (tracker, status) in enumerate(zip(trackers, statuses, strict=True)):
-                    if tracker is not None:
-                        ledger.close_child(tracker, status)
-                        trackers[i] = None
-            tune.report(report)
+                for m, row, d in zip(members, rows, diverged, strict=True):  # a sibling's divergence stops the rest
+                    m.status = "diverged" if d else ("finished" if "test_acc" in row else "early_stopped")
+                    if m.tracker is not None:
+                        ledger.close_child(m.tracker, m.status)
+                        m.tracker = None
+            if not last and states and time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
+                _save_checkpoint(ref, members, states, report, members[0].config.tracking.storage_path)
+                last_checkpoint = time.monotonic()
+            else:
+                tune.report(report)
             if last:
                 break
     except SystemExit:  # Tune stops a trial (ASHA) by exiting it at its next report
-        statuses = ["early_stopped" if s == "running" else s for s in statuses]
+        _close_all(members, "early_stopped")
+        raise
+    except KeyboardInterrupt:  # Ctrl-C reached the trial's process too
+        _close_all(members, "interrupted")
         raise
     except BaseException:
-        statuses = ["error" if s == "running" else s for s in statuses]
+        _close_all(members, "crashed")
         raise
     finally:
-        for tracker, status in zip(trackers, statuses, strict=True):
-            if tracker is not None:
-                ledger.close_child(tracker, "early_stopped" if status == "running" else status)
+        _close_all(members, "early_stopped")
+
+
+def _close_all(members: list[_Member], status: str) -> None:
+    for m in members:
+        if m.tracker is not None:
+            ledger.close_child(m.tracker, status)
+            m.tracker = None
+
+
+class _AfterEpoch:
+    """A tracker that drops the metrics of epochs its child has logged already (a continued attempt re-trains the
+    epochs after its checkpoint; the dead attempt logged some of them)."""
+
+    def __init__(self, tracker: Tracker | None, logged: int) -> None:
+        self.tracker, self.logged = tracker, logged
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None and not 0 < step <= self.logged:
+            self.tracker.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.tracker is not None:
+            self.tracker.log_artifact(path, artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.set_tags(tags)

@@ -1,11 +1,19 @@
-"""The Tune driver of sweeps and studies: fixed points (a design's or a study's) minus those the ledger holds,
-or an Optuna search; trial resources and concurrency budgeted against the cluster; ASHA for adaptive sweeps."""
+"""The Tune driver of sweeps and studies: fixed points (a design's or a study's) minus those the ledger holds
+as final, or an Optuna search; trial resources and concurrency budgeted against the cluster; ASHA for adaptive
+sweeps; trial checkpoints kept by Tune (the newest per trial); Ctrl-C and SIGTERM turned into `Interrupted`.
+
+Each entry returns the ids of the trials that ended without an error (what the finisher needs to tell a run
+the scheduler stopped from one whose process died)."""
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, Interrupted
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
 from orchestrator.search import ledger
@@ -16,24 +24,46 @@ from orchestrator.search.trial import AdaptiveSearch, Point, TrialOptions, run_p
 TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer (Tune needs a CPU share > 0)
 
 
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` in the driver (Tune's own Ctrl-C handling, which ends the run as
+    if it had finished and prints a `Tuner.restore` hint, is switched off)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options: TrialOptions, *,
-               use_gpu: bool) -> None:
+               use_gpu: bool) -> frozenset[str]:
     """One trial per point the ledger does not hold as done; no scheduler (every point runs in full)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    done = ledger.done_points(MlflowClient(ref.tracking_uri), ref.experiment_id, ref.parent_run_id)
+    done = ledger.final_points(MlflowClient(ref.tracking_uri), ref.experiment_id, ref.parent_run_id)
     todo = [p for p in points if (p.setting_id, p.seed) not in done]
     if not todo:
-        return
+        return frozenset()
     trainable = tune.with_parameters(run_point, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
-                                     use_gpu=use_gpu, points=todo)
-    _fit(ref, prepared.config, trainable, {"point": tune.grid_search(list(range(len(todo))))}, options,
+                                     use_gpu=use_gpu, points=todo, options=options)
+    return _fit(ref, prepared.config, trainable, {"point": tune.grid_search(list(range(len(todo))))}, options,
          use_gpu=use_gpu, search_alg=None, num_samples=1, scheduler=None)
 
 
 def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: TrialOptions,
-               previous: list[dict[str, Any]], *, use_gpu: bool) -> None:
+               previous: list[dict[str, Any]], *, use_gpu: bool) -> frozenset[str]:
     """An Optuna search (TPE or random) inside Tune, ASHA on the seed mean; `previous` settings (resume) are
     enqueued first: their finished seeds replay from the ledger."""
     import optuna
@@ -49,30 +79,32 @@ def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: 
     replays = [{AdaptiveSearch.tune_key(k): v for k, v in s.items()} for s in previous]
     search = AdaptiveSearch(space, cfg.model_dump(mode="json"), list(options.seeds))
     trainable = tune.with_parameters(run_setting, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
-                                     use_gpu=use_gpu, search=search)
+                                     use_gpu=use_gpu, search=search, options=options)
     epochs_spec = space.parameters.get("training.epochs")
     epochs = int(epochs_spec.high or 1) if epochs_spec is not None else cfg.training.epochs
     # The first epochs of a short run are noisy: no setting is judged before a quarter of its budget.
-    asha = (ASHAScheduler(max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
+    asha = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
             if options.scheduler == "asha" else None)
-    _fit(ref, cfg, trainable, _tune_space(space), options, use_gpu=use_gpu,
+    return _fit(ref, cfg, trainable, _tune_space(space), options, use_gpu=use_gpu,
          search_alg=OptunaSearch(sampler=sampler, points_to_evaluate=replays or None),
          num_samples=max(options.trials, len(replays)), scheduler=asha)
 
 
 def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dict[str, Any], options: TrialOptions,
-         *, use_gpu: bool, search_alg: Any, num_samples: int, scheduler: Any) -> None:
+         *, use_gpu: bool, search_alg: Any, num_samples: int, scheduler: Any) -> frozenset[str]:
     from ray import tune
 
     resources, concurrency = trial_resources(cfg, use_gpu, options.concurrency)
-    tune.Tuner(
+    grid = tune.Tuner(
         tune.with_resources(trainable, resources), param_space=param_space,
         tune_config=tune.TuneConfig(metric=options.metric, mode="max", search_alg=search_alg,
                                     num_samples=num_samples, max_concurrent_trials=concurrency,
                                     scheduler=scheduler, reuse_actors=True),  # no re-import per trial
         run_config=tune.RunConfig(name=ref.name, storage_path=cfg.tracking.storage_path, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=options.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     ).fit()
+    return frozenset(str(r.metrics.get("trial_id")) for r in grid if r.error is None and r.metrics)
 
 
 def trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> tuple[dict[str, float], int]:
@@ -109,3 +141,19 @@ def _tune_space(space: SearchSpace) -> dict[str, Any]:
         else:
             out[key] = (tune.loguniform if spec.log else tune.uniform)(spec.low, spec.high)
     return out
+
+
+def stop_trials() -> None:
+    """Stop every trial of an interrupted driver now: its Ray connection (and the trial processes it owns) ends."""
+    import ray
+
+    ray.shutdown()
+
+
+def forget_experiment(storage_path: str | None, name: str) -> None:
+    """Remove Tune's state and checkpoints of a sweep or study once nothing is left to resume from them."""
+    import shutil
+    from pathlib import Path
+
+    if storage_path and "://" not in storage_path:
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)

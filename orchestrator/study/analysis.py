@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from orchestrator.search.status import FAILED
+from orchestrator.search.status import FAILED, normalize
 
 Failures = Literal["chance", "drop"]
 
@@ -27,7 +27,7 @@ Failures = Literal["chance", "drop"]
 def scored(frame: pd.DataFrame, metric: str, chance: float, failures: Failures = "chance") -> pd.DataFrame:
     """`frame` with a `score` column: the metric, failed runs at `chance` (or removed with `failures="drop"`)."""
     out = frame.copy()
-    failed = out["status"].isin(FAILED)
+    failed = out["status"].map(normalize).isin(FAILED)
     out["failed"] = failed
     out["score"] = out[metric].where(~failed, chance)
     if failures == "drop":
@@ -60,11 +60,15 @@ def distribution(means: pd.DataFrame, delta: float = 1.0) -> pd.DataFrame:
     for method, group in means.groupby("method", sort=False):
         design = group[~group["defaults"]] if "defaults" in group else group
         s = design["score"].dropna().to_numpy(dtype=float)
+        failure_rate = float(design["failed"].sum() / max(1, design["seeds"].sum()))
+        if len(s) == 0:  # every setting failed (and failures are dropped): a row of NaNs with its failures
+            rows.append({"method": method, "settings": 0, "failure_rate": failure_rate})
+            continue
         q10, q25, q50, q75 = np.quantile(s, [0.10, 0.25, 0.50, 0.75])
         rows.append({"method": method, "settings": len(s), "best": s.max(), "median": q50, "mean": s.mean(),
                      "std": s.std(ddof=1) if len(s) > 1 else math.nan, "iqr": q75 - q25, "p10": q10,
                      "worst": s.min(),
-                     "failure_rate": float(design["failed"].sum() / max(1, design["seeds"].sum())),
+                     "failure_rate": failure_rate,
                      "within_delta": float(np.mean(s >= s.max() - delta))})
     return pd.DataFrame(rows).set_index("method")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.search.sweep import SweepResult
@@ -62,6 +63,8 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
                       num(row, "hparam_share"), f"{int(row['failed_runs'])}/{int(row['runs'])}")
     console = console or wide_console()
     console.print(table)
+    for warning in study.warnings():
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     teacher = study.teacher()
     if teacher:
         console.print(f"teacher: val {teacher['val']:.2f}, test {teacher['test']:.2f}")

@@ -14,7 +14,7 @@ from orchestrator.experiment.data import dataset_info
 from orchestrator.experiment.tracking import ui_hint
 from orchestrator.search import ledger
 from orchestrator.search.spaces import SearchSpace
-from orchestrator.search.status import FAILED
+from orchestrator.search.status import FAILED, NOT_OUTCOMES, normalize
 from orchestrator.study import analysis
 from orchestrator.study.spec import StudySpec
 
@@ -54,8 +54,11 @@ class StudyResults:
         return self.frame.copy()
 
     def _points_frame(self) -> pd.DataFrame:
-        """Results in accuracy points (0-100), the unit of every statistic and table."""
+        """Results in accuracy points (0-100), the unit of every statistic and table; partial runs (interrupted,
+        stopped early: not outcomes) left out."""
         frame = self.results()
+        frame["status"] = frame["status"].map(normalize)  # an older ledger's words
+        frame = frame[~frame["status"].isin(NOT_OUTCOMES)].copy()
         frame["val_acc"] *= 100.0
         frame["test_acc"] *= 100.0
         return frame
@@ -142,6 +145,19 @@ class StudyResults:
         from orchestrator.experiment.data import load_splits
 
         return len(load_splits(self.base.data).val_y)
+
+    def warnings(self) -> list[str]:
+        """What a reader must know before trusting the tables: runs not yet redone, and older ledgers' runs."""
+        counts = self.frame["status"].value_counts()
+        out = []
+        for status in ("interrupted", "crashed", "running"):
+            if counts.get(status, 0):
+                out.append(f"{counts[status]} run(s) {status}: left out or counted as failures until "
+                           f"`kdo resume {self.name}` redoes them")
+        if counts.get("early_stopped", 0):
+            out.append(f"{counts['early_stopped']} run(s) early_stopped: a study stops nothing early, so in a ledger "
+                       "written before kdo's fault statuses these may be killed runs; they are left out")
+        return out
 
     def ui_hint(self) -> str:
         return ui_hint(self.tracking_uri, self.experiment_id)

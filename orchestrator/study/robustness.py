@@ -21,7 +21,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from methods import get_method, list_methods
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, Interrupted
 from orchestrator.experiment.config import ExperimentConfig, format_validation_error, load_config
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import check, provision
@@ -30,8 +30,9 @@ from orchestrator.search import ledger
 from orchestrator.search.design import build_design
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, load_space
+from orchestrator.search.status import REDO
 from orchestrator.search.trial import Point, TrialOptions, point_config
-from orchestrator.search.tuner import run_points
+from orchestrator.search.tuner import forget_experiment, interruptible, run_points, stop_trials
 from orchestrator.study import analysis
 from orchestrator.study.results import StudyResults, read_results
 from orchestrator.study.spec import MethodEntry, StudySpec, build_spec, method_entry, read_spec, shipped_studies
@@ -53,14 +54,15 @@ class RobustnessStudy:
                  seeds: list[int] | tuple[int, ...] = (0, 1, 2), include_defaults: bool = True,
                  metric: str = "val_acc", *, references: list[str] | tuple[str, ...] = ("ce",), delta: float = 1.0,
                  compare: list[tuple[str, str]] | None = None, concurrency: int = 2, design_seed: int = 0,
-                 overrides: list[str] | None = None) -> None:
+                 overrides: list[str] | None = None, max_failures: int = 0, checkpoint_seconds: float = 30.0) -> None:
         if isinstance(base_config, ExperimentConfig):
             base_config = base_config.model_dump(mode="json")
         self.spec = build_spec(name=name, config=str(base_config) if isinstance(base_config, Path) else base_config,
                                methods={m: method_entry(v) for m, v in methods.items()}, design=design,
                                n_settings=n_settings, seeds=list(seeds), include_defaults=include_defaults,
                                references=list(references), metric=metric, delta=delta, compare=compare or [],
-                               concurrency=concurrency, design_seed=design_seed, set=overrides or [])
+                               concurrency=concurrency, design_seed=design_seed, set=overrides or [],
+                               max_failures=max_failures, checkpoint_seconds=checkpoint_seconds)
         self._plan_points()
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
@@ -78,7 +80,8 @@ class RobustnessStudy:
         return cls(spec.name, spec.config, {m: e.model_dump() if e else None for m, e in spec.methods.items()},
                    spec.design, spec.n_settings, spec.seeds, spec.include_defaults, spec.metric,
                    references=spec.references, delta=spec.delta, compare=[tuple(p) for p in spec.compare],
-                   concurrency=spec.concurrency, design_seed=spec.design_seed, overrides=spec.set)
+                   concurrency=spec.concurrency, design_seed=spec.design_seed, overrides=spec.set,
+                   max_failures=spec.max_failures, checkpoint_seconds=spec.checkpoint_seconds)
 
     def replace(self, **changes: Any) -> RobustnessStudy:
         """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew."""
@@ -168,7 +171,7 @@ class RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run."""
         study, parent_run = cls._from_mlflow(name, tracking_uri, experiment)
         experiment_id, parent_id = parent_run.info.experiment_id, parent_run.info.run_id
-        ledger.close_orphans(study._uri, experiment_id, parent_id, "orphaned")
+        ledger.close_running(study._uri, experiment_id, parent_id, "interrupted")  # its driver died
         points = study._checked_points()
         prepared = provision(cls._shared_config(points), address=address)
         parent = Tracker(study._uri, parent_id)
@@ -181,18 +184,33 @@ class RobustnessStudy:
         ref = LedgerRef(self.name, parent.run_id, parent.uri, cfg.tracking.experiment, experiment_id)
         options = TrialOptions(sampler=self.spec.design,
                                scheduler="none", trials=self.spec.n_settings, concurrency=self.spec.concurrency,
-                               metric=self.spec.metric, seeds=list(self.spec.seeds), max_failures=0,
-                               design_seed=self.spec.design_seed)
-        status = "FAILED"
+                               metric=self.spec.metric, seeds=list(self.spec.seeds),
+                               max_failures=self.spec.max_failures, design_seed=self.spec.design_seed,
+                               checkpoint_seconds=self.spec.checkpoint_seconds)
+        status, unfinished = "FAILED", "crashed"
         try:
-            run_points(ref, prepared, points, options, use_gpu=use_gpu(cfg))
+            with interruptible():
+                run_points(ref, prepared, points, options, use_gpu=use_gpu(cfg))
             status = "FINISHED"
+        except Interrupted as exc:
+            status, unfinished = "KILLED", "interrupted"
+            stop_trials()
+            exc.resume_hint = f"kdo resume {self.name}"
+            raise
         finally:
-            ledger.close_orphans(parent.uri, experiment_id, parent.run_id, "early_stopped")
-            self._results = None
-            if status == "FINISHED":
-                self._log_outputs(parent)
-            parent.finish(status)
+            try:  # a study never stops a run early: one left RUNNING crashed, or its driver was stopped
+                ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished)
+                self._results = None
+                if status == "FINISHED":
+                    self._log_outputs(parent)
+                if not set(self.results()["status"]) & set(REDO):
+                    forget_experiment(cfg.tracking.storage_path, self.name)
+            except Exception:
+                status = "FAILED"
+                raise
+            finally:
+                parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
+                parent.finish(status)
         return self
 
     def _stored_spec(self, cfg: ExperimentConfig) -> str:

@@ -41,6 +41,8 @@ class StudySpec(BaseModel):
     delta: float = Field(1.0, gt=0, le=100, description="points of accuracy that count as 'as good as the best'")
     compare: list[tuple[str, str]] = Field([], description="pairs (A, B): is A more robust than B?")
     concurrency: int = Field(2, ge=1, le=4096)
+    max_failures: int = Field(0, ge=0, le=100, description="retries of a crashed run, from its checkpoint")
+    checkpoint_seconds: float = Field(30.0, ge=0, description="seconds between a run's checkpoints")
     design_seed: int = Field(0, ge=0)
     set: list[str] = Field([], description="overrides of the base config: a.b=value")
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from orchestrator.experiment.config import load_config
 from orchestrator.experiment.data import load_splits
-from orchestrator.experiment.loop import train_loop
+from orchestrator.experiment.loop import iterate_epochs, train_loop
 from tests.conftest import digits_config
 
 
@@ -54,3 +55,30 @@ def test_divergence_is_reported_not_hidden() -> None:
     assert out.status == "diverged" and out.final["status"] == "diverged"
     assert len(out.history) < 6, "a diverged run stops instead of training on NaN"
     assert math.isnan(out.final["test_acc"]), "no finite epoch was ever selected, so nothing is tested"
+
+
+@pytest.mark.parametrize("method", [{"name": "kd", "params": {"temperature": 4.0}}, {"name": "tcs"}])
+def test_a_run_resumed_from_its_loop_state_continues_exactly(teacher_checkpoint: Path, method: dict) -> None:
+    from orchestrator.experiment.checkpoints import load_checkpoint
+
+    cfg = load_config(digits_config(method=method, teacher={"checkpoint": str(teacher_checkpoint)},
+                                    student={"architecture": "cnn", "args": {"width": 4}},
+                                    training={"epochs": 4, "lr": 0.05, "seed": 3}))
+    splits, teacher = load_splits(cfg.data), load_checkpoint(teacher_checkpoint)
+    straight = list(iterate_epochs(cfg, splits, teacher, log=None, snapshot_every=2))
+    assert [("loop_state" in row) for row in straight] == [False, True, False, False]
+    state = straight[1]["loop_state"]
+    resumed = list(iterate_epochs(cfg, splits, teacher, log=None, resume=state))
+    assert [row["epoch"] for row in resumed] == [3, 4]
+    for key in ("train_loss", "val_acc", "test_acc", "selected_val_acc", "best_epoch"):
+        assert resumed[-1][key] == straight[-1][key], key
+    assert resumed[0]["train_loss"] == straight[2]["train_loss"]
+
+
+def test_a_run_that_diverges_in_its_first_epoch_selects_nothing() -> None:
+    cfg = load_config(digits_config(student={"architecture": "mlp", "args": {}},
+                                    training={"epochs": 3, "lr": 10.0, "momentum": 0.99, "seed": 0}))
+    out = train_loop(cfg, load_splits(cfg.data), log=None)
+    assert out.status == "diverged" and len(out.history) == 1
+    assert math.isnan(out.final["selected_val_acc"]) and math.isnan(out.final["test_acc"])
+    assert out.final["best_epoch"] == 0

@@ -28,7 +28,7 @@ def test_children_are_listed_page_by_page(workdir: Path) -> None:
     runs = ledger.children(client, experiment_id, parent_id, page_size=50)
     assert len(runs) == 120 and len({r.info.run_id for r in runs}) == 120
     assert len(ledger.children(client, experiment_id, parent_id, page_size=50, limit=7)) == 7
-    assert len(ledger.done_points(client, experiment_id, parent_id)) == 120
+    assert len(ledger.final_points(client, experiment_id, parent_id)) == 120
     frame = ledger.children_frame(client, experiment_id, parent_id, [])
     assert len(frame) == 120 and set(frame["status"]) == {"finished"}
 

@@ -109,5 +109,5 @@ def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: 
     assert len(keys) == len(set(keys)) == 4 * len(seeds), "every planned (setting, seed) finished exactly once"
     assert len({sid for sid, _ in keys}) == 4, "four distinct settings"
     others = [c.data.tags["kdo.status"] for c in children if c.data.tags["kdo.status"] != "finished"]
-    assert set(others) <= {"orphaned"}, "the only other children are interrupted attempts, closed"
+    assert set(others) <= {"superseded"}, "the only other children are replaced attempts, closed"
 

@@ -96,7 +96,9 @@ def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir
 @pytest.mark.usefixtures("ray_runtime")
 def test_children_left_running_keep_the_outcome_their_loop_recorded(workdir: Path) -> None:
     # Tune may tear a trial process down right after its last report, before it closes its MLflow run:
-    # the sweep's finisher must not turn such a finished run into an early-stopped one.
+    # the sweep's finisher must not turn such a finished run into an early-stopped one. A child left RUNNING
+    # with no outcome is early_stopped only when its Tune trial ended without an error (the scheduler stopped
+    # it); otherwise its process died: crashed, and resume redoes it.
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     parent, exp = start_run(uri, "kdo", "p", tags={"kdo.kind": "sweep"})
     tags = {"kdo.kind": "trial", "kdo.setting_id": "s1", "kdo.setting": "{}"}
@@ -106,12 +108,17 @@ def test_children_left_running_keep_the_outcome_their_loop_recorded(workdir: Pat
     cut, _ = start_run(uri, "kdo", "cut", tags={**tags, "kdo.setting_id": "s2", "kdo.seed": 0},
                        parent_run_id=parent.run_id)
     cut.log_metrics({"val_acc": 0.3}, step=1)
-    result = _finish(parent, exp, "p", [], "FINISHED")
+    cut.set_tags({"kdo.trial_id": "t-cut"})
+    died, _ = start_run(uri, "kdo", "died", tags={**tags, "kdo.setting_id": "s3", "kdo.seed": 0,
+                                                  "kdo.trial_id": "t-died"}, parent_run_id=parent.run_id)
+    result = _finish(parent, exp, "p", [], "FINISHED", stopped=frozenset({"t-cut"}))
     frame = result.dataframe().set_index("setting_id")
     assert frame.loc["s1", "status"] == "finished" and frame.loc["s2", "status"] == "early_stopped"
+    assert frame.loc["s3", "status"] == "crashed"
     client = MlflowClient(uri)
     assert client.get_run(done.run_id).info.status == "FINISHED"
     assert client.get_run(cut.run_id).info.status == "KILLED"
+    assert client.get_run(died.run_id).info.status == "FAILED"
     assert client.get_run(parent.run_id).info.status == "FINISHED"
 
 

@@ -137,7 +137,7 @@ def test_sigkilled_study_resumes_without_loss_or_repeat(workdir: Path) -> None:
     finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
     keys = [(c.data.tags["kdo.setting_id"], c.data.tags["kdo.seed"]) for c in finished]
     assert len(keys) == len(set(keys)) == total, "every planned (method, setting, seed) finished exactly once"
-    assert {c.data.tags["kdo.status"] for c in children} <= {"finished", "orphaned"}
+    assert {c.data.tags["kdo.status"] for c in children} <= {"finished", "superseded"}
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "distribution.png" in plots
     assert len(RobustnessStudy.load("killed").results()) == total

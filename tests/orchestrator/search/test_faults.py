@@ -1,0 +1,274 @@
+"""The ledger under real faults: a trial worker SIGKILLed, the driver stopped by SIGINT or SIGTERM, an
+older ledger's words. Each driver runs in its own process with its own local Ray runtime, marked by an
+environment tag its Ray processes inherit, so the test stops exactly those processes afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from tests.orchestrator.search.test_cluster import _pids, _read, _terminate, _with_descendants
+
+EPOCHS = 10
+
+
+def _query(db: Path, sql: str) -> list[tuple]:
+    """A read-only query on the driver's store (an MlflowClient here could race its first-use migration)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute(sql).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def _trial_progress(db: Path) -> list[tuple[str, str, int, str]]:
+    """(run id, MLflow status, last logged epoch, the pid its tag names) of every trial child."""
+    return _query(db, "SELECT r.run_uuid, r.status, COALESCE(MAX(m.step), 0), COALESCE(p.value, '') FROM runs r "
+                      "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'kdo.kind' AND t.value = 'trial' "
+                      "LEFT JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = 'kdo.pid' LEFT JOIN metrics m ON "
+                      "m.run_uuid = r.run_uuid AND m.key = 'val_acc' GROUP BY r.run_uuid")
+
+
+def _half_way(db: Path) -> list[int]:
+    """The processes of trial children that are RUNNING and past epoch 2."""
+    return [int(pid) for _, status, epoch, pid in _trial_progress(db) if status == "RUNNING" and epoch >= 3 and pid]
+
+
+def _tagged_ray_processes(tag: str, before: set[int]) -> set[int]:
+    """The Ray processes started since `before` by a process whose environment carries `tag` (or descend from
+    one: workers whose title overwrote their environment block)."""
+    new = _pids() - before - _with_descendants({os.getpid()})
+    needle = f"KDO_TEST_DRIVER={tag}".encode()
+    roots = {pid for pid in new if needle in _read(pid, "environ").split(b"\0")}
+    return {pid for pid in _with_descendants(roots) & new if b"ray" in _read(pid, "cmdline")}
+
+
+class Driver:
+    """`kdo ...` in a subprocess with its own session, and the Ray processes it starts."""
+
+    def __init__(self, workdir: Path, args: list[str]) -> None:
+        self.tag, self.before, self.workdir = uuid.uuid4().hex, _pids(), workdir
+        env = {**os.environ, "KDO_TEST_DRIVER": self.tag}
+        self.log = workdir.parent / f"{workdir.name}-driver.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=workdir, env=env,
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"the driver ended before {what}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.5)
+
+    def ray_processes(self) -> set[int]:
+        return _tagged_ray_processes(self.tag, self.before)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        _terminate(self.ray_processes(), grace=2.0)
+
+
+def _children(workdir: Path, kind: str = "sweep") -> tuple[MlflowClient, object, list]:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], f"tags.`kdo.kind` = '{kind}'")
+    return client, parent, client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
+def _each_point_finished_once(client: MlflowClient, children: list, points: int) -> None:
+    finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
+    keys = [(c.data.tags["kdo.setting_id"], c.data.tags["kdo.seed"]) for c in finished]
+    assert len(keys) == len(set(keys)) == points, "every (setting, seed) finished exactly once"
+    for child in finished:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), f"each epoch logged once: {steps}"
+    assert all(c.info.status != "RUNNING" for c in children)
+
+
+def _sweep(teacher: Path) -> list[str]:
+    return ["sweep", "digits_kd", "--sampler", "sobol", "--trials", "4", "--scheduler", "none", "--concurrency", "1",
+            "--checkpoint-seconds", "0", "--set", f"training.epochs={EPOCHS}", "--set", "teacher.architecture=null",
+            "--set", f"teacher.checkpoint={teacher}", "--name", "faulty"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_killed_trial_worker_continues_from_its_checkpoint(workdir: Path, teacher_checkpoint: Path,
+                                                             retries: int) -> None:
+    """max-failures 1: Tune retries the trial from its checkpoint in the same child. 0: the child ends
+    `crashed`; `kdo resume` continues it from the checkpoint its tag names (and the best may change)."""
+    driver = Driver(workdir, [*_sweep(teacher_checkpoint), "--max-failures", str(retries)])
+    try:
+        db = workdir / "mlflow.db"
+        driver.wait_for(lambda: bool(_half_way(db)), "a trial half way")
+        for pid in _half_way(db):
+            os.kill(pid, signal.SIGKILL)  # the trial's worker process
+        assert driver.proc.wait(timeout=400) == 0, driver.output()[-3000:]
+    finally:
+        driver.stop()
+    client, parent, children = _children(workdir)
+    statuses = sorted(c.data.tags["kdo.status"] for c in children)
+    if retries:
+        assert statuses == ["finished"] * 4, "the retried trial continued its own child"
+    else:
+        assert statuses == ["crashed"] + ["finished"] * 3, statuses
+        result = CliRunner().invoke(app, ["resume", "faulty"])
+        assert result.exit_code == 0, result.output
+        client, parent, children = _children(workdir)
+        assert sorted(c.data.tags["kdo.status"] for c in children) == ["finished"] * 4, "continued in place"
+    assert parent.info.status == "FINISHED" and "best.method.params.temperature" in parent.data.tags
+    _each_point_finished_once(client, children, 4)
+    assert not (workdir / "kdo_runs" / "faulty").exists(), "nothing left to resume: Tune's state is removed"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("kind", "sig"), [("sweep", signal.SIGINT), ("sweep", signal.SIGTERM),
+                                           ("study", signal.SIGINT)])
+def test_a_stopped_driver_closes_its_runs_interrupted_and_resume_finishes(workdir: Path, teacher_checkpoint: Path,
+                                                                          kind: str, sig: signal.Signals) -> None:
+    if kind == "sweep":
+        args, points = _sweep(teacher_checkpoint), 4
+    else:
+        study = workdir.parent / f"{workdir.name}-study.yaml"
+        study.write_text(f"name: faulty\nconfig: digits_kd\nmethods: {{kd: null}}\nn_settings: 2\nseeds: [0]\n"
+                         f"references: [ce]\nconcurrency: 1\ncheckpoint_seconds: 0\n"
+                         f"set: [training.epochs={EPOCHS}, teacher.architecture=null, "
+                         f"teacher.checkpoint={teacher_checkpoint}]\n")
+        args, points = ["study", str(study)], 2 + 1 + 1  # design, defaults, the ce reference
+    driver = Driver(workdir, args)
+    try:
+        db = workdir / "mlflow.db"
+        driver.wait_for(lambda: any(s == "FINISHED" for _, s, _, _ in _trial_progress(db)) and bool(_half_way(db)),
+                        "one run done and one half way")
+        os.killpg(driver.proc.pid, sig)  # as a terminal's Ctrl-C does: the whole foreground process group
+        assert driver.proc.wait(timeout=120) == 128 + sig, driver.output()[-3000:]
+    finally:
+        driver.stop()
+    output = driver.output()
+    assert "kdo resume faulty" in output and "Tuner.restore" not in output, output[-3000:]
+    client, parent, children = _children(workdir, kind)
+    assert parent.info.status == "KILLED"
+    statuses = [c.data.tags.get("kdo.status") for c in children]
+    assert "interrupted" in statuses and set(statuses) <= {"finished", "interrupted"}, statuses
+
+    result = CliRunner().invoke(app, ["resume", "faulty"])
+    assert result.exit_code == 0, result.output
+    client, parent, children = _children(workdir, kind)
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["kdo.status"] for c in children} <= {"finished", "superseded"}
+    _each_point_finished_once(client, children, points)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("ray_runtime")
+def test_a_ledger_in_the_old_words_resumes(workdir: Path, teacher_checkpoint: Path) -> None:
+    """Children tagged `error` (a crash, before `crashed`) are redone; `orphaned` ones stay hidden."""
+    from orchestrator.experiment.tracking import Tracker
+    from orchestrator.search.sweep import load_sweep, sweep
+    from tests.conftest import digits_config
+
+    cfg = digits_config(method={"name": "kd"}, teacher={"checkpoint": str(teacher_checkpoint)},
+                        student={"architecture": "mlp", "args": {}}, training={"epochs": 2, "lr": 0.05})
+    space = {"parameters": {"temperature": {"type": "choice", "values": [2.0, 8.0]}}}
+    first = sweep(cfg, space, sampler="grid", concurrency=2, name="old-words", checkpoint_seconds=1e6)
+    uri = first.tracking_uri
+    errored, kept = first.frame["run_id"]
+    old = Tracker(uri, errored)
+    old.set_tags({"kdo.status": "error"})  # what a crashed trial was called before
+    old.client.update_run(errored, status="FAILED")
+    orphan = old.client.create_run(first.experiment_id, run_name="orphan", tags={
+        "mlflow.parentRunId": first.parent_run_id, "kdo.setting_id": "gone", "kdo.seed": "0",
+        "kdo.status": "orphaned", "kdo.kind": "trial"})
+    old.client.set_terminated(orphan.info.run_id, "KILLED")
+    assert set(load_sweep("old-words").frame["status"]) == {"crashed", "finished"}
+
+    result = CliRunner().invoke(app, ["resume", "old-words"])
+    assert result.exit_code == 0, result.output
+    frame = load_sweep("old-words").frame
+    assert sorted(frame["status"]) == ["finished", "finished"] and "gone" not in set(frame["setting_id"])
+    client = MlflowClient(uri)
+    assert client.get_run(kept).data.tags["kdo.status"] == "finished", "the finished child was kept"
+    assert client.get_run(errored).data.tags["kdo.status"] == "superseded", "the crash was redone in a new child"
+
+
+_LOST_NODE = """
+import sqlite3, sys, threading, time
+from ray.cluster_utils import Cluster
+from orchestrator.search.sweep import sweep
+
+teacher, db = sys.argv[1], sys.argv[2]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+worker = cluster.add_node(num_cpus=1)
+
+def on_worker(pid):
+    try:
+        ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return False
+    raylet = worker.all_processes["raylet"][0].process.pid
+    return ppid == raylet or (ppid > 1 and on_worker(ppid))
+
+def remove_when_busy():
+    while True:
+        time.sleep(0.5)
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                rows = conn.execute(QUERY).fetchall()
+        except sqlite3.Error:
+            continue
+        if any(int(epoch) >= 3 and on_worker(int(pid)) for pid, epoch in rows):
+            cluster.remove_node(worker)
+            print("REMOVED", flush=True)
+            return
+
+QUERY = ("SELECT p.value, MAX(m.step) FROM runs r JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = 'kdo.pid' "
+         "JOIN metrics m ON m.run_uuid = r.run_uuid AND m.key = 'val_acc' WHERE r.status = 'RUNNING' "
+         "GROUP BY r.run_uuid")
+threading.Thread(target=remove_when_busy, daemon=True).start()
+cfg = {"name": "lost", "data": {"name": "digits"}, "student": {"architecture": "cnn", "args": {"width": 4}},
+       "method": {"name": "kd"}, "teacher": {"checkpoint": teacher}, "training": {"epochs": EPOCHS},
+       "scaling": {"cpus_per_worker": 1}}
+result = sweep(cfg, "kd", trials=4, sampler="sobol", concurrency=2, max_failures=3, checkpoint_seconds=0,
+               name="lost", address=cluster.address)
+print("STATUSES", sorted(result.frame["status"]), flush=True)
+cluster.shutdown()
+""".replace("EPOCHS", str(EPOCHS))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_trials_of_a_lost_node_continue_from_their_checkpoints_on_the_others(workdir: Path,
+                                                                             teacher_checkpoint: Path) -> None:
+    tag, before = uuid.uuid4().hex, _pids()
+    try:
+        done = subprocess.run([sys.executable, "-c", _LOST_NODE, str(teacher_checkpoint), str(workdir / "mlflow.db")],
+                              cwd=workdir, env={**os.environ, "KDO_TEST_DRIVER": tag}, capture_output=True,
+                              text=True, timeout=540)
+    finally:
+        _terminate(_tagged_ray_processes(tag, before), grace=2.0)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "REMOVED" in done.stdout, "the second node was removed while one of its trials ran"
+    assert "STATUSES ['finished', 'finished', 'finished', 'finished']" in done.stdout, done.stdout[-2000:]
+    client, _, children = _children(workdir)
+    assert sorted(c.data.tags["kdo.status"] for c in children) == ["finished"] * 4
+    _each_point_finished_once(client, children, 4)
