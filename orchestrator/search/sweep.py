@@ -195,14 +195,15 @@ def _execute(ref: LedgerRef, parent: Tracker, prepared: Prepared, space: SearchS
     """Run the trials still to do under `parent` with Tune, then summarise onto the parent (never left RUNNING)."""
     status, stopped, unfinished = "FAILED", frozenset[str](), "crashed"
     try:
-        with interruptible():
+        parent.set_tags({"kdo.interrupted": "false"})  # a resumed parent was interrupted before
+        with interruptible(lambda: parent.set_tags({"kdo.interrupted": "true"})):
             if points is not None:
                 stopped = run_points(ref, prepared, points, options, use_gpu=gpu)
             else:
                 stopped = run_search(ref, prepared, space, options, previous, use_gpu=gpu)
         status = "FINISHED"
     except Interrupted as exc:
-        status, unfinished = "KILLED", "interrupted"
+        status, unfinished, stopped = "KILLED", "interrupted", frozenset()
         stop_trials()
         exc.resume_hint = f"kdo resume {ref.name}"
         raise

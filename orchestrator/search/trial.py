@@ -241,7 +241,9 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
         member.status = fit_data_parallel(cfg, payload(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu),
                                           callbacks=[TuneReportCallback()]).status
     except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
-        member.status = "early_stopped" if isinstance(exc, SystemExit) else "crashed"
+        member.status = "crashed"
+        if isinstance(exc, SystemExit):
+            member.status = "interrupted" if _driver_interrupted(client, ref) else "early_stopped"
         raise
     finally:
         if member.status == "early_stopped":  # the stop may come with the last report, after the loop recorded it
@@ -293,8 +295,8 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
                 tune.report(report)
             if last:
                 break
-    except SystemExit:  # Tune stops a trial (ASHA) by exiting it at its next report
-        _close_all(members, "early_stopped")
+    except SystemExit:  # Tune stops a trial (ASHA, or its driver was interrupted) by exiting it at a report
+        _close_all(members, "interrupted" if _driver_interrupted(client, ref) else "early_stopped")
         raise
     except KeyboardInterrupt:  # Ctrl-C reached the trial's process too
         _close_all(members, "interrupted")
@@ -304,6 +306,11 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
         raise
     finally:
         _close_all(members, "early_stopped")
+
+
+def _driver_interrupted(client: Any, ref: LedgerRef) -> bool:
+    """Whether the driver was stopped (Ctrl-C, SIGTERM): it tags its parent before it stops the trials."""
+    return client.get_run(ref.parent_run_id).data.tags.get("kdo.interrupted") == "true"
 
 
 def _close_all(members: list[_Member], status: str) -> None:

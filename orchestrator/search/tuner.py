@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,25 +25,44 @@ TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer 
 
 
 @contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGINT and SIGTERM raise `Interrupted` in the driver (Tune's own Ctrl-C handling, which ends the run as
-    if it had finished and prints a `Tuner.restore` hint, is switched off)."""
+def interruptible(on_signal: Callable[[], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM end the Tune run early and then raise `Interrupted` in the driver.
+
+    The handler only notes the signal, calls `on_signal` (the driver tags its parent, so stopped trials know
+    they were interrupted, not stopped by a scheduler) and asks Tune to stop through SIGUSR1, Tune's own stop
+    signal: raising inside Ray's C calls would surface as a SystemError. Tune's SIGINT handling, which ends
+    the run as if it had finished and prints a `Tuner.restore` hint, is switched off.
+    """
+    import logging
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
+        if received:
+            return
+        received.append(signum)
+        on_signal()
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise Interrupted(signum)  # Tune is not running yet: stop here
+        os.kill(os.getpid(), signal.SIGUSR1)
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    tune_logger = logging.getLogger("ray.tune.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.ERROR)  # its "Resume experiment with: Tuner.restore(...)" is not ours
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        tune_logger.setLevel(level)
+    if received:
+        raise Interrupted(received[0])
 
 
 def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options: TrialOptions, *,

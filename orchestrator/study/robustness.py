@@ -189,7 +189,8 @@ class RobustnessStudy:
                                checkpoint_seconds=self.spec.checkpoint_seconds)
         status, unfinished = "FAILED", "crashed"
         try:
-            with interruptible():
+            parent.set_tags({"kdo.interrupted": "false"})  # a resumed parent was interrupted before
+            with interruptible(lambda: parent.set_tags({"kdo.interrupted": "true"})):
                 run_points(ref, prepared, points, options, use_gpu=use_gpu(cfg))
             status = "FINISHED"
         except Interrupted as exc:
