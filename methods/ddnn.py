@@ -64,6 +64,16 @@ class SwitchBN(nn.Module):
         return self.bns[str(self.active)](x)
 
 
+class _Stage(nn.Sequential):
+    """One stage's blocks; a forward runs the given subset of them (a sub-net's blocks), as ONE module call, so
+    hooks on a stage (`methods.feature_utils.forward_to`) see it run with the stage's output."""
+
+    def forward(self, x: Tensor, indices: Sequence[int] | None = None) -> Tensor:
+        for j in range(len(self)) if indices is None else indices:
+            x = self[j](x)
+        return x
+
+
 def block_indices(full: Sequence[int], sub: Sequence[int], selection: str) -> list[list[int]]:
     """Per stage, the indices of the full net's blocks that a sub-net with `sub` blocks per stage runs."""
     if selection == "first":
@@ -118,7 +128,7 @@ class DDNNResNet(FeatureNet):
             for position in range(count):
                 units.append(unit(planes_in, planes, 2 if index > 0 and position == 0 else 1))
                 planes_in = planes * expansion
-            stages.append(nn.Sequential(*units))
+            stages.append(_Stage(*units))
         self.stages = nn.ModuleList(stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(planes_in, num_classes)
@@ -173,8 +183,7 @@ class DDNNResNet(FeatureNet):
         x = self.stem(x)
         feats: dict[str, Tensor] = {}
         for name, stage, indices in zip(self._stage_names, self.stages, self.block_indices[k], strict=True):
-            for j in indices:
-                x = stage[j](x)
+            x = stage(x, indices)
             feats[name] = x
         return torch.flatten(self.pool(x), 1), feats
 

@@ -132,3 +132,17 @@ def test_headline_subnet_is_the_plain_forward() -> None:
         assert torch.equal(net(x), net.forward_subnet(x, 1))
         with net.use_subnet("full"):
             assert torch.equal(net(x), net.forward_subnet(x, 0))
+
+
+def test_forward_to_stops_at_a_stage_of_the_active_subnet() -> None:
+    # A stage runs as one module call (with the sub-net's blocks), so hooks on `net.stages[i]` fire.
+    from methods.feature_utils import forward_to
+
+    torch.manual_seed(0)
+    net = build_network("ddnn_resnet", **CIFAR, blocks=[3, 3, 3], subnets=[[1, 1, 1]], widths=[4, 8, 8]).eval()
+    x = torch.randn(2, 3, 16, 16)
+    for k in (0, 1):
+        with net.use_subnet(k):
+            _, feats = net(x, features=True)
+            assert torch.equal(forward_to(net, "stage2", x), feats["stage2"])
+    assert not torch.equal(forward_to(net, "stage2", x), net.forward_subnet(x, 1, features=True)[1]["stage2"])
