@@ -219,7 +219,9 @@ def _map_name(name: str, indices: list[list[int]]) -> str:
 
 
 def _default_widths(stem: str, stages: int) -> list[int]:
-    base = 16 if stem == "cifar" else 64
+    """Stage widths when none are given: 16-32-64 for He et al.'s 3-stage CIFAR ResNets (resnet20/56), and
+    64-128-256-512 for 4-stage ones, CIFAR (kuangliu/DAFL/DeepInversion ResNet-18/34/50) or ImageNet."""
+    base = 16 if stem == "cifar" and stages < 4 else 64
     return [base * 2**i for i in range(stages)]
 
 
@@ -285,3 +287,9 @@ def _preset(blocks: tuple[int, ...], default_subnets: tuple[tuple[int, ...], ...
 register_network("ddnn_resnet56")(_preset((9, 9, 9), ((3, 3, 3), (5, 5, 5)), "basic", "cifar"))
 register_network("ddnn_resnet34")(_preset((3, 4, 6, 3), ((2, 2, 2, 2),), "basic", "imagenet"))
 register_network("ddnn_resnet50")(_preset((3, 4, 6, 3), ((2, 2, 2, 2), (1, 1, 1, 1)), "bottleneck", "imagenet"))
+# The same shapes for 32 px inputs (METHODS.md: "CIFAR: 3x3 stem, no max-pool"), 64-128-256-512 wide: the CIFAR
+# ResNet-18/34/50 of kuangliu/pytorch-cifar, DAFL and DeepInversion (11.17M / 21.28M / 23.52M parameters at 10
+# classes), leaving a 4x4 map before the pool instead of the ImageNet stem's 1x1.
+register_network("ddnn_resnet18_cifar")(_preset((2, 2, 2, 2), ((1, 1, 1, 1),), "basic", "cifar"))
+register_network("ddnn_resnet34_cifar")(_preset((3, 4, 6, 3), ((2, 2, 2, 2),), "basic", "cifar"))
+register_network("ddnn_resnet50_cifar")(_preset((3, 4, 6, 3), ((2, 2, 2, 2), (1, 1, 1, 1)), "bottleneck", "cifar"))
