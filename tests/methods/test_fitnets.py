@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from torch import nn
 from typer.testing import CliRunner
 
 from methods.feature_utils import forward_to, resolve_stage
@@ -71,6 +72,25 @@ def test_paper_regressor_output_matches_hint_shape(guided: tuple, hint: tuple) -
                                               ((8, 4, 4), (16, 4, 4))])
 def test_one_stage_convreg_output_matches_hint_shape(guided: tuple, hint: tuple) -> None:
     assert tuple(ConvReg(guided, hint, 3)(torch.randn(3, *guided)).shape) == (3, *hint)
+
+
+@pytest.mark.parametrize(("guided", "hint", "conv", "kernel", "stride"), [
+    ((4, 8, 8), (16, 8, 8), nn.Conv2d, (1, 1), (1, 1)),  # sizes match: 1x1, as mdistiller
+    ((4, 8, 8), (16, 4, 4), nn.Conv2d, (3, 3), (2, 2)),
+    ((4, 4, 4), (16, 8, 8), nn.ConvTranspose2d, (4, 4), (2, 2)),
+    ((4, 7, 5), (16, 4, 3), nn.Conv2d, (4, 3), (1, 1)),  # a valid conv of kernel 1 + s - t
+    ((4, 3, 3), (16, 8, 8), nn.Conv2d, (1, 1), (1, 1)),  # no mdistiller rule: 1x1, then resized
+])
+def test_one_stage_regressor_defaults_to_mdistillers_convreg(guided: tuple, hint: tuple, conv: type, kernel: tuple,
+                                                              stride: tuple) -> None:
+    assert FitNetsParams().regressor_kernel == "auto"
+    regressor = ConvReg(guided, hint, FitNetsParams().regressor_kernel)
+    [layer] = [m for m in regressor.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    assert type(layer) is conv and layer.kernel_size == kernel and layer.stride == stride
+    assert tuple(regressor(torch.randn(3, *guided)).shape) == (3, *hint)
+    for size in (1, 3):  # the explicit kernels stay same-padded convs
+        [layer] = [m for m in ConvReg(guided, hint, size).modules() if isinstance(m, nn.Conv2d)]
+        assert layer.kernel_size == (size, size) and layer.padding == (size // 2, size // 2)
 
 
 def test_regressor_rejects_a_guided_map_smaller_than_the_hint() -> None:
