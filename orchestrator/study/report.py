@@ -121,13 +121,15 @@ def importance_figure(table: pd.DataFrame) -> Any:
         return None
     methods = list(dict.fromkeys(table.index.get_level_values(0)))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.6), squeeze=False)
+    coloured_legend = False
     for ax, method in zip(axes[0], methods, strict=True):
         rows = table.loc[method]
         sub = rows[columns].fillna(0.0)
         sub.index = [_short(p) for p in sub.index]
         meaningful = bool(rows["meaningful"].iloc[0]) if "meaningful" in rows else True
         if meaningful:
-            sub.plot.barh(ax=ax, legend=ax is axes[0][0])
+            sub.plot.barh(ax=ax, legend=not coloured_legend)
+            coloured_legend = True
             ax.set_title(method)
         else:  # its own legend: the grey bars do not match the other panels' colours
             sub.plot.barh(ax=ax, legend=True, color=["0.6", "0.8"][:len(columns)], hatch="//")
