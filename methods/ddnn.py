@@ -64,6 +64,16 @@ class SwitchBN(nn.Module):
         return self.bns[str(self.active)](x)
 
 
+class _Stage(nn.Sequential):
+    """One stage's blocks; a forward runs the given subset of them (a sub-net's blocks), as ONE module call, so
+    hooks on a stage (`methods.feature_utils.forward_to`) see it run with the stage's output."""
+
+    def forward(self, x: Tensor, indices: Sequence[int] | None = None) -> Tensor:
+        for j in range(len(self)) if indices is None else indices:
+            x = self[j](x)
+        return x
+
+
 def block_indices(full: Sequence[int], sub: Sequence[int], selection: str) -> list[list[int]]:
     """Per stage, the indices of the full net's blocks that a sub-net with `sub` blocks per stage runs."""
     if selection == "first":
@@ -118,7 +128,7 @@ class DDNNResNet(FeatureNet):
             for position in range(count):
                 units.append(unit(planes_in, planes, 2 if index > 0 and position == 0 else 1))
                 planes_in = planes * expansion
-            stages.append(nn.Sequential(*units))
+            stages.append(_Stage(*units))
         self.stages = nn.ModuleList(stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(planes_in, num_classes)
@@ -173,8 +183,7 @@ class DDNNResNet(FeatureNet):
         x = self.stem(x)
         feats: dict[str, Tensor] = {}
         for name, stage, indices in zip(self._stage_names, self.stages, self.block_indices[k], strict=True):
-            for j in indices:
-                x = stage[j](x)
+            x = stage(x, indices)
             feats[name] = x
         return torch.flatten(self.pool(x), 1), feats
 
@@ -210,7 +219,9 @@ def _map_name(name: str, indices: list[list[int]]) -> str:
 
 
 def _default_widths(stem: str, stages: int) -> list[int]:
-    base = 16 if stem == "cifar" else 64
+    """Stage widths when none are given: 16-32-64 for He et al.'s 3-stage CIFAR ResNets (resnet20/56), and
+    64-128-256-512 for 4-stage ones, CIFAR (kuangliu/DAFL/DeepInversion ResNet-18/34/50) or ImageNet."""
+    base = 16 if stem == "cifar" and stages < 4 else 64
     return [base * 2**i for i in range(stages)]
 
 
@@ -276,3 +287,9 @@ def _preset(blocks: tuple[int, ...], default_subnets: tuple[tuple[int, ...], ...
 register_network("ddnn_resnet56")(_preset((9, 9, 9), ((3, 3, 3), (5, 5, 5)), "basic", "cifar"))
 register_network("ddnn_resnet34")(_preset((3, 4, 6, 3), ((2, 2, 2, 2),), "basic", "imagenet"))
 register_network("ddnn_resnet50")(_preset((3, 4, 6, 3), ((2, 2, 2, 2), (1, 1, 1, 1)), "bottleneck", "imagenet"))
+# The same shapes for 32 px inputs (METHODS.md: "CIFAR: 3x3 stem, no max-pool"), 64-128-256-512 wide: the CIFAR
+# ResNet-18/34/50 of kuangliu/pytorch-cifar, DAFL and DeepInversion (11.17M / 21.28M / 23.52M parameters at 10
+# classes), leaving a 4x4 map before the pool instead of the ImageNet stem's 1x1.
+register_network("ddnn_resnet18_cifar")(_preset((2, 2, 2, 2), ((1, 1, 1, 1),), "basic", "cifar"))
+register_network("ddnn_resnet34_cifar")(_preset((3, 4, 6, 3), ((2, 2, 2, 2),), "basic", "cifar"))
+register_network("ddnn_resnet50_cifar")(_preset((3, 4, 6, 3), ((2, 2, 2, 2), (1, 1, 1, 1)), "bottleneck", "cifar"))

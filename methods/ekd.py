@@ -124,7 +124,7 @@ class EmbeddedKD(Distiller):
         assert isinstance(params, EKDParams)
         if not isinstance(student, DDNNResNet):
             raise ValueError(f"student.architecture: ekd needs a DDNN student (ddnn_resnet, ddnn_resnet56, "
-                             f"ddnn_resnet34, ddnn_resnet50); got {type(student).__name__}")
+                             f"ddnn_resnet18/34/50_cifar, ddnn_resnet34, ddnn_resnet50); got {type(student).__name__}")
         if len(student.configs) < 2:
             raise ValueError("student.args.subnets: ekd needs at least one sub-net")
         if (params.bn_mode == "private") != student.private_bn:

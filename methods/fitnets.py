@@ -13,12 +13,16 @@ adri-romsor/FitNets), and the one-stage variant of mdistiller/RepDistiller.
   saturate = round(anneal_end_fraction * epochs) (the paper's CIFAR-10 run: 400 / 288).
 
 `stages=1` (modern variant, mdistiller `FitNet.py`): L = ce_weight * CE + hint_weight * mean MSE(ConvReg(v_g), u_h),
-ConvReg = conv (kernel `regressor_kernel`) + BN + ReLU, resized to the hint's spatial size when they differ.
+ConvReg = conv + BN + ReLU. `regressor_kernel: auto` is mdistiller's `_common.ConvReg` for a guided map of side
+s_H and a hint of side t_H: a 1x1 conv when the sizes match; a 3x3 stride-2 conv when s_H = 2 t_H; a 4x4 stride-2
+transposed conv when 2 s_H = t_H; otherwise, when s_H > t_H, a valid conv of kernel (1 + s_H - t_H) x
+(1 + s_W - t_W). `regressor_kernel: 1 | 3` is a same-padded conv of that size; either is resized to the hint's size
+when they still differ (and so is `auto` where mdistiller has no rule, s_H < t_H).
 
 [choice] params (METHODS.md section 2): `stage1_fraction` (stage-1 epochs as a fraction of the student epochs,
 default 0.3, or `stage1_epochs` absolute); `stage1_lr_scale` (stage 1 steps the configured optimizer at this multiple
 of training.lr, default 0.1: the summed hint loss is large); `guided_layer` / `hint_layer` (a stage name or a
-relative depth, default the middle); `regressor_kernel` and the resize of the one-stage ConvReg.
+relative depth, default the middle); the resize of the one-stage ConvReg where mdistiller's rule has no conv.
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ class FitNetsParams(MethodParams):
                                                 "of the epochs (paper 400/288)")
     hint_weight: float = Field(100.0, ge=0.0, le=1e5, description="one-stage hint weight (mdistiller 100)")
     ce_weight: float = Field(1.0, ge=0.0, le=10.0, description="weight of the hard-label CE term")
-    regressor_kernel: Literal[1, 3] = Field(3, description="one-stage ConvReg kernel size [choice]")
+    regressor_kernel: Literal["auto", 1, 3] = Field(
+        "auto", description="one-stage ConvReg conv: auto = mdistiller's (1x1 when the sizes match), or a same-padded "
+                            "1x1 / 3x3 conv")
 
 
 def kd_weight_at(epoch: int, params: FitNetsParams, epochs: int) -> float:
@@ -101,18 +107,34 @@ def paper_regressor(guided_shape: tuple[int, ...], hint_shape: tuple[int, ...]) 
     return nn.Sequential(nn.Conv2d(og, oh, kernel_size=(ng1 - nh1 + 1, ng2 - nh2 + 1)), nn.ReLU())
 
 
+def convreg_conv(guided_shape: tuple[int, ...], hint_shape: tuple[int, ...],
+                 kernel: Literal["auto", 1, 3]) -> nn.Module:
+    """The conv of the one-stage ConvReg from a (C, H, W) guided map to a (C', H', W') hint (module docstring)."""
+    (sc, sh, sw), (tc, th, tw) = guided_shape, hint_shape
+    if kernel != "auto":
+        return nn.Conv2d(sc, tc, kernel, padding=kernel // 2)
+    if sh == 2 * th:
+        return nn.Conv2d(sc, tc, kernel_size=3, stride=2, padding=1)
+    if 2 * sh == th:
+        return nn.ConvTranspose2d(sc, tc, kernel_size=4, stride=2, padding=1)
+    if sh >= th and sw >= tw:
+        return nn.Conv2d(sc, tc, kernel_size=(1 + sh - th, 1 + sw - tw))
+    return nn.Conv2d(sc, tc, kernel_size=1)  # no mdistiller rule (it raises): 1x1, then resized
+
+
 class ConvReg(nn.Module):
     """mdistiller-style ConvReg: conv (or linear) + BN + ReLU mapping channels, resized to the hint's size."""
 
-    def __init__(self, guided_shape: tuple[int, ...], hint_shape: tuple[int, ...], kernel: int) -> None:
+    def __init__(self, guided_shape: tuple[int, ...], hint_shape: tuple[int, ...],
+                 kernel: Literal["auto", 1, 3] = "auto") -> None:
         super().__init__()
         self.size = tuple(hint_shape[1:])
         if len(guided_shape) == 1 and len(hint_shape) == 1:
             self.body: nn.Module = nn.Sequential(nn.Linear(guided_shape[0], hint_shape[0]),
                                                  nn.BatchNorm1d(hint_shape[0]), nn.ReLU())
         elif len(guided_shape) == 3 and len(hint_shape) == 3:
-            self.body = nn.Sequential(nn.Conv2d(guided_shape[0], hint_shape[0], kernel, padding=kernel // 2),
-                                      nn.BatchNorm2d(hint_shape[0]), nn.ReLU())
+            self.body = nn.Sequential(convreg_conv(guided_shape, hint_shape, kernel), nn.BatchNorm2d(hint_shape[0]),
+                                      nn.ReLU())
         else:
             raise ValueError(f"method.params.hint_layer: cannot regress a {guided_shape} feature onto a "
                              f"{hint_shape} hint")

@@ -169,8 +169,8 @@ def importances(means: pd.DataFrame, spaces: dict[str, Any], seed: int = 0,
     for method, group in means.groupby("method", sort=False):
         space = spaces.get(method)
         design = group[~group["defaults"]] if "defaults" in group else group
-        if space is None or len(design) < 4:
-            continue
+        if space is None or len(design) < 4 or design["score"].nunique() < 2:
+            continue  # too few settings, or all score the same (fANOVA raises on zero variance): no importances
         distributions = {p: _distribution(spec) for p, spec in space.parameters.items() if p in design}
         if not distributions:
             continue

@@ -18,6 +18,8 @@ import pandas as pd  # noqa: E402
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
 
+NOT_MEANINGFUL = "not meaningful"
+
 RULE = ("Verdict rule: \"A is more robust than B\" holds when the 95% bootstrap CI of (median A - median B) lies "
         "above -delta and the CI of (IQR A - IQR B) lies below 0; it does not hold when either CI lies wholly on "
         "the wrong side; otherwise it is inconclusive. Medians and IQRs are over the design's settings, each "
@@ -109,20 +111,39 @@ def _expected_best(study: StudyResults, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _importance(table: pd.DataFrame, path: Path) -> Path | None:
+def importance_figure(table: pd.DataFrame) -> Any:
+    """The importance bars of `StudyResults.sensitivity()`, one panel per method; a method whose importances are
+    not meaningful (hparam share below the threshold) gets grey, hatched bars and says so in its title."""
+    from orchestrator.study.results import IMPORTANCE_MIN_SHARE
+
     columns = [c for c in ("fanova", "ped_anova") if c in table.columns]
     if table.empty or not columns:
         return None
     methods = list(dict.fromkeys(table.index.get_level_values(0)))
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.6), squeeze=False)
+    coloured_legend = False
     for ax, method in zip(axes[0], methods, strict=True):
-        sub = table.loc[method, columns].fillna(0.0)
+        rows = table.loc[method]
+        sub = rows[columns].fillna(0.0)
         sub.index = [_short(p) for p in sub.index]
-        sub.plot.barh(ax=ax, legend=ax is axes[0][0])
-        ax.set_title(method)
+        meaningful = bool(rows["meaningful"].iloc[0]) if "meaningful" in rows else True
+        if meaningful:
+            sub.plot.barh(ax=ax, legend=not coloured_legend)
+            coloured_legend = True
+            ax.set_title(method)
+        else:  # its own legend: the grey bars do not match the other panels' colours
+            sub.plot.barh(ax=ax, legend=True, color=["0.6", "0.8"][:len(columns)], hatch="//")
+            ax.set_title(f"{method}: {NOT_MEANINGFUL}\n(hparam share {rows['hparam_share'].iloc[0]:.2f} < "
+                         f"{IMPORTANCE_MIN_SHARE:g})", color="tab:red", fontsize=9)
         ax.set_xlabel("importance")
-    fig.suptitle("Hyperparameter importance (Optuna fANOVA, PED-ANOVA)")
-    return _save(fig, path)
+    fig.suptitle("Hyperparameter importance (Optuna fANOVA, PED-ANOVA); "
+                 f"{NOT_MEANINGFUL} where hparam share < {IMPORTANCE_MIN_SHARE:g}", fontsize=10)
+    return fig
+
+
+def _importance(table: pd.DataFrame, path: Path) -> Path | None:
+    fig = importance_figure(table)
+    return None if fig is None else _save(fig, path)
 
 
 def _parameter_effects(study: StudyResults, means: pd.DataFrame, method: str, params: list[str],
@@ -236,11 +257,7 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
                      "A more robust than B": c["verdict"]})
     if rows:
         blocks.append(("table", pd.DataFrame(rows).set_index("A")))
-    blocks.append(("h2", "Sensitivity (importance per parameter; tunability in points)"))
-    sens = study.sensitivity()
-    if not sens.empty:
-        sens = sens.rename(index=_short, level=1).map(_fmt).reset_index().set_index("method")
-        blocks.append(("table", sens))
+    blocks.extend(sensitivity_blocks(study))
     curve = study.expected_best()
     if not curve.empty:
         blocks.append(("h2", "Expected best validation accuracy after n random settings"))
@@ -250,6 +267,27 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
         blocks.append(("table", table))
     blocks.append(("h2", "Plots"))
     blocks.extend(("img", p) for p in plots)
+    return blocks
+
+
+def sensitivity_blocks(study: StudyResults) -> list[tuple[str, Any]]:
+    """The report's sensitivity section: heading, the not-meaningful rule, the table (importances marked)."""
+    from orchestrator.study.results import IMPORTANCE_MIN_SHARE
+
+    blocks: list[tuple[str, Any]] = [("h2", "Sensitivity (importance per parameter; tunability in points)")]
+    blocks.append(("p", f"Importances (fANOVA, PED-ANOVA) rank a method's hyperparameters by how much of the spread "
+                        f"of its accuracy over settings they explain. Where the hyperparameters explain less than "
+                        f"{IMPORTANCE_MIN_SHARE:g} of the variance of its val accuracy (hparam share < "
+                        f"{IMPORTANCE_MIN_SHARE:g}; the rest is seed noise), they rank noise: such a method's "
+                        f"importances are marked '{NOT_MEANINGFUL}' in the table and on the importance plot."))
+    sens = study.sensitivity()
+    if sens.empty:
+        return blocks
+    meaningful = sens.pop("meaningful")
+    shown = sens.rename(columns={"hparam_share": "hparam share"}).map(_fmt)
+    shown["importances"] = np.where(meaningful.to_numpy(dtype=bool), "",
+                                    f"{NOT_MEANINGFUL} (hparam share < {IMPORTANCE_MIN_SHARE:g})")
+    blocks.append(("table", shown.rename(index=_short, level=1).reset_index().set_index("method")))
     return blocks
 
 

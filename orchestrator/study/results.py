@@ -18,6 +18,11 @@ from orchestrator.search.status import FAILED, NOT_OUTCOMES, normalize
 from orchestrator.study import analysis
 from orchestrator.study.spec import StudySpec
 
+# A method's importances say which hyperparameter moves its accuracy; when the hyperparameters explain less than this
+# share of the variance of its val accuracy (the rest is seed noise: `hparam_share` of the variance split), they
+# rank noise, and the report marks them "not meaningful".
+IMPORTANCE_MIN_SHARE = 0.1
+
 
 @dataclass
 class StudyResults:
@@ -108,7 +113,9 @@ class StudyResults:
         return dict(self.teacher_acc)
 
     def sensitivity(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
-        """Per (method, parameter): fANOVA and PED-ANOVA importance, and the parameter's tunability gain."""
+        """Per (method, parameter): fANOVA and PED-ANOVA importance, the parameter's tunability gain, the method's
+        `hparam_share` and `meaningful`: False when that share is below `IMPORTANCE_MIN_SHARE` (unknown shares,
+        with one seed, count as meaningful)."""
         means = self.setting_means("val_acc", failures)
         means = means[means["method"].isin(self.spec.methods)]
         imp = analysis.importances(means, self.spaces, seed=self.spec.design_seed)
@@ -118,6 +125,13 @@ class StudyResults:
                  for m, row in tun.iterrows() for c, v in row.items() if str(c).startswith("gain/") and pd.notna(v)]
         if gains:
             table = table.join(pd.DataFrame(gains).set_index(["method", "parameter"]), how="outer")
+        if not table.empty:
+            frame = self._points_frame()
+            split = analysis.variance_split(frame[frame["method"].isin(self.spec.methods)], "val_acc", self.chance,
+                                            failures)
+            shares = split["hparam_share"].reindex(table.index.get_level_values(0)).to_numpy(dtype=float)
+            table["hparam_share"] = shares
+            table["meaningful"] = ~(shares < IMPORTANCE_MIN_SHARE)
         return table
 
     def expected_best(self, failures: analysis.Failures = "chance") -> pd.DataFrame:

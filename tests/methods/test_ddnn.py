@@ -36,6 +36,32 @@ def test_parameters_are_exactly_the_full_nets() -> None:
         assert _count(build_network("ddnn_resnet56", **CIFAR)) == _count(build_network("resnet56", **CIFAR))
 
 
+def _cifar_torchvision(depth: int) -> nn.Module:
+    """torchvision's ResNet with the CIFAR stem (3x3/1 conv, no max-pool): kuangliu/pytorch-cifar's ResNets."""
+    net = getattr(torchvision.models, f"resnet{depth}")(num_classes=10)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+@pytest.mark.parametrize(("depth", "parameters"), [(18, 11_173_962), (34, 21_282_122), (50, 23_520_842)])
+def test_cifar_presets_have_the_usual_cifar_resnet_sizes(depth: int, parameters: int) -> None:
+    with torch.device("meta"):
+        net = build_network(f"ddnn_resnet{depth}_cifar", **CIFAR)
+        assert _count(net) == parameters == _count(_cifar_torchvision(depth))
+        assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+        assert net.stem[0].kernel_size == (3, 3) and net.stem[0].stride == (1, 1)
+        _, feats = net(torch.empty(2, 3, 32, 32), features=True)
+    assert [tuple(feats[f"stage{i}"].shape[2:]) for i in range(1, 5)] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    assert [feats[f"stage{i}"].shape[1] for i in range(1, 5)] == [64 * 2**i * (4 if depth == 50 else 1)
+                                                                  for i in range(4)]
+    # The generic builder gives the same net: a 4-stage CIFAR-stem DDNN defaults to 64-128-256-512 wide.
+    with torch.device("meta"):
+        generic = build_network("ddnn_resnet", **CIFAR, blocks=list(net.configs[0]), subnets=[],
+                                block="bottleneck" if depth == 50 else "basic")
+    assert _count(generic) == parameters
+
+
 @pytest.mark.parametrize(("selection", "expected"), [("first", [0, 1]), ("even", [0, 2])])
 def test_a_subnet_runs_only_its_blocks(selection: str, expected: list[int]) -> None:
     net = build_network("ddnn_resnet", **CIFAR, blocks=[4, 4, 4], subnets=[[2, 2, 2], [1, 1, 1]],
@@ -132,3 +158,17 @@ def test_headline_subnet_is_the_plain_forward() -> None:
         assert torch.equal(net(x), net.forward_subnet(x, 1))
         with net.use_subnet("full"):
             assert torch.equal(net(x), net.forward_subnet(x, 0))
+
+
+def test_forward_to_stops_at_a_stage_of_the_active_subnet() -> None:
+    # A stage runs as one module call (with the sub-net's blocks), so hooks on `net.stages[i]` fire.
+    from methods.feature_utils import forward_to
+
+    torch.manual_seed(0)
+    net = build_network("ddnn_resnet", **CIFAR, blocks=[3, 3, 3], subnets=[[1, 1, 1]], widths=[4, 8, 8]).eval()
+    x = torch.randn(2, 3, 16, 16)
+    for k in (0, 1):
+        with net.use_subnet(k):
+            _, feats = net(x, features=True)
+            assert torch.equal(forward_to(net, "stage2", x), feats["stage2"])
+    assert not torch.equal(forward_to(net, "stage2", x), net.forward_subnet(x, 1, features=True)[1]["stage2"])

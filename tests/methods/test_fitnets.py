@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +12,10 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from torch import nn
 from typer.testing import CliRunner
 
-from methods.feature_utils import resolve_stage
+from methods.feature_utils import forward_to, resolve_stage
 from methods.fitnets import ConvReg, FitNets, FitNetsParams, hint_loss, kd_weight_at, paper_regressor
 from methods.networks import build_network
 from methods.registry import LoopContext, batch_order_seed
@@ -20,6 +24,15 @@ from orchestrator.experiment.config import load_config
 from orchestrator.experiment.data import DeviceData, load_splits
 from orchestrator.experiment.loop import accuracy, make_optimizer
 from tests.conftest import digits_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Two busy cores: one intra-op thread avoids OpenMP oversubscription (small convs run 30-70x slower without).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def loop_context(epochs: int = 3, cache_dir: Path | None = None, logged: list | None = None,
@@ -59,6 +72,25 @@ def test_paper_regressor_output_matches_hint_shape(guided: tuple, hint: tuple) -
                                               ((8, 4, 4), (16, 4, 4))])
 def test_one_stage_convreg_output_matches_hint_shape(guided: tuple, hint: tuple) -> None:
     assert tuple(ConvReg(guided, hint, 3)(torch.randn(3, *guided)).shape) == (3, *hint)
+
+
+@pytest.mark.parametrize(("guided", "hint", "conv", "kernel", "stride"), [
+    ((4, 8, 8), (16, 8, 8), nn.Conv2d, (1, 1), (1, 1)),  # sizes match: 1x1, as mdistiller
+    ((4, 8, 8), (16, 4, 4), nn.Conv2d, (3, 3), (2, 2)),
+    ((4, 4, 4), (16, 8, 8), nn.ConvTranspose2d, (4, 4), (2, 2)),
+    ((4, 7, 5), (16, 4, 3), nn.Conv2d, (4, 3), (1, 1)),  # a valid conv of kernel 1 + s - t
+    ((4, 3, 3), (16, 8, 8), nn.Conv2d, (1, 1), (1, 1)),  # no mdistiller rule: 1x1, then resized
+])
+def test_one_stage_regressor_defaults_to_mdistillers_convreg(guided: tuple, hint: tuple, conv: type, kernel: tuple,
+                                                              stride: tuple) -> None:
+    assert FitNetsParams().regressor_kernel == "auto"
+    regressor = ConvReg(guided, hint, FitNetsParams().regressor_kernel)
+    [layer] = [m for m in regressor.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    assert type(layer) is conv and layer.kernel_size == kernel and layer.stride == stride
+    assert tuple(regressor(torch.randn(3, *guided)).shape) == (3, *hint)
+    for size in (1, 3):  # the explicit kernels stay same-padded convs
+        [layer] = [m for m in ConvReg(guided, hint, size).modules() if isinstance(m, nn.Conv2d)]
+        assert layer.kernel_size == (size, size) and layer.padding == (size // 2, size // 2)
 
 
 def test_regressor_rejects_a_guided_map_smaller_than_the_hint() -> None:
@@ -144,3 +176,31 @@ def test_one_stage_variant_trains_regressor_with_student() -> None:
     loss.backward()
     trained = distiller.optimized_parameters()
     assert all(p.grad is not None for p in trained), "no trainable parameter is left out of the forward (DDP)"
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_fitnets_runs_on_ddnn_resnets(stages: int) -> None:
+    # As `kdo run digits_fitnets --set student.architecture=ddnn_resnet --set "student.args={blocks: [2,2,2],
+    # subnets: [[1,1,1]]}" --set method.params.stages=S` builds it (here the teacher is a DDNN too): the stage
+    # modules of a DDNN used not to run (its forward called their blocks one by one), so the hook that
+    # `forward_to` puts on the guided/hint stage never fired: "RuntimeError: layer 'stage2' was not reached".
+    ddnn = ["student.architecture=ddnn_resnet", "student.args={blocks: [2,2,2], subnets: [[1,1,1]], widths: [4,8,8]}"]
+    overrides = [*ddnn, *(s.replace("student.", "teacher.") for s in ddnn)]
+    cfg = load_config("digits_fitnets", [*overrides, f"method.params.stages={stages}", "method.params.stage1_epochs=1"])
+    torch.manual_seed(0)
+    student, teacher = (build_network(net.architecture, num_classes=10, in_channels=1, image_size=8, **net.args)
+                        for net in (cfg.student, cfg.teacher))
+    distiller = FitNets(student, teacher, FitNetsParams(**cfg.method.params))
+    logged: list = []
+    ctx = loop_context(logged=logged)
+    full_epoch = ctx.train_batches
+    ctx = dataclasses.replace(ctx, train_batches=lambda epoch, phase="student": islice(full_epoch(epoch, phase), 2))
+    distiller.setup(ctx)
+    x, y = next(iter(ctx.train_batches(1)))
+    loss, parts = distiller(x, y)
+    assert torch.isfinite(loss) and set(parts) == ({"ce", "hint"} if stages == 1 else {"ce", "soft_ce"})
+    loss.backward()
+    if stages == 1:
+        assert tuple(forward_to(student, "stage2", x).shape[1:]) == (8, 4, 4)
+    else:
+        assert [m["stage1/hint_loss"] for step, m in logged if step != "tags" and "stage1/hint_loss" in m]

@@ -135,3 +135,12 @@ def test_importances_name_their_evaluator_and_find_the_parameter_that_matters() 
     assert set(imp.index.get_level_values(0)) == {"fanova", "ped_anova"}
     assert imp[("fanova", X)] > imp[("fanova", Y)]
     assert imp[("ped_anova", X)] > imp[("ped_anova", Y)]
+
+
+def test_importances_skip_a_method_whose_settings_all_score_the_same() -> None:
+    # Every run of a method failed (all at chance): fANOVA would raise on the zero variance.
+    frame, space = _one_parameter_method()
+    flat = frame.assign(method="flat", val_acc=CHANCE)
+    means = setting_means(pd.concat([frame, flat]), "val_acc", CHANCE, parameters=[X, Y])
+    imp = importances(means, {"m": space, "flat": space})
+    assert set(imp["method"]) == {"m"}
