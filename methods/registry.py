@@ -161,8 +161,8 @@ class Distiller(nn.Module):
 
 _METHODS: dict[str, type[Distiller]] = {}
 # Modules whose import registers the built-in methods; imported lazily to keep import cheap.
-_BUILTIN_MODULES = ("methods.ce", "methods.kd", "methods.ddnn", "methods.ekd", "methods.rdskd", "methods.dafl",
-                     "methods.deepinversion", "methods.fitnets", "methods.lsh", "methods.tcs")
+_BUILTIN_MODULES = ("methods.ce", "methods.kd", "methods.dkd", "methods.ddnn", "methods.ekd", "methods.rdskd",
+                     "methods.dafl", "methods.deepinversion", "methods.fitnets", "methods.lsh", "methods.tcs")
 
 
 def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:

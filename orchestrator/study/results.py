@@ -179,13 +179,16 @@ class StudyResults:
 
 def read_results(spec: StudySpec, base: ExperimentConfig, spaces: dict[str, SearchSpace], uri: str,
                  experiment_id: str, parent_run_id: str) -> StudyResults:
-    """A study's results from its MLflow children (the ledger), ordered by method as the study lists them."""
+    """A study's results from its MLflow children (the ledger), ordered by entry as the study lists them; the
+    `method` column holds each entry's label (the `kdo.entry` tag; the method itself is `kdo.method`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     params = sorted({p for s in spaces.values() for p in s.parameters})
     frame = ledger.children_frame(client, experiment_id, parent_run_id, params,
-                                  tag_columns={"method": "kdo.method", "role": "kdo.role"})
+                                  tag_columns={"method": "kdo.entry", "role": "kdo.role", "run_method": "kdo.method"})
+    # The entry's label names the rows; children of studies from before labels have only the method's name.
+    frame["method"] = frame["method"].fillna(frame.pop("run_method"))
     frame["defaults"] = frame["role"] != "design"
     order = {m: i for i, m in enumerate(spec.all_methods)}
     frame = frame.sort_values(["method", "role", "setting_id", "seed"],

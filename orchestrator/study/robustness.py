@@ -43,6 +43,10 @@ __all__ = ["RobustnessStudy", "shipped_studies"]
 class RobustnessStudy:
     """`RobustnessStudy(name, base_config, methods={method: space or None}, ...)`, then `.run()`.
 
+    A `methods` key is a label: `{"kd_ls": {"method": "kd", "params": {...}, "space": ...}}` runs kd under the
+    label kd_ls, the name of its rows in every table, plot and comparison (and its children's `kdo.entry` tag);
+    without `method` the label is the method's name.
+
     Everything the user can get wrong (configs, spaces, design sizes, comparisons) is checked here,
     before Ray or MLflow are touched. Results, summaries, plots and the report come from MLflow
     (`outcome()` -> `StudyResults`), so `RobustnessStudy.load(name)` in a notebook gives the same answers
@@ -93,7 +97,7 @@ class RobustnessStudy:
 
     @property
     def methods(self) -> list[str]:
-        """The studied methods, then the references (which have no design)."""
+        """The studied entries' labels, then the references (which have no design)."""
         return self.spec.all_methods
 
     def _plan_points(self) -> None:
@@ -110,13 +114,14 @@ class RobustnessStudy:
                 if m not in spec.methods:
                     raise ConfigError(f"study.compare: '{m}' is not a method of this study; allowed: "
                                       f"{', '.join(spec.methods)}")
-        for method in self.methods:
-            entry = spec.methods.get(method) or MethodEntry()
-            method_base = _method_config(base, method, entry.params)
+        for label in self.methods:  # an entry's label names its rows; `method` is what it runs
+            entry = spec.methods.get(label) or MethodEntry()
+            method = spec.method_of(label)
+            method_base = _method_config(base, label, method, entry.params)
             planned: list[tuple[str, dict[str, Any], ExperimentConfig]] = []
-            if method in spec.methods:
+            if label in spec.methods:
                 space = load_space(entry.space if entry.space is not None else method, method_base)
-                self.spaces[method] = space
+                self.spaces[label] = space
                 try:
                     design = build_design(space, spec.design, spec.n_settings, seed=spec.design_seed)
                 except ConfigError as err:
@@ -128,12 +133,13 @@ class RobustnessStudy:
                 planned.append(("reference", {}, method_base))
             seen: set[str] = set()
             for role, setting, cfg in planned:
-                sid = ledger.setting_id({"method": method, "role": role, **setting})
+                sid = ledger.setting_id({"method": label, "role": role, **setting})
                 if sid in seen:  # a design over choices can draw a setting twice: it runs (and counts) once
                     continue
                 seen.add(sid)
                 self.points += [Point(setting, seed, sid, point_config(cfg, spec.name, sid, seed),
-                                      {"kdo.role": role, "kdo.study": spec.name}) for seed in spec.seeds]
+                                      {"kdo.role": role, "kdo.study": spec.name, "kdo.entry": label})
+                                for seed in spec.seeds]
 
     def _checked_points(self) -> list[Point]:
         """Every point's config checked (paths made absolute, teacher checkpoints read), before Ray starts."""
@@ -308,11 +314,11 @@ class RobustnessStudy:
         return self.outcome().ui_hint()
 
 
-def _method_config(base: ExperimentConfig, method: str, params: dict[str, Any]) -> ExperimentConfig:
-    """The base config running `method` with its defaults (plus the study's fixed params)."""
+def _method_config(base: ExperimentConfig, label: str, method: str, params: dict[str, Any]) -> ExperimentConfig:
+    """The base config running `method` with its defaults (plus the entry's fixed params)."""
     raw = base.model_dump(mode="json")
     raw["method"] = {"name": method, "params": params}
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"study.methods.{method}: {format_validation_error(err, '', ExperimentConfig)}") from None
+        raise ConfigError(f"study.methods.{label}: {format_validation_error(err, '', ExperimentConfig)}") from None

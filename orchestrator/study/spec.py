@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -15,14 +16,24 @@ from orchestrator.experiment.config import format_validation_error
 from orchestrator.search.spaces import SearchSpace
 
 ROLES = ("design", "defaults", "reference")
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class MethodEntry(BaseModel):
-    """One method of a study: its space (None: the method's shipped space) and fixed params."""
+    """One entry of a study's `methods`, under its label: the method it runs (None: the label is the method's
+    name), its space (None: the method's shipped space) and fixed params."""
 
     model_config = ConfigDict(extra="forbid")
+    method: str | None = Field(None, description="the method the entry runs; default its label")
     space: str | dict[str, Any] | None = None
     params: dict[str, Any] = Field({}, description="method params fixed for the whole study")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str | None) -> str | None:
+        if method is not None and method not in list_methods():
+            raise ValueError(f"unknown method '{method}'; allowed: {', '.join(list_methods())}")
+        return method
 
 
 class StudySpec(BaseModel):
@@ -56,15 +67,27 @@ class StudySpec(BaseModel):
     @field_validator("methods")
     @classmethod
     def _known(cls, methods: dict[str, MethodEntry | None]) -> dict[str, MethodEntry | None]:
-        for name in methods:
-            if name not in list_methods():
-                raise ValueError(f"unknown method '{name}'; allowed: {', '.join(list_methods())}")
+        for label, entry in methods.items():
+            method = entry.method if entry is not None and entry.method is not None else label
+            if method == label and label not in list_methods():
+                raise ValueError(f"unknown method '{label}'; allowed: {', '.join(list_methods())} (or a label "
+                                 f"with `method:`)")
+            if label in list_methods() and method != label:
+                raise ValueError(f"label '{label}' is the name of a method but runs '{method}'; pick another label")
+            if not LABEL.fullmatch(label):
+                raise ValueError(f"label '{label}': letters, digits, '_', '-' and '.' only (it names metrics and "
+                                 f"files)")
         return methods
 
     @property
     def all_methods(self) -> list[str]:
-        """The studied methods, then the references (which have no design)."""
+        """The studied entries' labels, then the references (which have no design)."""
         return [*self.methods, *[r for r in self.references if r not in self.methods]]
+
+    def method_of(self, label: str) -> str:
+        """The method an entry (or a reference) runs."""
+        entry = self.methods.get(label)
+        return entry.method if entry is not None and entry.method is not None else label
 
 
 def build_spec(**fields: Any) -> StudySpec:
@@ -75,14 +98,14 @@ def build_spec(**fields: Any) -> StudySpec:
 
 
 def method_entry(value: Any) -> dict[str, Any] | None:
-    """A `methods` value: None, a space (name, path, dict or SearchSpace), or {space:, params:}."""
+    """A `methods` value: None, a space (name, path, dict or SearchSpace), or {method:, space:, params:}."""
     if value is None:
         return None
     if isinstance(value, SearchSpace):
         return {"space": value.model_dump(mode="json", exclude={"source"})}
     if isinstance(value, Path):
         return {"space": str(value)}
-    if isinstance(value, dict) and set(value) <= {"space", "params"}:
+    if isinstance(value, dict) and set(value) <= {"method", "space", "params"}:
         return value
     return {"space": value}
 

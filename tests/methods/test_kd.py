@@ -80,3 +80,63 @@ def test_kd_schema_rejects_out_of_range_values() -> None:
         params(kd_weight=1.5)
     with pytest.raises(ValueError, match="needs a teacher"):
         get_method("kd")(build_network("mlp", num_classes=10, in_channels=1, image_size=8), None, params())
+
+
+# ------------------------------------------------------------------ logit standardisation (Sun et al. 2024)
+class Fixed(torch.nn.Module):
+    """A 'network' whose logits are given: the loss is then a function of logits alone."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+def _kd_part(student: torch.Tensor, teacher: torch.Tensor, **params: object) -> float:
+    """The `kd` part of a KD step whose student logits are `student` and teacher logits `teacher`."""
+    distiller = get_method("kd")(torch.nn.Identity(), Fixed(teacher), get_method("kd").Params(**params))
+    return distiller(student, torch.zeros(student.shape[0], dtype=torch.long))[1]["kd"].item()
+
+
+def _zscore(z: torch.Tensor) -> torch.Tensor:  # the paper's Z-score with the code's unbiased std and 1e-7
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
+
+
+def test_logit_standardization_is_kd_on_z_scored_logits() -> None:
+    torch.manual_seed(3)
+    s, t = 4 * torch.randn(8, 10) + 2, 6 * torch.randn(8, 10) - 1
+    zs, zt = _zscore(s) / 2.0, _zscore(t) / 2.0  # at base temperature 2
+    expected = 4.0 * (F.softmax(zt, 1) * (F.log_softmax(zt, 1) - F.log_softmax(zs, 1))).sum(1).mean()
+    assert _kd_part(s, t, logit_standardization=True, temperature=2.0) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_logit_standardization_ignores_shift_and_scale_of_either_side() -> None:
+    torch.manual_seed(4)
+    s, t = 3 * torch.randn(8, 10), 3 * torch.randn(8, 10)
+    base = _kd_part(s, t, logit_standardization=True)
+    for ss, tt in ((s + 5.0, t), (s, t - 2.0), (0.1 * s, t), (s, 8.0 * t), (2.5 * s + 1.0, 0.3 * t - 4.0)):
+        assert _kd_part(ss, tt, logit_standardization=True) == pytest.approx(base, rel=1e-4)
+    raw = _kd_part(s, t)  # without LS the loss asks the student to match the teacher's logit range
+    assert _kd_part(0.1 * s, t) != pytest.approx(raw, rel=1e-2)
+    assert _kd_part(s, 8.0 * t) != pytest.approx(raw, rel=1e-2)
+    assert _kd_part(s, t[:, torch.randperm(10)], logit_standardization=True) != pytest.approx(base, rel=1e-2)
+
+
+def test_logit_standardization_defaults_are_the_papers_and_kd_defaults_stay() -> None:
+    params = get_method("kd").Params
+    plain = params()
+    assert (plain.temperature, plain.kd_weight, plain.ce_weight, plain.logit_standardization) == (4.0, 0.9, None,
+                                                                                                 False)
+    ls = params(logit_standardization=True)  # logit-standardization-KD: base temperature 2, KD 9, CE 0.1
+    assert (ls.temperature, ls.kd_weight, ls.ce_weight) == (2.0, 9.0, 0.1)
+    tuned = params(logit_standardization=True, kd_weight=18.0, temperature=3.0)
+    assert (tuned.temperature, tuned.kd_weight, tuned.ce_weight) == (3.0, 18.0, 0.1), "values given are kept"
+    assert params.model_validate(ls.model_dump()) == ls, "a dumped config validates to the same params"
+    wide = params(kd_weight=100.0, ce_weight=100.0)  # the reference code weights KD far above CE
+    assert (wide.kd_weight, wide.ce_weight) == (100.0, 100.0)
+    with pytest.raises(ValidationError):
+        params(kd_weight=100.5, ce_weight=1.0)
+    with pytest.raises(ValidationError, match="method.params.ce_weight: give it when kd_weight > 1"):
+        params(kd_weight=9.0)

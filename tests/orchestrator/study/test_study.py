@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.tracking import start_run
+from orchestrator.search import ledger
+from orchestrator.study.display import print_study
+from orchestrator.study.results import read_results
 from orchestrator.study.robustness import RobustnessStudy, shipped_studies
 from tests.conftest import digits_config
 from tests.orchestrator.search.test_resume import _finished_trials, _ray_pids, kill_when_finished
@@ -46,12 +53,65 @@ def _study_file(workdir: Path, **changes: object) -> str:
      "method.params.tempx: unknown field; allowed: temperature"),
     ({"methods": {"kd": {"params": {"temperature": -1}}}}, "study.methods.kd: method.params.temperature"),
     ({"references": ["nope"]}, "study.references: unknown method 'nope'"),
+    ({"methods": {"kd_ls": {"method": "kdx"}}}, "study.methods.kd_ls.method: unknown method 'kdx'; allowed: ce, "),
+    ({"methods": {"kd": {"method": "dkd"}}}, "study.methods: label 'kd' is the name of a method but runs 'dkd'"),
+    ({"methods": {"kd+ls": {"method": "kd"}}}, "study.methods: label 'kd+ls': letters, digits, '_', '-' and '.'"),
+    ({"methods": {"kd_ls": {"method": "kd", "params": {"logit_standardization": 3}}}},
+     "study.methods.kd_ls: method.params.logit_standardization"),
 ])
 def test_bad_study_is_one_line_exit_2_nothing_started(workdir: Path, changes: dict, needle: str) -> None:
     result = CliRunner().invoke(app, ["study", _study_file(workdir, **changes)])
     assert result.exit_code == 2, result.output
     assert needle in result.output and result.output.count("\n") == 1, result.output
     assert not (workdir / "mlflow.db").exists() and not (workdir / "kdo_runs").exists()
+
+
+LABELLED = {"kd": None, "kd_ls": {"method": "kd", "params": {"logit_standardization": True}, "space": "kd_ls"}}
+
+
+def test_label_entries_plan_their_method_under_their_label() -> None:
+    study = RobustnessStudy("labels", _config(), {**LABELLED, "dkd": None}, n_settings=2, seeds=[0, 1])
+    assert study.methods == ["kd", "kd_ls", "dkd", "ce"] and set(study.spaces) == {"kd", "kd_ls", "dkd"}
+    assert len(study.points) == 3 * (2 + 1) * 2 + 2
+    runs = {"kd": "kd", "kd_ls": "kd", "dkd": "dkd", "ce": "ce"}
+    for point in study.points:
+        label = point.tags["kdo.entry"]
+        assert point.config["method"]["name"] == runs[label], label
+        assert point.config["method"]["params"].get("logit_standardization", False) == (label == "kd_ls")
+    ls = [p for p in study.points if p.tags["kdo.entry"] == "kd_ls"]
+    defaults = next(p for p in ls if p.tags["kdo.role"] == "defaults").config["method"]["params"]
+    assert (defaults["temperature"], defaults["kd_weight"], defaults["ce_weight"]) == (2.0, 9.0, 0.1)  # LS paper
+    assert all(p.config["method"]["params"]["ce_weight"] == 0.1 for p in ls)  # fixed by the kd_ls space
+    sids = {label: {p.setting_id for p in study.points if p.tags["kdo.entry"] == label} for label in runs}
+    assert not sids["kd"] & sids["kd_ls"], "the same setting of two entries is two settings"
+    again = study.replace(seeds=[0])  # the spec round trip keeps the entries
+    assert again.spec.methods["kd_ls"].method == "kd" and len(again.points) == len(study.points) // 2
+
+
+def test_results_tables_and_verdicts_name_rows_by_label(workdir: Path) -> None:
+    study = RobustnessStudy("labelled", _config(), LABELLED, n_settings=2, seeds=[0])
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    parent, experiment_id = start_run(uri, "kdo", "labelled", tags={"kdo.kind": "study", "kdo.study": "labelled"})
+    ref = ledger.LedgerRef("labelled", parent.run_id, uri, "kdo", experiment_id)
+    for i, point in enumerate(study.points):  # children as the trials write them, with made-up accuracies
+        child = ledger.start_child(ref, ExperimentConfig.model_validate(point.config), point.setting,
+                                   point.setting_id, point.tags)
+        child.log_metrics({"val_acc": 0.5 + 0.05 * i, "test_acc": 0.5}, step=1)
+        ledger.close_child(child, "finished")
+        if point.tags["kdo.entry"] == "ce":  # a child of a study from before labels: `kdo.method` alone
+            MlflowClient(uri).delete_tag(child.run_id, "kdo.entry")
+    parent.finish("FINISHED")
+    loaded = read_results(study.spec, study.base, study.spaces, uri, experiment_id, parent.run_id)
+    frame = loaded.results()
+    assert list(dict.fromkeys(frame["method"])) == ["kd", "kd_ls", "ce"]
+    tags = {r: MlflowClient(uri).get_run(r).data.tags for r in frame["run_id"]}
+    assert {t["kdo.method"] for t in tags.values()} == {"kd", "ce"}
+    assert {t.get("kdo.entry") for t in tags.values()} == {"kd", "kd_ls", None}
+    assert list(loaded.summary().index) == ["kd", "kd_ls", "ce"]
+    assert loaded.compare("kd_ls", "kd")["a"] == "kd_ls"
+    out = io.StringIO()
+    print_study(loaded, console=Console(file=out, width=200))  # the console table and verdicts (the report's too)
+    assert "│ kd_ls " in out.getvalue() and "kd more robust than kd_ls: " in out.getvalue()
 
 
 def test_shipped_studies_validate() -> None:
