@@ -140,10 +140,24 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"{where}: {err}") from None
         if self.teacher is None or "teacher" in built:  # a checkpoint teacher is checked when it is loaded
             check_method_setup(self, built["student"], built.get("teacher"))
+        trained = [("training", self.training)]
+        if self.teacher is not None and self.teacher.architecture is not None:
+            trained.append(("teacher.training", self.teacher.training))
+        for where, training in trained:
+            if self.data.val_fraction == 0 and training.selection != "last":
+                raise ValueError(f"data.val_fraction: 0 leaves no validation split, so {where}.selection must be "
+                                 f"'last' (got '{training.selection}'); allowed: val_fraction > 0, or selection last")
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def require_validation(cfg: ExperimentConfig, what: str) -> None:
+    """Sweeps and studies select on val_acc: refuse a config without a validation split (one line)."""
+    if cfg.data.val_fraction == 0:
+        raise ConfigError(f"data.val_fraction: 0 leaves no validation split, which a {what} selects on (val_acc); "
+                          "allowed: 0 < val_fraction < 0.5 (0 only for `kdo run` and `kdo teacher train`)")
 
 
 def teacher_key(cfg: ExperimentConfig) -> str:

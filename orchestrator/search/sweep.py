@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.config import ExperimentConfig, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.tracking import Tracker, flatten, start_run, ui_hint
@@ -127,6 +127,7 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     """
     checkpoints: dict[str, dict[str, Any]] = {}
     cfg = check(config, overrides, checkpoints=checkpoints)
+    require_validation(cfg, "sweep")
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
     name = name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"

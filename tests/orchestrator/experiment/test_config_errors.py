@@ -56,6 +56,11 @@ def _assert_refused(workdir: Path, args: list[str], *needles: str) -> None:
         ({}, ["training.lr=-1"], ["training.lr", "greater than 0", "-1"]),
         ({}, ["training.optimizer=rmsprop"], ["training.optimizer", "'sgd' or 'adam'"]),
         ({}, ["data.val_fraction=0.9"], ["data.val_fraction", "less than 0.5"]),
+        ({}, ["data.val_fraction=-0.1"], ["data.val_fraction", "greater than or equal to 0"]),
+        ({}, ["data.val_fraction=0"], ["data.val_fraction: 0 leaves no validation split, so training.selection "
+                                       "must be 'last' (got 'best'); allowed: val_fraction > 0, or selection last"]),
+        ({"method": KD, "teacher": {"architecture": "cnn"}}, ["data.val_fraction=0", "training.selection=last"],
+         ["data.val_fraction: 0 leaves no validation split, so teacher.training.selection must be 'last'"]),
         ({"method": KD, "teacher": {"architecture": "cnn", "args": {}}},
          ["method.params.temperature=0"], ["method.params.temperature", "greater than 0"]),
         ({"method": KD, "teacher": {"architecture": "cnn"}},

@@ -94,3 +94,28 @@ def test_kdo_teacher_train_prints_a_usable_checkpoint(workdir: Path) -> None:
     again = CliRunner().invoke(app, ["run", str(cfg), "--set", f"teacher={{checkpoint: {path}}}",
                                      "--set", "training.epochs=1"])
     assert again.exit_code == 0, again.output
+
+
+@pytest.mark.timeout(180)
+def test_no_validation_split_teacher_and_student_log_no_val_acc(workdir: Path) -> None:
+    cfg = workdir / "noval.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(method=KD, teacher={
+        "architecture": "mlp", "args": {"hidden": [64]}, "training": {"epochs": 2, "selection": "last"}})))
+    noval = ["--set", "data.val_fraction=0", "--set", "training.selection=last"]
+    trained = CliRunner().invoke(app, ["teacher", "train", str(cfg), *noval])
+    assert trained.exit_code == 0, trained.output
+    assert "teacher mlp: no validation split test_acc=" in trained.output
+    result = CliRunner().invoke(app, ["run", str(cfg), *noval])
+    assert result.exit_code == 0, result.output
+    assert "status=finished no validation split test_acc=" in result.output and "(epoch 3)" in result.output
+
+    client = _store(workdir)
+    experiment = client.get_experiment_by_name("kdo").experiment_id
+    [teacher_run] = client.search_runs([experiment], "tags.`kdo.kind` = 'teacher'")
+    [student_run] = client.search_runs([experiment], "tags.`kdo.kind` = 'student'")
+    for run_info in (teacher_run, student_run):
+        assert run_info.info.status == "FINISHED" and run_info.data.params["data.val_fraction"] == "0.0"
+        assert [k for k in run_info.data.metrics if "val_acc" in k] == [], "never logged, not logged as 0"
+        assert len(client.get_metric_history(run_info.info.run_id, "test_acc")) == 1
+    assert "teacher_test_acc" in student_run.data.metrics
+    assert len(client.get_metric_history(student_run.info.run_id, "train_loss")) == 3

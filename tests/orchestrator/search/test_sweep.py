@@ -36,6 +36,10 @@ def _space_file(workdir: Path, space: dict) -> str:
     ({"method": "ce", "parameters": {"training.lr": {"type": "float", "low": 0.1, "high": 1}}},
      "space is for method 'ce' but the config runs 'kd'"),
     ({"parameters": {"temperature": {"type": "normal", "low": 1, "high": 2}}}, "'float', 'int' or 'choice'"),
+    ({"parameters": {"data.val_fraction": {"type": "choice", "values": [0.2, 0.0]}},
+      "fixed": {"training.selection": "last", "teacher.training.selection": "last"}},
+     "parameter 'data.val_fraction' = 0.0 is invalid: data.val_fraction: 0 leaves no validation split, which a "
+     "search selects on (val_acc)"),
 ])
 def test_bad_space_is_one_line_exit_2_nothing_started(workdir: Path, space: dict, needle: str) -> None:
     result = CliRunner().invoke(app, ["sweep", "digits_kd", "--space", _space_file(workdir, space)])
@@ -51,6 +55,8 @@ def test_bad_space_is_one_line_exit_2_nothing_started(workdir: Path, space: dict
     (["--sampler", "grid", "--scheduler", "asha"], "a fixed grid design runs every point in full"),
     (["--space", "nope"], "--space: 'nope' is neither a file nor a shipped space; shipped: ce, dafl, "),
     (["--seeds", "0,0"], "--seeds: distinct non-negative integers"),
+    (["--set", "data.val_fraction=0", "--set", "training.selection=last", "--set", "teacher.training.selection=last"],
+     "data.val_fraction: 0 leaves no validation split, which a sweep selects on (val_acc); allowed: 0 < val_fraction"),
 ])
 def test_bad_sweep_options(workdir: Path, args: list[str], needle: str) -> None:
     result = CliRunner().invoke(app, ["sweep", "digits_kd", *args])

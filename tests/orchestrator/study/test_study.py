@@ -46,6 +46,8 @@ def _study_file(workdir: Path, **changes: object) -> str:
      "method.params.tempx: unknown field; allowed: temperature"),
     ({"methods": {"kd": {"params": {"temperature": -1}}}}, "study.methods.kd: method.params.temperature"),
     ({"references": ["nope"]}, "study.references: unknown method 'nope'"),
+    ({"set": ["data.val_fraction=0", "training.selection=last", "teacher.training.selection=last"]},
+     "data.val_fraction: 0 leaves no validation split, which a study selects on (val_acc); allowed: 0 < val_fraction"),
 ])
 def test_bad_study_is_one_line_exit_2_nothing_started(workdir: Path, changes: dict, needle: str) -> None:
     result = CliRunner().invoke(app, ["study", _study_file(workdir, **changes)])
