@@ -100,7 +100,8 @@ def test_kdo_teacher_train_prints_a_usable_checkpoint(workdir: Path) -> None:
 def test_no_validation_split_teacher_and_student_log_no_val_acc(workdir: Path) -> None:
     cfg = workdir / "noval.yaml"
     cfg.write_text(yaml.safe_dump(digits_config(method=KD, teacher={
-        "architecture": "mlp", "args": {"hidden": [64]}, "training": {"epochs": 2, "selection": "last"}})))
+        "architecture": "mlp", "args": {"hidden": [64]}, "training": {"epochs": 2, "selection": "last"},
+        "data": {"augment": False}})))
     noval = ["--set", "data.val_fraction=0", "--set", "training.selection=last"]
     trained = CliRunner().invoke(app, ["teacher", "train", str(cfg), *noval])
     assert trained.exit_code == 0, trained.output
@@ -118,4 +119,7 @@ def test_no_validation_split_teacher_and_student_log_no_val_acc(workdir: Path) -
         assert [k for k in run_info.data.metrics if "val_acc" in k] == [], "never logged, not logged as 0"
         assert len(client.get_metric_history(run_info.info.run_id, "test_acc")) == 1
     assert "teacher_test_acc" in student_run.data.metrics
+    # teacher.data: the teacher trained without augmentation, the student with it.
+    assert (teacher_run.data.params["data.augment"], student_run.data.params["data.augment"]) == ("False", "True")
+    assert student_run.data.params["teacher.data.augment"] == "False"
     assert len(client.get_metric_history(student_run.info.run_id, "train_loss")) == 3
