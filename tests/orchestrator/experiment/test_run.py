@@ -35,6 +35,7 @@ def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_
     assert run_info.data.params["method.name"] == "kd" and run_info.data.params["training.epochs"] == "4"
     assert run_info.data.tags["kdo.method"] == "kd" and run_info.data.tags["kdo.dataset"] == "digits"
     assert run_info.data.tags["kdo.git_commit"]
+    assert run_info.data.tags["kdo.version"] == "0.1.0"
     history = client.get_metric_history(run_info.info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2, 3, 4]
     for key in ("train_loss", "loss/ce", "loss/kd", "lr", "epoch_seconds", "images_per_s"):

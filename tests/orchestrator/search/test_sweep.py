@@ -152,6 +152,8 @@ def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Pat
     for run_id in result.dataframe()["run_id"]:  # the run tags of `kdo run`, on every child
         tags = client.get_run(run_id).data.tags
         assert (tags["kdo.dataset"], tags["kdo.student"], tags["kdo.teacher"]) == ("digits", "mlp", "none")
+        assert tags["kdo.version"] == "0.1.0"
+    assert client.get_run(result.parent_run_id).data.tags["kdo.version"] == "0.1.0"
     frame = result.dataframe().set_index("training.lr")
     assert len(frame) == 3
     assert frame.loc[10.0, "status"] == "diverged"
