@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import DataConfig
+from orchestrator.experiment.config import DataConfig, load_config
 from orchestrator.experiment.data import DatasetInfo, DeviceData, augment_batch, load_splits
 from orchestrator.experiment.idx import fashion_mnist_files, read_idx
 from tests.conftest import needs_fashion_mnist
@@ -162,3 +162,10 @@ def test_val_fraction_zero_trains_on_the_whole_training_set() -> None:
     assert s.val_x.shape == (0, 1, 16, 16) and s.train_x.shape[1:] == (1, 16, 16)
     data = DeviceData(s, torch.device("cpu"))
     assert data.size("val") == 0 and list(data.eval_batches("val")) == []
+
+
+@pytest.mark.parametrize(("name", "dataset"), [("fashion_mnist_kd", "fashion_mnist"), ("mnist5k_kd", "mnist5k")])
+def test_shipped_real_data_configs_validate(name: str, dataset: str) -> None:
+    cfg = load_config(name)
+    assert cfg.data.name == dataset and cfg.data.image_size == 32 and cfg.teacher is not None
+    assert (cfg.teacher.architecture, cfg.student.architecture) == ("lenet5_bn", "lenet5_half")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from orchestrator import run
 from orchestrator.cli import app
-from tests.conftest import digits_config
+from tests.conftest import digits_config, needs_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("ray_runtime")
 KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
@@ -124,3 +124,18 @@ def test_no_validation_split_teacher_and_student_log_no_val_acc(workdir: Path) -
     assert (teacher_run.data.params["data.augment"], student_run.data.params["data.augment"]) == ("False", "True")
     assert student_run.data.params["teacher.data.augment"] == "False"
     assert len(client.get_metric_history(student_run.info.run_id, "train_loss")) == 3
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kdo_run_fashion_mnist_kd_trains_teacher_and_student_on_the_real_files(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "fashion_mnist_kd"])
+    assert result.exit_code == 0, result.output
+    client = _store(workdir)
+    experiment = client.get_experiment_by_name("kdo").experiment_id
+    [student_run] = client.search_runs([experiment], "tags.`kdo.kind` = 'student'")
+    assert student_run.data.tags["kdo.dataset"] == "fashion_mnist"
+    assert student_run.data.params["data.image_size"] == "32"
+    metrics = student_run.data.metrics
+    assert metrics["teacher_test_acc"] > 0.85 and metrics["test_acc"] > 0.8  # chance is 0.1; measured 0.881 / 0.844
