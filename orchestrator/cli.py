@@ -48,7 +48,8 @@ def run_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped con
     if result.status == "crashed":
         typer.echo(f"{result.name}: status=crashed ({result.reason}); MLflow run {result.run_id}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{result.name}: status={result.status} val_acc={result.val_acc:.4f} "
+    val = f"val_acc={result.val_acc:.4f}" if result.config.data.val_fraction > 0 else "no validation split"
+    typer.echo(f"{result.name}: status={result.status} {val} "
                f"test_acc={result.test_acc:.4f} (epoch {result.best_epoch}) in {result.seconds:.1f} s")
     typer.echo(f"MLflow run {result.run_id}: {result.ui_hint()}")
     if result.status != "finished":
@@ -73,8 +74,8 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
     init_ray(address)
     ckpt, path = ensure_teacher(cfg, splits, force=force)
     metrics = ckpt.get("metrics", {})
-    typer.echo(f"teacher {ckpt['architecture']}: val_acc={metrics.get('val_acc', float('nan')):.4f} "
-               f"test_acc={metrics.get('test_acc', float('nan')):.4f}")
+    val = f"val_acc={metrics['val_acc']:.4f}" if "val_acc" in metrics else "no validation split"
+    typer.echo(f"teacher {ckpt['architecture']}: {val} test_acc={metrics.get('test_acc', float('nan')):.4f}")
     typer.echo(f"checkpoint: {path}   (use it as teacher.checkpoint)")
 
 

@@ -48,6 +48,12 @@ class TrainingConfig(_Strict):
     compile: bool = False
 
 
+class TeacherDataConfig(_Strict):
+    """How a described teacher sees the student's data; None inherits the student's `data` setting."""
+
+    augment: bool | None = Field(None, description="crop (and flip) while training the teacher; None: data.augment")
+
+
 class TeacherConfig(_Strict):
     """A teacher is a checkpoint (file path or MLflow `runs:/<id>/teacher`) or a description to train."""
 
@@ -56,6 +62,7 @@ class TeacherConfig(_Strict):
     args: dict[str, Any] = {}
     training: TrainingConfig = TrainingConfig(epochs=30)
     batch_size: int = Field(128, ge=1, le=65536, description="the teacher's own training batch size")
+    data: TeacherDataConfig = TeacherDataConfig()
     cache_dir: str = ".kdo/teachers"
 
     @model_validator(mode="after")
@@ -140,19 +147,36 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"{where}: {err}") from None
         if self.teacher is None or "teacher" in built:  # a checkpoint teacher is checked when it is loaded
             check_method_setup(self, built["student"], built.get("teacher"))
+        trained = [("training", self.training)]
+        if self.teacher is not None and self.teacher.architecture is not None:
+            trained.append(("teacher.training", self.teacher.training))
+        for where, training in trained:
+            if self.data.val_fraction == 0 and training.selection != "last":
+                raise ValueError(f"data.val_fraction: 0 leaves no validation split, so {where}.selection must be "
+                                 f"'last' (got '{training.selection}'); allowed: val_fraction > 0, or selection last")
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def require_validation(cfg: ExperimentConfig, what: str) -> None:
+    """Sweeps and studies select on val_acc: refuse a config without a validation split (one line)."""
+    if cfg.data.val_fraction == 0:
+        raise ConfigError(f"data.val_fraction: 0 leaves no validation split, which a {what} selects on (val_acc); "
+                          "allowed: 0 < val_fraction < 0.5 (0 only for `kdo run` and `kdo teacher train`)")
+
+
 def teacher_key(cfg: ExperimentConfig) -> str:
-    """Cache key of a described teacher: everything that changes its weights, nothing else."""
+    """Cache key of a described teacher: everything that changes its weights, nothing else. `teacher.data` enters
+    only through the data the teacher sees, so a config that leaves it unset keeps its key (and its cache)."""
     assert cfg.teacher is not None
     data = cfg.data.model_dump(mode="json")
     data.pop("data_dir")
     data.pop("download")
     data["batch_size"] = cfg.teacher.batch_size
+    if cfg.teacher.data.augment is not None:
+        data["augment"] = cfg.teacher.data.augment
     teacher = cfg.teacher.model_dump(mode="json", include={"architecture", "args", "training"})
     blob = json.dumps({"data": data, "teacher": teacher}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

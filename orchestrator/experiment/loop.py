@@ -123,6 +123,7 @@ def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, An
 
     Reports `train_loss`, `loss/<part>`, `val_acc`, `lr`, `epoch_seconds`, `images_per_s` every epoch;
     the last epoch's report also carries `test_acc`, `best_epoch`, `selected_val_acc` and `status`.
+    With no validation split (`data.val_fraction` 0, selection `last`) no `*val_acc` key is ever reported.
     `wrap` puts the distiller under DDP (Ray Train's `prepare_model`) when there are several ranks.
     """
     history = list(iterate_epochs(cfg, splits, teacher_ckpt, rank=rank, world=world, device=device,
@@ -201,8 +202,9 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
 
     status = "finished"
     static: dict[str, float] = {}
+    validated = data.size("val") > 0  # else nothing is validated: no val_acc at all, never a 0 in its place
     if teacher is not None:
-        static = {"teacher_val_acc": accuracy(teacher, data, "val", tc.precision),
+        static = {**({"teacher_val_acc": accuracy(teacher, data, "val", tc.precision)} if validated else {}),
                   "teacher_test_acc": accuracy(teacher, data, "test", tc.precision)}
         if tracker is not None and resume is None:
             tracker.log_metrics(static, step=0)
@@ -239,14 +241,14 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         seconds = time.perf_counter() - start
         method_metrics = distiller.epoch_metrics()
         student = distiller.inference_student()
-        val_acc = accuracy(student, data, "val", tc.precision)
-        metrics: dict[str, Any] = {"epoch": epoch, **means, **method_metrics, "val_acc": val_acc, "lr": lr,
-                                   "epoch_seconds": seconds, "images_per_s": seen * world / seconds,
-                                   **_named("val_acc", distiller.extra_accuracies("val", ctx))}
+        val_acc = accuracy(student, data, "val", tc.precision) if validated else None
+        val = {"val_acc": val_acc, **_named("val_acc", distiller.extra_accuracies("val", ctx))} if validated else {}
+        metrics: dict[str, Any] = {"epoch": epoch, **means, **method_metrics, **val, "lr": lr,
+                                   "epoch_seconds": seconds, "images_per_s": seen * world / seconds}
         if not all(math.isfinite(v) for v in (*means.values(), *method_metrics.values())):
             status = "diverged"
-        elif tc.selection == "last" or best_state is None or val_acc > best_val:
-            best_val, best_epoch = val_acc, epoch
+        elif tc.selection == "last" or best_state is None or (val_acc is not None and val_acc > best_val):
+            best_val, best_epoch = (val_acc if val_acc is not None else best_val), epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
         last = epoch == tc.epochs or status == "diverged"
         if last:
@@ -255,7 +257,8 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
                 student.load_state_dict(best_state)
                 test_acc = accuracy(student, data, "test", tc.precision)
                 metrics.update(_named("test_acc", distiller.extra_accuracies("test", ctx)))
-            metrics.update(test_acc=test_acc, best_epoch=best_epoch, selected_val_acc=best_val, **static)
+            metrics.update(test_acc=test_acc, best_epoch=best_epoch,
+                           **({"selected_val_acc": best_val} if validated else {}), **static)
             metrics["status"] = status
         if rank == 0 and log is not None:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
@@ -269,8 +272,9 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
                 checkpoint_dir = folder
                 save_network(Path(folder) / f"{artifact_name}.pt", student, architecture=cfg.student.architecture,
                              args=cfg.student.args, num_classes=splits.info.num_classes,
-                             in_channels=splits.info.channels, image_size=splits.info.image_size, val_acc=val_acc,
-                             epoch=epoch, test_acc=metrics["test_acc"])
+                             in_channels=splits.info.channels, image_size=splits.info.image_size,
+                             **({"val_acc": val_acc} if val_acc is not None else {}), epoch=epoch,
+                             test_acc=metrics["test_acc"])
                 if tracker is not None:
                     tracker.log_artifact(Path(folder) / f"{artifact_name}.pt", artifact_name)
                     # The outcome is on record before anyone hears of it: a trial process Tune tears down right

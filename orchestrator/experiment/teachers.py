@@ -19,13 +19,15 @@ from orchestrator.experiment.launch import execute
 
 
 def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The `ce` experiment that trains a described teacher on the student's data."""
+    """The `ce` experiment that trains a described teacher on the student's data (as `teacher.data` changes it)."""
     assert cfg.teacher is not None and cfg.teacher.architecture is not None
     raw = cfg.model_dump(mode="json")
     raw.update(name=f"teacher-{teacher_key(cfg)}", teacher=None, method={"name": "ce", "params": {}},
                student=NetworkConfig(architecture=cfg.teacher.architecture, args=cfg.teacher.args).model_dump(),
                training=cfg.teacher.training.model_dump(mode="json"))
     raw["data"]["batch_size"] = cfg.teacher.batch_size
+    if cfg.teacher.data.augment is not None:
+        raw["data"]["augment"] = cfg.teacher.data.augment
     return ExperimentConfig.model_validate(raw)
 
 

@@ -32,6 +32,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def kdo_version(distribution: str = "kd-orchestrator") -> str:
+    """The installed package's version, else the one in the checkout's pyproject.toml: tags old and new numbers."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        try:
+            return str(tomllib.loads((_PACKAGE_ROOT / "pyproject.toml").read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -46,7 +61,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     """The tags every run carries, whether `kdo run`, a sweep child or a study child: what it trains on what."""
     return {"kdo.method": cfg.method.name, "kdo.dataset": cfg.data.name, "kdo.student": cfg.student.architecture,
-            "kdo.teacher": teacher_label(cfg), "kdo.seed": str(cfg.training.seed),
+            "kdo.teacher": teacher_label(cfg), "kdo.seed": str(cfg.training.seed), "kdo.version": kdo_version(),
             "kdo.data_free": str(get_method(cfg.method.name).data_free).lower()}
 
 
@@ -98,7 +113,7 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
     """Create a RUNNING run (a child when `parent_run_id` is given); returns it and its experiment id."""
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, experiment, uri)
-    all_tags = {"kdo.git_commit": git_commit(), **{k: str(v) for k, v in tags.items()}}
+    all_tags = {"kdo.git_commit": git_commit(), "kdo.version": kdo_version(), **{k: str(v) for k, v in tags.items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import ExperimentConfig, format_validation_error, set_path
+from orchestrator.experiment.config import ExperimentConfig, format_validation_error, require_validation, set_path
 
 
 class ParamSpec(BaseModel):
@@ -144,7 +144,11 @@ def _check_against_schema(space: SearchSpace, base: ExperimentConfig, label: str
         for value in ends or []:
             value = int(value) if spec.type == "int" else value
             try:
-                space.apply(base, {path: value})
+                applied = space.apply(base, {path: value})
             except ValidationError as err:
                 reason = format_validation_error(err, "", ExperimentConfig)
                 raise ConfigError(f"{label}: parameter '{path}' = {value!r} is invalid: {reason}") from None
+            try:
+                require_validation(applied, "search")
+            except ConfigError as err:
+                raise ConfigError(f"{label}: parameter '{path}' = {value!r} is invalid: {err}") from None

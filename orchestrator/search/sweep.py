@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import ConfigError, Interrupted
-from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.config import ExperimentConfig, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.tracking import Tracker, flatten, start_run, ui_hint
@@ -139,6 +139,7 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     """
     checkpoints: dict[str, dict[str, Any]] = {}
     cfg = check(config, overrides, checkpoints=checkpoints)
+    require_validation(cfg, "sweep")
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
                        checkpoint_seconds, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from methods import get_method, list_methods
 from orchestrator.errors import ConfigError, Interrupted
-from orchestrator.experiment.config import ExperimentConfig, format_validation_error, load_config
+from orchestrator.experiment.config import ExperimentConfig, format_validation_error, load_config, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import check, provision
 from orchestrator.experiment.tracking import Tracker, flatten, start_run
@@ -104,6 +104,7 @@ class RobustnessStudy:
         """Validate every config of every point up front; the points are what Tune runs."""
         spec = self.spec
         self.base = base = load_config(spec.config, spec.set)
+        require_validation(base, "study")
         self.spaces: dict[str, SearchSpace] = {}
         self.points: list[Point] = []
         for ref in spec.references:

@@ -1,12 +1,19 @@
-"""Datasets: deterministic stratified splits, on-device augmentation, rank sharding."""
+"""Datasets: deterministic stratified splits, IDX files, on-device augmentation, rank sharding."""
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
-from orchestrator.experiment.config import DataConfig
-from orchestrator.experiment.data import DeviceData, augment_batch, load_splits
+from orchestrator.errors import ConfigError
+from orchestrator.experiment.config import DataConfig, load_config
+from orchestrator.experiment.data import DatasetInfo, DeviceData, augment_batch, load_splits
+from orchestrator.experiment.idx import fashion_mnist_files, read_idx
+from tests.conftest import needs_fashion_mnist
 
 
 def test_digits_split_is_deterministic_stratified_and_disjoint() -> None:
@@ -62,3 +69,103 @@ def test_rank_shards_are_disjoint_and_equal() -> None:
     seen = [torch.cat([x.flatten(1) for x, _ in shard]) for shard in shards]
     assert seen[0].shape == seen[1].shape
     assert seen[0].shape[0] + seen[1].shape[0] == data.size("train") // 2 * 2
+
+
+def _idx(type_code: int, dims: tuple[int, ...], values: bytes) -> bytes:
+    """An IDX file written out by hand: two zero bytes, the type, the number of dimensions, big-endian sizes."""
+    return bytes([0, 0, type_code, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + values
+
+
+def test_read_idx_parses_hand_built_files(tmp_path: Path) -> None:
+    images = tmp_path / "images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(_idx(0x08, (2, 2, 3), bytes(range(12)))))
+    labels = tmp_path / "labels-idx1-ubyte"  # uncompressed works too
+    labels.write_bytes(_idx(0x08, (3,), bytes([7, 0, 255])))
+    x = read_idx(images)
+    assert x.dtype == np.uint8 and x.shape == (2, 2, 3)
+    assert x.tolist() == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+    assert read_idx(labels).tolist() == [7, 0, 255]
+    wide = tmp_path / "wide.gz"
+    wide.write_bytes(gzip.compress(_idx(0x0B, (2,), b"\x01\x02\xff\xfe")))  # big-endian int16
+    assert read_idx(wide).tolist() == [258, -2]
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (_idx(0x08, (2, 3), bytes(5)), "truncated or has trailing bytes (IDX shape (2, 3))"),
+    (_idx(0x08, (2,), bytes(3)), "truncated or has trailing bytes (IDX shape (2,))"),
+    (b"\x1f\x00\x08\x01" + bytes(8), "is not an IDX file (bad magic number)"),
+    (bytes([0, 0, 0x08, 2, 0, 0]), "truncated or has trailing bytes (IDX shape None)"),
+])
+def test_read_idx_refuses_broken_files(tmp_path: Path, content: bytes, needle: str) -> None:
+    path = tmp_path / "broken-idx1-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        read_idx(path)
+    assert str(err.value).startswith("data.data_dir: ") and needle in str(err.value)
+
+
+def _write_tiny_fashion(folder: Path) -> np.ndarray:
+    """Four IDX files of 20 train / 4 test 28x28 images (classes 0 and 1); returns the train images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = (np.arange(20 * 28 * 28) % 251).astype(np.uint8).reshape(20, 28, 28)
+    test = np.full((4, 28, 28), 9, dtype=np.uint8)
+    for name, dims, values in (("train-images-idx3-ubyte", (20, 28, 28), train.tobytes()),
+                               ("train-labels-idx1-ubyte", (20,), bytes([0, 1] * 10)),
+                               ("t10k-images-idx3-ubyte", (4, 28, 28), test.tobytes()),
+                               ("t10k-labels-idx1-ubyte", (4,), bytes([1, 0, 1, 0]))):
+        (folder / f"{name}.gz").write_bytes(gzip.compress(_idx(0x08, dims, values)))
+    return train
+
+
+@pytest.mark.parametrize("sub", ["", "fashion-mnist", "FashionMNIST/raw"])
+def test_fashion_mnist_reads_the_idx_files_in_data_dir_first(tmp_path: Path, sub: str) -> None:
+    train = _write_tiny_fashion(tmp_path / sub)
+    s = load_splits(DataConfig(name="fashion_mnist", data_dir=str(tmp_path), val_fraction=0.0))
+    assert s.train_x.shape == (20, 1, 28, 28) and s.test_x.shape == (4, 1, 28, 28)
+    assert np.array_equal(s.train_x[:, 0], train), "data_dir's own files, not the system copy"
+    assert s.train_y.tolist() == [0, 1] * 10 and s.test_y.tolist() == [1, 0, 1, 0]
+    assert s.val_x.shape == (0, 1, 28, 28)
+
+
+def test_missing_fashion_mnist_names_both_places_and_the_install(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        fashion_mnist_files(tmp_path / "data", system_dir=tmp_path / "system")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.name: dataset 'fashion_mnist' not found")
+    assert f"in data.data_dir ({tmp_path / 'data'}, or its fashion-mnist/ or FashionMNIST/raw/)" in message
+    assert f"nor in {tmp_path / 'system'}" in message
+    assert "install it with `make data` (apt-get install dataset-fashion-mnist)" in message
+
+
+@needs_fashion_mnist
+def test_real_fashion_mnist_files_load_in_full(tmp_path: Path) -> None:
+    s = load_splits(DataConfig(name="fashion_mnist", data_dir=str(tmp_path), val_fraction=0.0))
+    assert s.train_x.shape == (60000, 1, 28, 28) and s.test_x.shape == (10000, 1, 28, 28)
+    assert s.train_x.dtype == np.uint8 and s.info.num_classes == 10
+    assert np.bincount(s.train_y).tolist() == [6000] * 10 and np.bincount(s.test_y).tolist() == [1000] * 10
+    assert int(s.train_x.max()) == 255 and round(s.mean[0], 4) == 0.2860
+
+
+def test_mnist5k_has_a_fixed_stratified_test_split() -> None:
+    a = load_splits(DataConfig(name="mnist5k", val_fraction=0.1))
+    assert a.train_x.shape[1:] == (1, 28, 28) and a.info == DatasetInfo(1, 28, 10, flip=False)
+    assert (len(a.train_y), len(a.val_y), len(a.test_y)) == (3600, 400, 1000)
+    assert np.bincount(a.test_y).tolist() == [100] * 10 and np.bincount(a.val_y).tolist() == [40] * 10
+    other = load_splits(DataConfig(name="mnist5k", val_fraction=0.2, split_seed=3))
+    assert np.array_equal(other.test_x, a.test_x) and np.array_equal(other.test_y, a.test_y)
+    assert int(a.train_x.max()) == 255 and int(a.train_x.min()) == 0
+
+
+def test_val_fraction_zero_trains_on_the_whole_training_set() -> None:
+    s = load_splits(DataConfig(name="digits", val_fraction=0.0, image_size=16))
+    assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (1437, 0, 360)
+    assert s.val_x.shape == (0, 1, 16, 16) and s.train_x.shape[1:] == (1, 16, 16)
+    data = DeviceData(s, torch.device("cpu"))
+    assert data.size("val") == 0 and list(data.eval_batches("val")) == []
+
+
+@pytest.mark.parametrize(("name", "dataset"), [("fashion_mnist_kd", "fashion_mnist"), ("mnist5k_kd", "mnist5k")])
+def test_shipped_real_data_configs_validate(name: str, dataset: str) -> None:
+    cfg = load_config(name)
+    assert cfg.data.name == dataset and cfg.data.image_size == 32 and cfg.teacher is not None
+    assert (cfg.teacher.architecture, cfg.student.architecture) == ("lenet5_bn", "lenet5_half")

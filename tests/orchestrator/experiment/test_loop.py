@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.experiment.checkpoints import load_checkpoint
 from orchestrator.experiment.config import load_config
 from orchestrator.experiment.data import load_splits
 from orchestrator.experiment.loop import iterate_epochs, train_loop
@@ -82,3 +83,18 @@ def test_a_run_that_diverges_in_its_first_epoch_selects_nothing() -> None:
     assert out.status == "diverged" and len(out.history) == 1
     assert math.isnan(out.final["selected_val_acc"]) and math.isnan(out.final["test_acc"])
     assert out.final["best_epoch"] == 0
+
+
+def test_no_validation_split_logs_no_val_acc_and_tests_the_last_epoch(teacher_checkpoint: Path) -> None:
+    cfg = load_config(digits_config(method={"name": "kd"}, teacher={"checkpoint": str(teacher_checkpoint)}),
+                      ["data.val_fraction=0", "training.selection=last"])
+    splits = load_splits(cfg.data)
+    assert len(splits.train_y) == 1437, "all of digits' training split trains"
+    reports: list[dict] = []
+    out = train_loop(cfg, splits, load_checkpoint(teacher_checkpoint),
+                     report=lambda metrics, _: reports.append(metrics), log=None)
+    assert out.status == "finished" and [r["epoch"] for r in out.history] == [1, 2, 3]
+    assert [k for row in reports for k in row if "val_acc" in k] == [], "no val_acc is reported, not even a 0"
+    assert "test_acc" not in out.history[0], "the student is tested once, after the last epoch"
+    assert out.final["best_epoch"] == 3 and out.final["test_acc"] > 0.3  # chance is 0.1
+    assert out.final["teacher_test_acc"] > 0.9

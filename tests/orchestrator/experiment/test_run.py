@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from orchestrator import run
 from orchestrator.cli import app
-from tests.conftest import digits_config
+from tests.conftest import digits_config, needs_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("ray_runtime")
 KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
@@ -35,6 +35,7 @@ def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_
     assert run_info.data.params["method.name"] == "kd" and run_info.data.params["training.epochs"] == "4"
     assert run_info.data.tags["kdo.method"] == "kd" and run_info.data.tags["kdo.dataset"] == "digits"
     assert run_info.data.tags["kdo.git_commit"]
+    assert run_info.data.tags["kdo.version"] == "0.1.0"
     history = client.get_metric_history(run_info.info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2, 3, 4]
     for key in ("train_loss", "loss/ce", "loss/kd", "lr", "epoch_seconds", "images_per_s"):
@@ -94,3 +95,47 @@ def test_kdo_teacher_train_prints_a_usable_checkpoint(workdir: Path) -> None:
     again = CliRunner().invoke(app, ["run", str(cfg), "--set", f"teacher={{checkpoint: {path}}}",
                                      "--set", "training.epochs=1"])
     assert again.exit_code == 0, again.output
+
+
+@pytest.mark.timeout(180)
+def test_no_validation_split_teacher_and_student_log_no_val_acc(workdir: Path) -> None:
+    cfg = workdir / "noval.yaml"
+    cfg.write_text(yaml.safe_dump(digits_config(method=KD, teacher={
+        "architecture": "mlp", "args": {"hidden": [64]}, "training": {"epochs": 2, "selection": "last"},
+        "data": {"augment": False}})))
+    noval = ["--set", "data.val_fraction=0", "--set", "training.selection=last"]
+    trained = CliRunner().invoke(app, ["teacher", "train", str(cfg), *noval])
+    assert trained.exit_code == 0, trained.output
+    assert "teacher mlp: no validation split test_acc=" in trained.output
+    result = CliRunner().invoke(app, ["run", str(cfg), *noval])
+    assert result.exit_code == 0, result.output
+    assert "status=finished no validation split test_acc=" in result.output and "(epoch 3)" in result.output
+
+    client = _store(workdir)
+    experiment = client.get_experiment_by_name("kdo").experiment_id
+    [teacher_run] = client.search_runs([experiment], "tags.`kdo.kind` = 'teacher'")
+    [student_run] = client.search_runs([experiment], "tags.`kdo.kind` = 'student'")
+    for run_info in (teacher_run, student_run):
+        assert run_info.info.status == "FINISHED" and run_info.data.params["data.val_fraction"] == "0.0"
+        assert [k for k in run_info.data.metrics if "val_acc" in k] == [], "never logged, not logged as 0"
+        assert len(client.get_metric_history(run_info.info.run_id, "test_acc")) == 1
+    assert "teacher_test_acc" in student_run.data.metrics
+    # teacher.data: the teacher trained without augmentation, the student with it.
+    assert (teacher_run.data.params["data.augment"], student_run.data.params["data.augment"]) == ("False", "True")
+    assert student_run.data.params["teacher.data.augment"] == "False"
+    assert len(client.get_metric_history(student_run.info.run_id, "train_loss")) == 3
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kdo_run_fashion_mnist_kd_trains_teacher_and_student_on_the_real_files(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "fashion_mnist_kd"])
+    assert result.exit_code == 0, result.output
+    client = _store(workdir)
+    experiment = client.get_experiment_by_name("kdo").experiment_id
+    [student_run] = client.search_runs([experiment], "tags.`kdo.kind` = 'student'")
+    assert student_run.data.tags["kdo.dataset"] == "fashion_mnist"
+    assert student_run.data.params["data.image_size"] == "32"
+    metrics = student_run.data.metrics
+    assert metrics["teacher_test_acc"] > 0.85 and metrics["test_acc"] > 0.8  # chance is 0.1; measured 0.881 / 0.844

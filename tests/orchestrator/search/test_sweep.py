@@ -38,6 +38,10 @@ def _space_file(workdir: Path, space: dict) -> str:
     ({"method": "ce", "parameters": {"training.lr": {"type": "float", "low": 0.1, "high": 1}}},
      "space is for method 'ce' but the config runs 'kd'"),
     ({"parameters": {"temperature": {"type": "normal", "low": 1, "high": 2}}}, "'float', 'int' or 'choice'"),
+    ({"parameters": {"data.val_fraction": {"type": "choice", "values": [0.2, 0.0]}},
+      "fixed": {"training.selection": "last", "teacher.training.selection": "last"}},
+     "parameter 'data.val_fraction' = 0.0 is invalid: data.val_fraction: 0 leaves no validation split, which a "
+     "search selects on (val_acc)"),
 ])
 def test_bad_space_is_one_line_exit_2_nothing_started(workdir: Path, space: dict, needle: str) -> None:
     result = CliRunner().invoke(app, ["sweep", "digits_kd", "--space", _space_file(workdir, space)])
@@ -53,6 +57,8 @@ def test_bad_space_is_one_line_exit_2_nothing_started(workdir: Path, space: dict
     (["--sampler", "grid", "--scheduler", "asha"], "a fixed grid design runs every point in full"),
     (["--space", "nope"], "--space: 'nope' is neither a file nor a shipped space; shipped: ce, dafl, "),
     (["--seeds", "0,0"], "--seeds: distinct non-negative integers"),
+    (["--set", "data.val_fraction=0", "--set", "training.selection=last", "--set", "teacher.training.selection=last"],
+     "data.val_fraction: 0 leaves no validation split, which a sweep selects on (val_acc); allowed: 0 < val_fraction"),
 ])
 def test_bad_sweep_options(workdir: Path, args: list[str], needle: str) -> None:
     result = CliRunner().invoke(app, ["sweep", "digits_kd", *args])
@@ -155,6 +161,8 @@ def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Pat
     for run_id in result.dataframe()["run_id"]:  # the run tags of `kdo run`, on every child
         tags = client.get_run(run_id).data.tags
         assert (tags["kdo.dataset"], tags["kdo.student"], tags["kdo.teacher"]) == ("digits", "mlp", "none")
+        assert tags["kdo.version"] == "0.1.0"
+    assert client.get_run(result.parent_run_id).data.tags["kdo.version"] == "0.1.0"
     frame = result.dataframe().set_index("training.lr")
     assert len(frame) == 3
     assert frame.loc[10.0, "status"] == "diverged"

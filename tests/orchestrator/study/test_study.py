@@ -58,6 +58,8 @@ def _study_file(workdir: Path, **changes: object) -> str:
     ({"methods": {"kd+ls": {"method": "kd"}}}, "study.methods: label 'kd+ls': letters, digits, '_', '-' and '.'"),
     ({"methods": {"kd_ls": {"method": "kd", "params": {"logit_standardization": 3}}}},
      "study.methods.kd_ls: method.params.logit_standardization"),
+    ({"set": ["data.val_fraction=0", "training.selection=last", "teacher.training.selection=last"]},
+     "data.val_fraction: 0 leaves no validation split, which a study selects on (val_acc); allowed: 0 < val_fraction"),
 ])
 def test_bad_study_is_one_line_exit_2_nothing_started(workdir: Path, changes: dict, needle: str) -> None:
     result = CliRunner().invoke(app, ["study", _study_file(workdir, **changes)])
