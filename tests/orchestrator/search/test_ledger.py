@@ -20,6 +20,7 @@ def _parent_with_children(workdir: Path, count: int) -> tuple[MlflowClient, str,
         run = client.create_run(experiment_id, run_name=f"c{i}", tags={"mlflow.parentRunId": parent.run_id})
         client.log_batch(run.info.run_id, tags=[RunTag("kdo.setting_id", f"s{i}"), RunTag("kdo.seed", "0"),
                                                 RunTag("kdo.status", "finished")])
+        client.set_terminated(run.info.run_id, "FINISHED")
     return client, experiment_id, parent.run_id
 
 
