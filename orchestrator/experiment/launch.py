@@ -127,11 +127,26 @@ def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], callbacks:
         run_config=RunConfig(name=f"{cfg.name}-{payload['run_id'][:8]}", storage_path=cfg.tracking.storage_path,
                              callbacks=callbacks),
     )
-    result = trainer.fit()
-    rows = result.metrics_dataframe.to_dict("records")
-    history = [{k: v for k, v in row.items() if k in rows[-1] and not k.startswith(("_", "training_"))
-                and k not in ("timestamp", "checkpoint_dir_name")} for row in rows]
-    return LoopOutput(status=str(history[-1].get("status", "finished")), history=history, final=history[-1])
+    trainer.fit()
+    history = _history(cfg.tracking.uri or "", payload["run_id"])
+    return LoopOutput(status=history[-1]["status"], history=history, final=history[-1])
+
+
+def _history(uri: str, run_id: str) -> list[dict[str, Any]]:
+    """The epochs rank 0 logged to the run, one row per epoch (Ray Train's own table holds only the reports
+    that came with a checkpoint, and a run reports its student only at the end)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    rows: dict[int, dict[str, Any]] = {}
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            if m.step >= 1:
+                rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    history = [rows[step] for step in sorted(rows)] or [{"epoch": 0}]
+    history[-1]["status"] = run.data.tags.get("kdo.status", "crashed")
+    return history
 
 
 def payload(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, run_id: str, *,
