@@ -138,4 +138,4 @@ def test_kdo_run_fashion_mnist_kd_trains_teacher_and_student_on_the_real_files(w
     assert student_run.data.tags["kdo.dataset"] == "fashion_mnist"
     assert student_run.data.params["data.image_size"] == "32"
     metrics = student_run.data.metrics
-    assert metrics["teacher_test_acc"] > 0.85 and metrics["test_acc"] > 0.8  # chance is 0.1; measured 0.881 / 0.844
+    assert metrics["teacher_test_acc"] > 0.85 and metrics["test_acc"] > 0.8  # chance is 0.1; measured 0.881 / 0.860
