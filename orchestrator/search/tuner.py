@@ -57,6 +57,10 @@ def interruptible(on_signal: Callable[[], None]) -> Iterator[None]:
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except Exception:
+        if received:  # the signal reached Ray's own processes too (a process group's SIGTERM) and Tune broke off
+            raise Interrupted(received[0]) from None
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

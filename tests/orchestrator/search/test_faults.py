@@ -159,7 +159,10 @@ def test_a_stopped_driver_closes_its_runs_interrupted_and_resume_finishes(workdi
         db = workdir / "mlflow.db"
         driver.wait_for(lambda: any(s == "FINISHED" for _, s, _, _ in _trial_progress(db)) and bool(_half_way(db)),
                         "one run done and one half way")
-        os.killpg(driver.proc.pid, sig)  # as a terminal's Ctrl-C does: the whole foreground process group
+        if sig == signal.SIGINT:
+            os.killpg(driver.proc.pid, sig)  # as a terminal's Ctrl-C does: the whole foreground process group
+        else:
+            os.kill(driver.proc.pid, sig)  # as `kill PID` does
         assert driver.proc.wait(timeout=120) == 128 + sig, driver.output()[-3000:]
     finally:
         driver.stop()
