@@ -4,9 +4,9 @@ adaptive sampler proposed, its seeds advanced in lockstep. Each run is an MLflow
 A diverged seed fails the whole setting (status `diverged`, its accuracy counted at chance level in the
 reported mean), never averaged away. Seeds the ledger holds as final are replayed from MLflow, not retrained.
 A trial checkpoints every run it trains through Tune's checkpoint API (`checkpoint_seconds` apart); a retried
-trial (`tune.get_checkpoint()`) or a resumed one (the child's `kdo.checkpoint` tag) continues from it in the
-same child, logging only the epochs that child has not logged yet; attempts that cannot continue are
-`superseded` by a fresh child.
+trial (`tune.get_checkpoint()`) or a resumed one (the newest checkpoint in the trial folder of the child's
+`kdo.checkpoint` tag) continues from it in the same child, logging only the epochs that child has not logged
+yet; attempts that cannot continue are `superseded` by a fresh child.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pickle
 import socket
 import tempfile
 import time
@@ -189,20 +190,41 @@ def _start(ref: LedgerRef, m: _Member, sid: str, start_epoch: int, client: Any) 
 
 
 def _checkpoints(members: list[_Member], client: Any) -> int:
-    """Find each trained member's loop state: Tune's checkpoint of this trial (a retry) or the one its newest
-    unfinished attempt names (a resume). All of them continue from one common epoch, or none does (0)."""
+    """Find each trained member's loop state: Tune's checkpoint of this trial (a retry) or the newest one in the
+    trial folder its newest unfinished attempt names (a resume). All of them continue from one epoch, or none
+    does (0)."""
     from ray import tune
 
-    tune_dir = (ckpt.path if (ckpt := tune.get_checkpoint()) is not None else None)
-    epochs = set()
-    for m in (m for m in members if m.replay is None):
-        folder = tune_dir or (m.attempts[0].data.tags.get("kdo.checkpoint") if m.attempts else None)
-        path = Path(folder) / f"seed-{m.seed}.pt" if folder else None
-        if path is None or not path.is_file() or not m.attempts:
-            return 0
-        m.state = torch.load(path, map_location="cpu", weights_only=False)
-        epochs.add(m.state["epoch"])
-    return epochs.pop() if len(epochs) == 1 else 0
+    trained = [m for m in members if m.replay is None]
+    if not trained or not all(m.attempts for m in trained):
+        return 0
+    if (ckpt := tune.get_checkpoint()) is not None:
+        folders = [Path(ckpt.path)]
+    else:
+        folders = newest_checkpoints(trained[0].attempts[0].data.tags.get("kdo.checkpoint"))
+    for seed_states in (load_states(folder, [m.seed for m in trained]) for folder in folders):
+        if seed_states is not None and len({s["epoch"] for s in seed_states.values()}) == 1:
+            for m in trained:
+                m.state = seed_states[m.seed]
+            return trained[0].state["epoch"]
+    return 0
+
+
+def newest_checkpoints(tagged: str | None) -> list[Path]:
+    """The checkpoint folders of the trial that wrote `tagged`, newest first. The tag may name one Tune has
+    already replaced: the worker can die between Tune keeping a newer checkpoint and the tag naming it."""
+    if not tagged or not Path(tagged).parent.is_dir():
+        return []
+    return sorted(Path(tagged).parent.glob("checkpoint_*"), reverse=True)
+
+
+def load_states(folder: Path, seeds: list[int]) -> dict[int, dict[str, Any]] | None:
+    """The loop state of every seed in one checkpoint folder, or None if any is missing or cut short."""
+    try:
+        return {seed: torch.load(folder / f"seed-{seed}.pt", map_location="cpu", weights_only=False)
+                for seed in seeds}
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
 
 
 def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, dict[str, Any]],
