@@ -1,7 +1,9 @@
-"""Self-describing network checkpoints: a state_dict plus what rebuilds the network, loaded safely."""
+"""Self-describing network checkpoints: a state_dict plus what rebuilds the network, loaded safely; and the
+loop-state checkpoints Tune keeps for a trial (one `seed-N.pt` per run it trains)."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,20 @@ def build_from_checkpoint(ckpt: dict[str, Any], field: str = "teacher.checkpoint
         raise ConfigError(f"{field}: weights do not match architecture '{ckpt['architecture']}': "
                           f"{str(err).splitlines()[0][:200]}") from None
     return model
+
+
+def newest_checkpoints(tagged: str | None) -> list[Path]:
+    """The checkpoint folders of the trial that wrote `tagged`, newest first. The tag may name one Tune has
+    already replaced: the worker can die between Tune keeping a newer checkpoint and the tag naming it."""
+    if not tagged or not Path(tagged).parent.is_dir():
+        return []
+    return sorted(Path(tagged).parent.glob("checkpoint_*"), reverse=True)
+
+
+def load_states(folder: Path, seeds: list[int]) -> dict[int, dict[str, Any]] | None:
+    """The loop state of every seed in one checkpoint folder, or None if any is missing or cut short."""
+    try:
+        return {seed: torch.load(folder / f"seed-{seed}.pt", map_location="cpu", weights_only=False)
+                for seed in seeds}
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None

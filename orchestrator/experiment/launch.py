@@ -1,5 +1,6 @@
 """Launching one run on Ray: a direct Ray task for one worker, Ray Train's TorchTrainer for several (DDP),
-and `execute`, which logs the run in MLflow around the launch and returns its `RunResult`."""
+and `execute`, which logs the run in MLflow around the launch and returns its `RunResult`. Ray is imported
+inside the functions that use it: importing this module (every command does) costs no Ray start-up."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import ray
 import torch
 
 from orchestrator.errors import ConfigError
@@ -18,6 +17,9 @@ from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.loop import LoopOutput, train_loop
 from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run, ui_hint
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -45,6 +47,8 @@ class RunResult:
 
 def init_ray(address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), else start a local runtime; reuse a live one."""
+    import ray
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -58,6 +62,8 @@ def init_ray(address: str | None = None) -> None:
 
 def use_gpu(cfg: ExperimentConfig) -> bool:
     """`scaling.use_gpu`, with `auto` meaning: the Ray cluster has GPUs."""
+    import ray
+
     if cfg.scaling.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return bool(cfg.scaling.use_gpu)
@@ -65,6 +71,8 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
 
 def _train_direct(payload: dict[str, Any]) -> LoopOutput:
     """One worker: the loop runs in this Ray process itself (no TorchTrainer start-up cost)."""
+    import ray
+
     cfg = ExperimentConfig.model_validate(payload["config"])
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = torch.device("cuda" if payload["use_gpu"] else "cpu")
@@ -96,6 +104,8 @@ def _train_worker(payload: dict[str, Any]) -> None:
 
 
 def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
+    import ray
+
     gpu = payload["use_gpu"]
     sc = cfg.scaling
     if sc.trainer == "direct" or (sc.trainer == "auto" and sc.num_workers == 1):
@@ -152,18 +162,19 @@ def _history(uri: str, run_id: str) -> list[dict[str, Any]]:
 def payload(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, run_id: str, *,
             gpu: bool, artifact_name: str = "student") -> dict[str, Any]:
     """What a Ray process needs to train one run: the config, data and teacher in the object store, the run id."""
+    import ray
+
     return {"config": cfg.model_dump(mode="json"), "data": ray.put(splits),
             "teacher": ray.put(teacher) if teacher is not None else None,
             "run_id": run_id, "artifact_name": artifact_name, "use_gpu": gpu}
 
 
-_PROCESS_DIED = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
-                 ray.exceptions.ActorDiedError)
-
-
 def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, *,
             artifact_name: str = "student") -> RunResult:
     """Log one run in MLflow and train it on Ray; the config is already checked and resolved."""
+    import pandas as pd
+    import ray
+
     started = time.perf_counter()
     assert cfg.tracking.uri is not None
     tracker, experiment_id = start_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.name,
@@ -175,7 +186,8 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
         try:
             out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
                                        artifact_name=artifact_name))
-        except _PROCESS_DIED as err:  # the worker or its node died (killed, out of memory): the run crashed
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+                ray.exceptions.ActorDiedError) as err:  # the worker or its node died (killed, OOM): the run crashed
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             out = LoopOutput(status="crashed", history=[], final={"reason": reason})
         status = "FINISHED" if out.status == "finished" else "FAILED"

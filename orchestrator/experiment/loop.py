@@ -166,7 +166,7 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
         if tracker is not None and rank == 0:
             import torchvision  # its ops pull in torch._dynamo: only methods that log images pay for it
 
-            with tempfile.TemporaryDirectory() as folder:
+            with tempfile.TemporaryDirectory(prefix="kdo-images-") as folder:
                 path = Path(folder) / Path(artifact_file).name
                 torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=8, normalize=True)
                 tracker.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)

@@ -1,4 +1,5 @@
-"""MLflow logging by run id, so the driver and any Ray worker can write to the same run."""
+"""MLflow logging by run id, so the driver and any Ray worker can write to the same run. MLflow is imported
+when a run is first written: a config error never pays for it."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from methods import get_method
 from orchestrator.experiment.config import ExperimentConfig, teacher_label
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # Terminal output is the epoch lines and the results table: no download bars, no schema-migration chatter.
@@ -80,22 +81,30 @@ class Tracker:
     """Writes metrics and artifacts to one existing MLflow run."""
 
     def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
         self.uri = uri
         self.client = MlflowClient(uri)
         self.run_id = run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
         for start in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[start:start + 500])
 
     def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -111,6 +120,8 @@ class Tracker:
 def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
               parent_run_id: str | None = None) -> tuple[Tracker, str]:
     """Create a RUNNING run (a child when `parent_run_id` is given); returns it and its experiment id."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, experiment, uri)
     all_tags = {"kdo.git_commit": git_commit(), "kdo.version": kdo_version(), **{k: str(v) for k, v in tags.items()}}

@@ -11,7 +11,6 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from scipy.stats import qmc
 
 from orchestrator.errors import ConfigError
 from orchestrator.search.spaces import SearchSpace
@@ -32,6 +31,8 @@ def build_design(space: SearchSpace, kind: Design, n: int | None = None, seed: i
         m = int(math.floor(math.log2(n)))
         if 2**m != n:
             raise ConfigError(f"--trials: a Sobol design needs a power of two (got {n}; try {2**m} or {2 ** (m + 1)})")
+        from scipy.stats import qmc  # seconds to import: only when a Sobol design is drawn
+
         units = qmc.Sobol(d=len(names), scramble=True, seed=seed).random_base2(m)
     else:
         units = np.random.default_rng(seed).random((n, len(names)))

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig, absolute_uri, default_tracking_uri
 from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run
 from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
 
 if TYPE_CHECKING:
+    import pandas as pd
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
@@ -125,6 +124,8 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
                    parameters: list[str], tag_columns: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per child run of `parent_run_id`: setting, seed, parameters, status, accuracies, seconds, run id
     (and `tag_columns`: column name -> tag key)."""
+    import pandas as pd
+
     rows = []
     for r in children(client, experiment_id, parent_run_id):
         status = status_of(r)

@@ -12,9 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError, Interrupted
 from orchestrator.experiment.config import ExperimentConfig, require_validation
@@ -36,6 +34,9 @@ from orchestrator.search.tuner import (
     trial_resources,
 )
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 @dataclass
 class SweepResult:
@@ -53,6 +54,8 @@ class SweepResult:
 
     def settings(self) -> pd.DataFrame:
         """One row per setting: seed mean ± std of val/test accuracy, seeds run, failures."""
+        import pandas as pd
+
         if self.frame.empty:
             return pd.DataFrame()
         f = self.frame
@@ -177,11 +180,11 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     client = Tracker(uri, parent_id).client
     options = TrialOptions.from_json(client.get_run(parent_id).data.tags["kdo.options"])
     ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
-    local = Path(tempfile.mkdtemp(prefix="kdo-resume-"))
     checkpoints: dict[str, dict[str, Any]] = {}
-    cfg = check(client.download_artifacts(parent_id, "config.yaml", str(local)), checkpoints=checkpoints)
-    space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
-                                                                               str(local))).read_text())
+    with tempfile.TemporaryDirectory(prefix="kdo-resume-") as local:
+        cfg = check(client.download_artifacts(parent_id, "config.yaml", local), checkpoints=checkpoints)
+        space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
+                                                                                   local)).read_text())
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
     prepared = provision(cfg, address=address, checkpoints=checkpoints)
     client.update_run(parent_id, status="RUNNING")

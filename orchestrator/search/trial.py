@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import pickle
 import socket
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import ValidationError
 
+from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 from orchestrator.experiment.config import ExperimentConfig, format_validation_error
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.launch import fit_data_parallel, payload
@@ -208,23 +208,6 @@ def _checkpoints(members: list[_Member], client: Any) -> int:
                 m.state = seed_states[m.seed]
             return trained[0].state["epoch"]
     return 0
-
-
-def newest_checkpoints(tagged: str | None) -> list[Path]:
-    """The checkpoint folders of the trial that wrote `tagged`, newest first. The tag may name one Tune has
-    already replaced: the worker can die between Tune keeping a newer checkpoint and the tag naming it."""
-    if not tagged or not Path(tagged).parent.is_dir():
-        return []
-    return sorted(Path(tagged).parent.glob("checkpoint_*"), reverse=True)
-
-
-def load_states(folder: Path, seeds: list[int]) -> dict[int, dict[str, Any]] | None:
-    """The loop state of every seed in one checkpoint folder, or None if any is missing or cut short."""
-    try:
-        return {seed: torch.load(folder / f"seed-{seed}.pt", map_location="cpu", weights_only=False)
-                for seed in seeds}
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        return None
 
 
 def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, dict[str, Any]],

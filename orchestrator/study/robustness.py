@@ -15,9 +15,8 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from pydantic import ValidationError
 
 from methods import get_method, list_methods
@@ -36,6 +35,9 @@ from orchestrator.search.tuner import forget_experiment, interruptible, run_poin
 from orchestrator.study import analysis
 from orchestrator.study.results import StudyResults, read_results
 from orchestrator.study.spec import MethodEntry, StudySpec, build_spec, method_entry, read_spec, shipped_studies
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["RobustnessStudy", "shipped_studies"]
 
@@ -241,8 +243,8 @@ class RobustnessStudy:
     @classmethod
     def _from_mlflow(cls, name: str, tracking_uri: str | None, experiment: str) -> tuple[RobustnessStudy, Any]:
         uri, client, parent = ledger.find_parent("study", name, tracking_uri, experiment)
-        folder = tempfile.mkdtemp(prefix="kdo-study-")
-        raw = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", folder)).read_text())
+        with tempfile.TemporaryDirectory(prefix="kdo-study-") as folder:
+            raw = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", folder)).read_text())
         raw.pop("tracking", None)
         raw["config"]["tracking"]["uri"] = uri
         study = cls._from_spec(StudySpec.model_validate(raw))
@@ -305,11 +307,11 @@ class RobustnessStudy:
         parent.log_text(summary.to_csv(), "summary.csv")
         for method, row in summary.iterrows():
             parent.log_metrics({f"{method}.{k}": v for k, v in row.items() if isinstance(v, float | int)}, step=0)
-        folder = Path(tempfile.mkdtemp(prefix=f"kdo-{self.name}-"))
-        html = self.report(folder / "report")
-        for file in sorted(html.parent.rglob("*")):
-            if file.is_file():
-                parent.log_artifact(file, "report" if file.suffix in (".md", ".html") else "plots")
+        with tempfile.TemporaryDirectory(prefix=f"kdo-{self.name}-") as folder:  # the copies are in MLflow
+            html = self.report(Path(folder) / "report")
+            for file in sorted(html.parent.rglob("*")):
+                if file.is_file():
+                    parent.log_artifact(file, "report" if file.suffix in (".md", ".html") else "plots")
 
     def ui_hint(self) -> str:
         return self.outcome().ui_hint()

@@ -110,3 +110,31 @@ def test_importing_orchestrator_loads_no_ray_mlflow_optuna_or_matplotlib() -> No
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+_CONFIG_ERRORS = """
+import sys
+for name in ("ray", "mlflow", "optuna", "matplotlib", "torchvision", "scipy.stats"):
+    sys.modules[name] = None  # importing it now raises ImportError: a config error must not need it
+from typer.testing import CliRunner
+from orchestrator.cli import app
+bad, study = sys.argv[1:]
+for args in (["run", bad], ["sweep", bad], ["sweep", "digits_kd", "--set", "training.epochs=x"], ["study", study]):
+    result = CliRunner().invoke(app, args)
+    print(result.exit_code, result.output.strip().splitlines()[-1])
+"""
+
+
+def test_config_errors_need_no_ray_mlflow_optuna_matplotlib_or_scipy(tmp_path: Path) -> None:
+    """`kdo run|sweep|study` refuse a bad config before importing what only a launch needs (their start-up)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: {name: kd}\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nconfig: {bad}\nmethods: {{kd: null}}\n")
+    done = subprocess.run([sys.executable, "-c", _CONFIG_ERRORS, str(bad), str(study)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines == ["2 error: student: required field is missing"] * 2 + [
+        "2 error: training.epochs: Input should be a valid integer, unable to parse string as an integer (got 'x')",
+        "2 error: student: required field is missing"], lines

@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +168,23 @@ def ray_cluster(num_cpus: int = 2) -> Iterator[RayCluster]:
         left = _terminate(_cluster_processes(before, tag, temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"ray cluster processes survived SIGKILL: {sorted(left)}"
+
+
+@contextmanager
+def joined_node(cluster: RayCluster, num_cpus: int = 1) -> Iterator[Callable[[], set[int]]]:
+    """A second node (`ray start --address`) joined to `cluster`; yields a function that gives its processes
+    now (its raylet and the workers it started), so a test can kill the node. Stopped by PID afterwards."""
+    tag, before = uuid.uuid4().hex, _pids()
+    unmatched = f"/{tag}/"  # its processes name the head's temp dir too: tell them apart by the tag alone
+    try:
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--address", cluster.address, "--node-ip-address", "127.0.0.1",
+             "--num-cpus", str(num_cpus), "--disable-usage-stats", "--dashboard-agent-listen-port",
+             str(free_port())],
+            env={**cluster.driver_env, MARKER: tag}, check=True, capture_output=True, text=True, timeout=150)
+        yield lambda: _cluster_processes(before, tag, unmatched)
+    finally:
+        _terminate(_cluster_processes(before, tag, unmatched), grace=2.0)
 
 
 # ------------------------------------------------------------------------------------------ tests

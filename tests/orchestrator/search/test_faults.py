@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from tests.orchestrator.search.test_cluster import _pids, _read, _terminate, _with_descendants
+from tests.orchestrator.search.test_cluster import _pids, _read, _terminate, _with_descendants, joined_node, ray_cluster
 
 EPOCHS = 10
 
@@ -58,9 +59,9 @@ def _tagged_ray_processes(tag: str, before: set[int]) -> set[int]:
 class Driver:
     """`kdo ...` in a subprocess with its own session, and the Ray processes it starts."""
 
-    def __init__(self, workdir: Path, args: list[str]) -> None:
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
         self.tag, self.before, self.workdir = uuid.uuid4().hex, _pids(), workdir
-        env = {**os.environ, "KDO_TEST_DRIVER": self.tag}
+        env = {**(env or os.environ), "KDO_TEST_DRIVER": self.tag}
         self.log = workdir.parent / f"{workdir.name}-driver.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=workdir, env=env,
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -102,6 +103,53 @@ def _each_point_finished_once(client: MlflowClient, children: list, points: int)
     assert all(c.info.status != "RUNNING" for c in children)
 
 
+def _kdo_temp_files() -> set[str]:
+    """What kdo's processes left in the temp directory (all of it is named kdo-*; Ray's own session is not)."""
+    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("kdo")}
+
+
+def _study(teacher: Path, workdir: Path) -> list[str]:
+    study = workdir.parent / f"{workdir.name}-study.yaml"
+    study.write_text(f"name: faulty\nconfig: digits_kd\nmethods: {{kd: null}}\nn_settings: 2\nseeds: [0]\n"
+                     f"references: [ce]\nconcurrency: 1\ncheckpoint_seconds: 0\n"
+                     f"set: [training.epochs={EPOCHS}, teacher.architecture=null, teacher.checkpoint={teacher}]\n")
+    return ["study", str(study)]
+
+
+def _outcomes(workdir: Path, kind: str) -> list[tuple]:
+    """Every counted child as (entry, setting, seed, status, val_acc, test_acc): what the tables are made of."""
+    _, _, children = _children(workdir, kind)
+    return sorted((c.data.tags.get("kdo.entry", ""), c.data.tags["kdo.setting_id"], c.data.tags["kdo.seed"],
+                   c.data.tags["kdo.status"], c.data.metrics.get("selected_val_acc", -1.0),
+                   c.data.metrics.get("test_acc", -1.0))
+                  for c in children if c.data.tags["kdo.status"] != "superseded")
+
+
+def _same_as_without_faults(faulted: list[tuple], unfaulted: list[tuple]) -> None:
+    assert [row[:4] for row in faulted] == [row[:4] for row in unfaulted], "the same rows, each once"
+    for got, want in zip(faulted, unfaulted, strict=True):
+        assert got[4:] == pytest.approx(want[4:], abs=1e-6), f"{got} differs from the run without faults"
+
+
+@pytest.fixture(scope="module")
+def unfaulted(tmp_path_factory: pytest.TempPathFactory, teacher_checkpoint: Path) -> Callable[[str], list[tuple]]:
+    """The outcomes of the faulted sweep (or study) run once without faults, in a folder of its own."""
+    done: dict[str, list[tuple]] = {}
+
+    def outcomes(kind: str) -> list[tuple]:
+        if kind not in done:
+            folder = tmp_path_factory.mktemp(f"unfaulted-{kind}")
+            driver = Driver(folder, _sweep(teacher_checkpoint) if kind == "sweep" else _study(teacher_checkpoint,
+                                                                                               folder))
+            try:
+                assert driver.proc.wait(timeout=300) == 0, driver.output()[-3000:]
+            finally:
+                driver.stop()
+            done[kind] = _outcomes(folder, kind)
+        return done[kind]
+    return outcomes
+
+
 def _sweep(teacher: Path) -> list[str]:
     return ["sweep", "digits_kd", "--sampler", "sobol", "--trials", "4", "--scheduler", "none", "--concurrency", "1",
             "--checkpoint-seconds", "0", "--set", f"training.epochs={EPOCHS}", "--set", "teacher.architecture=null",
@@ -112,7 +160,7 @@ def _sweep(teacher: Path) -> list[str]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("retries", [1, 0])
 def test_a_killed_trial_worker_continues_from_its_checkpoint(workdir: Path, teacher_checkpoint: Path,
-                                                             retries: int) -> None:
+                                                             retries: int, unfaulted: Callable) -> None:
     """max-failures 1: Tune retries the trial from its checkpoint in the same child. 0: the child ends
     `crashed`; `kdo resume` continues it from the checkpoint its tag names (and the best may change)."""
     driver = Driver(workdir, [*_sweep(teacher_checkpoint), "--max-failures", str(retries)])
@@ -137,6 +185,7 @@ def test_a_killed_trial_worker_continues_from_its_checkpoint(workdir: Path, teac
     assert parent.info.status == "FINISHED" and "best.method.params.temperature" in parent.data.tags
     _each_point_finished_once(client, children, 4)
     assert not (workdir / "kdo_runs" / "faulty").exists(), "nothing left to resume: Tune's state is removed"
+    _same_as_without_faults(_outcomes(workdir, "sweep"), unfaulted("sweep"))
 
 
 @pytest.mark.slow
@@ -144,16 +193,13 @@ def test_a_killed_trial_worker_continues_from_its_checkpoint(workdir: Path, teac
 @pytest.mark.parametrize(("kind", "sig"), [("sweep", signal.SIGINT), ("sweep", signal.SIGTERM),
                                            ("study", signal.SIGINT)])
 def test_a_stopped_driver_closes_its_runs_interrupted_and_resume_finishes(workdir: Path, teacher_checkpoint: Path,
-                                                                          kind: str, sig: signal.Signals) -> None:
+                                                                          kind: str, sig: signal.Signals,
+                                                                          unfaulted: Callable) -> None:
     if kind == "sweep":
         args, points = _sweep(teacher_checkpoint), 4
     else:
-        study = workdir.parent / f"{workdir.name}-study.yaml"
-        study.write_text(f"name: faulty\nconfig: digits_kd\nmethods: {{kd: null}}\nn_settings: 2\nseeds: [0]\n"
-                         f"references: [ce]\nconcurrency: 1\ncheckpoint_seconds: 0\n"
-                         f"set: [training.epochs={EPOCHS}, teacher.architecture=null, "
-                         f"teacher.checkpoint={teacher_checkpoint}]\n")
-        args, points = ["study", str(study)], 2 + 1 + 1  # design, defaults, the ce reference
+        args, points = _study(teacher_checkpoint, workdir), 2 + 1 + 1  # design, defaults, the ce reference
+    temp_before = _kdo_temp_files()
     driver = Driver(workdir, args)
     try:
         db = workdir / "mlflow.db"
@@ -179,6 +225,8 @@ def test_a_stopped_driver_closes_its_runs_interrupted_and_resume_finishes(workdi
     assert parent.info.status == "FINISHED"
     assert {c.data.tags["kdo.status"] for c in children} <= {"finished", "superseded"}
     _each_point_finished_once(client, children, points)
+    _same_as_without_faults(_outcomes(workdir, kind), unfaulted(kind))
+    assert _kdo_temp_files() - temp_before == set(), "the driver, the trials, resume and the report left no files"
 
 
 @pytest.mark.slow
@@ -213,3 +261,25 @@ def test_a_ledger_in_the_old_words_resumes(workdir: Path, teacher_checkpoint: Pa
     assert client.get_run(kept).data.tags["kdo.status"] == "finished", "the finished child was kept"
     assert client.get_run(errored).data.tags["kdo.status"] == "superseded", "the crash was redone in a new child"
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_trials_of_a_lost_node_continue_from_their_checkpoints_on_the_others(workdir: Path,
+                                                                             teacher_checkpoint: Path) -> None:
+    """Two nodes (a `ray start --head` and a second `ray start` joined to it); the second is SIGKILLed, raylet
+    and workers, while one of its trials is half way: Tune retries that trial on the head from its checkpoint."""
+    with ray_cluster(num_cpus=1) as cluster, joined_node(cluster, num_cpus=1) as node_processes:
+        driver = Driver(workdir, [*_sweep(teacher_checkpoint), "--concurrency", "2", "--max-failures", "2",
+                                  "--address", cluster.address], env=cluster.driver_env)
+        try:
+            db = workdir / "mlflow.db"
+            driver.wait_for(lambda: bool(set(_half_way(db)) & node_processes()), "a trial half way on node 2")
+            lost = node_processes()
+            for pid in lost:
+                os.kill(pid, signal.SIGKILL)
+            assert driver.proc.wait(timeout=400) == 0, driver.output()[-3000:]
+        finally:
+            driver.stop()
+    client, parent, children = _children(workdir)
+    assert sorted(c.data.tags["kdo.status"] for c in children) == ["finished"] * 4
+    _each_point_finished_once(client, children, 4)

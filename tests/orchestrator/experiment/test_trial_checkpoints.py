@@ -2,7 +2,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.search.trial import load_states, newest_checkpoints
+from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 
 
 def test_a_resumed_trial_finds_the_newest_whole_checkpoint_even_when_its_tag_names_a_replaced_one(
