@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from methods import get_method, list_methods
 from methods.networks import build_network, list_networks
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.data import DataConfig, dataset_info
 
 
@@ -104,8 +104,13 @@ class ScalingConfig(_Strict):
 
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
-    experiment: str = Field("kdo", min_length=1)
+    experiment: str = Field("kdo", description="the MLflow experiment (a name: see `errors.check_name`)")
     storage_path: str = Field("kdo_runs", description="where Ray Train/Tune keep run state and checkpoints")
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, experiment: str) -> str:
+        return check_name(experiment, "tracking.experiment")
 
 
 def check_method_setup(cfg: ExperimentConfig, student: Any, teacher: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.errors import ConfigError, Interrupted
+from orchestrator.errors import ConfigError, Interrupted, check_name
 from orchestrator.experiment.config import ExperimentConfig, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
@@ -137,13 +137,15 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping. A trial that
     crashes is retried `max_failures` times from its last checkpoint (taken `checkpoint_seconds` apart).
     """
+    if name is not None:
+        check_name(name, "--name")
     checkpoints: dict[str, dict[str, Any]] = {}
     cfg = check(config, overrides, checkpoints=checkpoints)
     require_validation(cfg, "sweep")
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
                        checkpoint_seconds, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
-    name = name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_name(name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", "--name")
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
 
     prepared = provision(cfg, address=address, checkpoints=checkpoints)  # data and teacher once, before any trial

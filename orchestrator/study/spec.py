@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from methods import list_methods
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.config import format_validation_error
 from orchestrator.search.spaces import SearchSpace
 
@@ -40,7 +40,7 @@ class StudySpec(BaseModel):
     """A study as written in `STUDY.yaml` (and logged as `study.json` on the parent run)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1)
+    name: str = Field(..., description="the study's name (see `errors.check_name`)")
     config: str | dict[str, Any] = Field(..., description="base experiment: shipped name, YAML path or mapping")
     methods: dict[str, MethodEntry | None] = Field(..., min_length=1)
     design: Literal["sobol", "grid", "random"] = "sobol"
@@ -56,6 +56,11 @@ class StudySpec(BaseModel):
     checkpoint_seconds: float = Field(30.0, ge=0, description="seconds between a run's checkpoints")
     design_seed: int = Field(0, ge=0)
     set: list[str] = Field([], description="overrides of the base config: a.b=value")
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        return check_name(name, "study.name")
 
     @field_validator("seeds")
     @classmethod

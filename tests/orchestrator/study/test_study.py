@@ -49,6 +49,7 @@ def _study_file(workdir: Path, **changes: object) -> str:
     ({"seeds": [0, 0]}, "study.seeds: distinct non-negative integers"),
     ({"design": "lhs"}, "study.design: Input should be 'sobol', 'grid' or 'random'"),
     ({"budget": 3}, "study.budget: unknown field; allowed: name, config, methods"),
+    ({"name": "x/y"}, "study.name: 'x/y' is not a valid name: letters, digits, '_', '.', '-' (up to 100, "),
     ({"methods": {"kd": {"space": {"parameters": {"tempx": {"type": "float", "low": 1, "high": 2}}}}}},
      "method.params.tempx: unknown field; allowed: temperature"),
     ({"methods": {"kd": {"params": {"temperature": -1}}}}, "study.methods.kd: method.params.temperature"),
