@@ -327,7 +327,8 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """A copy with every path and URI absolute, resolved in the driver's working directory."""
     cfg = cfg.model_copy(deep=True)
     cfg.tracking.uri = absolute_uri(cfg.tracking.uri or default_tracking_uri())
-    cfg.tracking.storage_path = str(Path(cfg.tracking.storage_path).resolve())
+    if "://" not in cfg.tracking.storage_path:  # s3://, gs://, ...: Ray's own storage, passed through
+        cfg.tracking.storage_path = str(Path(cfg.tracking.storage_path).expanduser().resolve())
     cfg.data.data_dir = str(Path(cfg.data.data_dir).expanduser().resolve())
     if cfg.teacher is not None:
         cfg.teacher.cache_dir = str(Path(cfg.teacher.cache_dir).expanduser().resolve())

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import ConfigError, Interrupted, check_name
-from orchestrator.experiment.config import ExperimentConfig, require_validation
+from orchestrator.experiment.config import ExperimentConfig, read_yaml, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.tracking import Tracker, flatten, start_run, ui_hint
@@ -181,7 +181,9 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
     local = Path(tempfile.mkdtemp(prefix="kdo-resume-"))
     checkpoints: dict[str, dict[str, Any]] = {}
-    cfg = check(client.download_artifacts(parent_id, "config.yaml", str(local)), checkpoints=checkpoints)
+    raw = read_yaml(client.download_artifacts(parent_id, "config.yaml", str(local)))
+    raw["tracking"]["uri"] = uri  # the logged config shows its credentials masked: use the store it was found in
+    cfg = check(raw, checkpoints=checkpoints)
     space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
                                                                                str(local))).read_text())
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
