@@ -19,6 +19,8 @@ from methods.networks import build_network, list_networks
 from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.data import DataConfig, dataset_info
 
+MAX_SEED = 2**31 - 1  # every seed torch, numpy and CUDA accept
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -39,7 +41,7 @@ class TrainingConfig(_Strict):
     step_size: int = Field(30, ge=1, description="epochs between decays for schedule=step")
     milestones: list[int] = Field([], description="epochs at which schedule=multistep decays")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
     selection: Literal["best", "last"] = Field(
         "best", description="which epoch's student is tested: best val_acc or the last"
@@ -150,6 +152,9 @@ class ExperimentConfig(_Strict):
                                              in_channels=info.channels, image_size=size, **net.args)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{where}: {err}") from None
+            except (RuntimeError, MemoryError, OverflowError) as err:  # e.g. weights too large to allocate
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise ValueError(f"{where}.args: cannot build '{net.architecture}' with {net.args}: {first}") from None
         if self.teacher is None or "teacher" in built:  # a checkpoint teacher is checked when it is loaded
             check_method_setup(self, built["student"], built.get("teacher"))
         trained = [("training", self.training)]

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import ConfigError, Interrupted, check_name
-from orchestrator.experiment.config import ExperimentConfig, read_yaml, require_validation
+from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, read_yaml, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.tracking import Tracker, flatten, start_run, ui_hint
@@ -103,8 +103,8 @@ def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
         raise ConfigError(f"--max-failures: retries of a crashed trial, 0 to 100 (got {max_failures})")
     if checkpoint_seconds < 0:
         raise ConfigError(f"--checkpoint-seconds: must be >= 0 (got {checkpoint_seconds:g})")
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds: distinct non-negative integers, e.g. 0,1,2 (got {seeds})")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise ConfigError(f"--seeds: distinct integers in 0..{MAX_SEED}, e.g. 0,1,2 (got {seeds})")
     if cfg.scaling.num_workers > 1 and sampler not in FIXED_DESIGNS and len(seeds) > 1:
         raise ConfigError(f"--seeds: a data-parallel trial (scaling.num_workers={cfg.scaling.num_workers}) runs one "
                           "seed; use --sampler sobol|grid, which makes one trial per (setting, seed)")

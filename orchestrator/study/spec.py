@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from methods import list_methods
 from orchestrator.errors import ConfigError, check_name
-from orchestrator.experiment.config import format_validation_error
+from orchestrator.experiment.config import MAX_SEED, format_validation_error
 from orchestrator.search.spaces import SearchSpace
 
 ROLES = ("design", "defaults", "reference")
@@ -65,8 +65,8 @@ class StudySpec(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError(f"distinct non-negative integers, e.g. [0, 1, 2] (got {seeds})")
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+            raise ValueError(f"distinct integers in 0..{MAX_SEED}, e.g. [0, 1, 2] (got {seeds})")
         return seeds
 
     @field_validator("methods")

@@ -75,6 +75,10 @@ def _assert_refused(workdir: Path, args: list[str], *needles: str) -> None:
         ({"student": {"architecture": "lenet5"}}, [], ["student", "data.image_size=32"]),
         ({"student": {"architecture": "cnn", "args": {"depth": 3}}}, [], ["student", "depth"]),
         ({}, ["training.lr"], ["--set", "key=value"]),
+        ({}, ["training.seed=2147483648"], ["training.seed: Input should be less than or equal to 2147483647"]),
+        # 3M channels: a 324 TB weight no allocator grants, whatever the machine's overcommit policy
+        ({}, ["student.args.width=3000000"], ["student.args: cannot build 'cnn' with {'width': 3000000}: ",
+                                               "allocate"]),
     ],
 )
 def test_bad_config_is_one_line_exit_2_nothing_written(workdir: Path, sections: dict, overrides: list[str],
