@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator.errors import ConfigError, Interrupted
+from orchestrator.errors import ConfigError, Interrupted, check_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kd-orchestrator: knowledge-distillation experiments on Ray, tracked in MLflow.")
@@ -104,6 +104,8 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
               checkpoint_seconds: Annotated[float, typer.Option(help="seconds between trial checkpoints")] = 30.0,
               set_: Overrides = None, address: Address = None) -> None:
     """Search a method's hyperparameters with Ray Tune + Optuna; every run an MLflow child of the sweep."""
+    if name is not None:
+        check_name(name, "--name")  # before importing Ray: a typo fails at once (`sweep` checks it too)
     from orchestrator.search.sweep import sweep
 
     result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
@@ -124,8 +126,10 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
     from orchestrator.study.display import print_study
     from orchestrator.study.robustness import RobustnessStudy
 
+    if name is not None:
+        check_name(name, "--name")
     spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
-    if name:
+    if name is not None:
         spec = spec.replace(name=name)
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
     done = spec.run(address=address)
@@ -150,6 +154,8 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                report: Annotated[str | None, typer.Option(help="study report path (default ./<name>-report)")] = None,
                ) -> None:
     """Rebuild a sweep's results table, or a study's analysis and report, from MLflow alone."""
+    check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
+    check_name(experiment, "--experiment")
     from orchestrator.search.sweep import load_sweep
     from orchestrator.study.display import print_study, print_sweep
     from orchestrator.study.robustness import RobustnessStudy
@@ -168,6 +174,8 @@ def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
                address: Address = None) -> None:
     """Finish a sweep or study whose driver died: skip what is done, close and redo what was running."""
+    check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
+    check_name(experiment, "--experiment")
     from orchestrator.search.sweep import resume
     from orchestrator.study.display import print_study, print_sweep
     from orchestrator.study.robustness import RobustnessStudy

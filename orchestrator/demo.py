@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.study.display import print_study, wide_console
 from orchestrator.study.robustness import RobustnessStudy
@@ -22,7 +23,8 @@ def run_demo(seeds: list[int] | None = None, settings: int | None = None, addres
     study = RobustnessStudy.from_yaml("demo").replace(
         name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", **({"seeds": seeds} if seeds else {}),
         **({"n_settings": settings} if settings else {}))
-    console.rule(f"robustness study {study.name}: {', '.join(study.methods)} on digits, {len(study.points)} runs")
+    console.rule(f"robustness study {escape(study.name)}: {escape(', '.join(study.methods))} on digits, "
+                 f"{len(study.points)} runs")
     study.run(address=address)
     report = study.report(f"{study.name}-report")
     print_study(study.outcome(), report, console=console)

@@ -1,11 +1,24 @@
-"""Errors a user can cause (one line naming the field and the allowed values; the CLI exits 2), and the stop
-signal of a driver (the CLI exits 130 or 143)."""
+"""Errors a user can cause (one line naming the field and the allowed values; the CLI exits 2), the one rule for
+the names a user gives (sweeps, studies, MLflow experiments), and the stop signal of a driver (the CLI exits 130 or
+143)."""
 
+import re
 import signal
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+NAME_RULE = "letters, digits, '_', '.', '-' (up to 100, starting with a letter or digit, no '..')"
 
 
 class ConfigError(ValueError):
     """A bad config, search space, path or checkpoint, detected before any cluster work starts."""
+
+
+def check_name(name: str, field: str) -> str:
+    """`name` if it follows the name rule (it becomes MLflow tags, filter strings, file and folder names), else a
+    ConfigError naming `field`."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{field}: {name!r} is not a valid name: {NAME_RULE}")
+    return name
 
 
 class Interrupted(BaseException):

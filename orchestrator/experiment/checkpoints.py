@@ -4,6 +4,8 @@ loop-state checkpoints Tune keeps for a trial (one `seed-N.pt` per run it trains
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,25 @@ def load_checkpoint(path: str | Path, field: str = "teacher.checkpoint") -> dict
     if not path.is_file():
         raise ConfigError(f"{field}: file not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning: the one line below says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{field}: not a readable kdo checkpoint ({path}): {first[:200]}") from None
+        raise ConfigError(f"{field}: not a readable kdo checkpoint ({path}): {_load_failure(err)}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
         raise ConfigError(f"{field}: {path} is not a kdo checkpoint (needs keys {', '.join(_REQUIRED)})")
     return ckpt
+
+
+def _load_failure(err: Exception) -> str:
+    """torch's reason in one short line: for a file weights-only loading refuses, the unpickler's own error (torch's
+    advice to load it unsafely, with its terminal colours, is left out)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    if marker and detail.strip():
+        reason = " ".join(detail.strip().split("\n\n")[0].split()).split(". ")[0]
+        return f"loading it with weights_only=True failed: {reason[:200]}"
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def check_compatible(ckpt: dict[str, Any], *, num_classes: int, in_channels: int, image_size: int,

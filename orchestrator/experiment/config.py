@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from methods import get_method, list_methods
 from methods.networks import build_network, list_networks
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.data import DataConfig, dataset_info
+
+MAX_SEED = 2**31 - 1  # every seed torch, numpy and CUDA accept
 
 
 class _Strict(BaseModel):
@@ -39,7 +41,7 @@ class TrainingConfig(_Strict):
     step_size: int = Field(30, ge=1, description="epochs between decays for schedule=step")
     milestones: list[int] = Field([], description="epochs at which schedule=multistep decays")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
     selection: Literal["best", "last"] = Field(
         "best", description="which epoch's student is tested: best val_acc or the last"
@@ -104,8 +106,13 @@ class ScalingConfig(_Strict):
 
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
-    experiment: str = Field("kdo", min_length=1)
+    experiment: str = Field("kdo", description="the MLflow experiment (a name: see `errors.check_name`)")
     storage_path: str = Field("kdo_runs", description="where Ray Train/Tune keep run state and checkpoints")
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, experiment: str) -> str:
+        return check_name(experiment, "tracking.experiment")
 
 
 def check_method_setup(cfg: ExperimentConfig, student: Any, teacher: Any) -> None:
@@ -145,6 +152,9 @@ class ExperimentConfig(_Strict):
                                              in_channels=info.channels, image_size=size, **net.args)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{where}: {err}") from None
+            except (RuntimeError, MemoryError, OverflowError) as err:  # e.g. weights too large to allocate
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise ValueError(f"{where}.args: cannot build '{net.architecture}' with {net.args}: {first}") from None
         if self.teacher is None or "teacher" in built:  # a checkpoint teacher is checked when it is loaded
             check_method_setup(self, built["student"], built.get("teacher"))
         trained = [("training", self.training)]
@@ -322,7 +332,8 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """A copy with every path and URI absolute, resolved in the driver's working directory."""
     cfg = cfg.model_copy(deep=True)
     cfg.tracking.uri = absolute_uri(cfg.tracking.uri or default_tracking_uri())
-    cfg.tracking.storage_path = str(Path(cfg.tracking.storage_path).resolve())
+    if "://" not in cfg.tracking.storage_path:  # s3://, gs://, ...: Ray's own storage, passed through
+        cfg.tracking.storage_path = str(Path(cfg.tracking.storage_path).expanduser().resolve())
     cfg.data.data_dir = str(Path(cfg.data.data_dir).expanduser().resolve())
     if cfg.teacher is not None:
         cfg.teacher.cache_dir = str(Path(cfg.teacher.cache_dir).expanduser().resolve())

@@ -16,6 +16,7 @@ from orchestrator.experiment.checkpoints import build_from_checkpoint, check_com
 from orchestrator.experiment.config import ExperimentConfig, NetworkConfig, check_method_setup, teacher_key
 from orchestrator.experiment.data import Splits, dataset_info
 from orchestrator.experiment.launch import execute
+from orchestrator.experiment.tracking import mask_uri
 
 
 def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -64,14 +65,15 @@ def _download_teacher(cfg: ExperimentConfig, uri: str) -> Path:
 
     tracking = cfg.tracking.uri or ""
     if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"teacher.checkpoint: {uri} names an MLflow run but the store {tracking} does not exist")
+        raise ConfigError(f"teacher.checkpoint: {uri} names an MLflow run but the store {mask_uri(tracking)} does "
+                          "not exist")
     assert cfg.teacher is not None
     dest = Path(cfg.teacher.cache_dir) / "mlflow" / uri.removeprefix("runs:/").replace("/", "_")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking)
     except MlflowException as err:
-        raise ConfigError(f"teacher.checkpoint: cannot fetch {uri} from {tracking}: "
-                          f"{str(err).splitlines()[0][:200]}") from None
+        raise ConfigError(mask_uri(f"teacher.checkpoint: cannot fetch {uri} from {tracking}: "
+                                   f"{str(err).splitlines()[0][:200]}")) from None
     found = sorted(Path(local).rglob("*.pt")) if Path(local).is_dir() else [Path(local)]
     if not found:
         raise ConfigError(f"teacher.checkpoint: {uri} holds no .pt checkpoint")

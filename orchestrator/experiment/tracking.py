@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +22,15 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/?#@:\s]*)(?P<secret>:[^/?#\s]*)?@")
+
+
+def mask_uri(text: str) -> str:
+    """`text` with the credentials of every URI in it masked, `http://user:token@host` -> `http://user:***@host`
+    (a user part alone, often a token, is masked whole): what params, artifacts and printed lines show."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["secret"] else f"{m['scheme']}***@", text)
 
 
 def git_commit() -> str:
@@ -98,7 +108,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, mask_uri(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
@@ -111,7 +121,7 @@ class Tracker:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, mask_uri(text), artifact_file)
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
@@ -136,6 +146,7 @@ def ui_hint(uri: str, experiment_id: str) -> str:
 
     The MLflow 3 UI opens experiments in its GenAI view; the `/runs` link shows the training runs.
     """
+    uri = mask_uri(uri)
     store = uri if uri.startswith(("sqlite:", "postgresql:", "mysql:")) else None
     if store is None:
         return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}/runs"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.config import ExperimentConfig, absolute_uri, default_tracking_uri
-from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run
+from orchestrator.experiment.tracking import Tracker, flatten, mask_uri, run_tags, start_run
 from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
 
 if TYPE_CHECKING:
@@ -36,7 +36,11 @@ def setting_id(setting: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ queries
 def _quote(value: str) -> str:
-    return f"'{value}'"
+    """`value` as a string literal of an MLflow filter, which knows no escapes: quoted by a quote it lacks."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"cannot quote {value!r} in an MLflow filter: it holds both quote characters")
 
 
 def children(client: MlflowClient, experiment_id: str, parent_run_id: str, *, running: bool = False,
@@ -62,18 +66,20 @@ def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str)
     """The newest parent run of the sweep or study (`kind`) named `name`: its store URI, a client and the run."""
     from mlflow.tracking import MlflowClient
 
+    check_name(name, "NAME")
+    check_name(experiment, "--experiment")
     uri = absolute_uri(tracking_uri or default_tracking_uri())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
+        raise ConfigError(f"--tracking-uri: no MLflow store at {mask_uri(uri)}")
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ConfigError(f"--experiment: no experiment '{experiment}' in {uri}")
+        raise ConfigError(f"--experiment: no experiment '{experiment}' in {mask_uri(uri)}")
     parents = client.search_runs([exp.experiment_id],
                                  f"tags.`kdo.{kind}` = {_quote(name)} and tags.`kdo.kind` = {_quote(kind)}",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
-        raise ConfigError(f"NAME: no {kind} named '{name}' in {uri} (experiment '{experiment}')")
+        raise ConfigError(f"NAME: no {kind} named '{name}' in {mask_uri(uri)} (experiment '{experiment}')")
     return uri, client, parents[0]
 
 

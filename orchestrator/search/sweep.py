@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import ConfigError, Interrupted
-from orchestrator.experiment.config import ExperimentConfig, require_validation
+from orchestrator.errors import ConfigError, Interrupted, check_name
+from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, read_yaml, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.tracking import Tracker, flatten, start_run, ui_hint
@@ -106,8 +106,8 @@ def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
         raise ConfigError(f"--max-failures: retries of a crashed trial, 0 to 100 (got {max_failures})")
     if checkpoint_seconds < 0:
         raise ConfigError(f"--checkpoint-seconds: must be >= 0 (got {checkpoint_seconds:g})")
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds: distinct non-negative integers, e.g. 0,1,2 (got {seeds})")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise ConfigError(f"--seeds: distinct integers in 0..{MAX_SEED}, e.g. 0,1,2 (got {seeds})")
     if cfg.scaling.num_workers > 1 and sampler not in FIXED_DESIGNS and len(seeds) > 1:
         raise ConfigError(f"--seeds: a data-parallel trial (scaling.num_workers={cfg.scaling.num_workers}) runs one "
                           "seed; use --sampler sobol|grid, which makes one trial per (setting, seed)")
@@ -140,13 +140,15 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping. A trial that
     crashes is retried `max_failures` times from its last checkpoint (taken `checkpoint_seconds` apart).
     """
+    if name is not None:
+        check_name(name, "--name")
     checkpoints: dict[str, dict[str, Any]] = {}
     cfg = check(config, overrides, checkpoints=checkpoints)
     require_validation(cfg, "sweep")
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
                        checkpoint_seconds, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
-    name = name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_name(name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", "--name")
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
 
     prepared = provision(cfg, address=address, checkpoints=checkpoints)  # data and teacher once, before any trial
@@ -182,7 +184,9 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
     checkpoints: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="kdo-resume-") as local:
-        cfg = check(client.download_artifacts(parent_id, "config.yaml", local), checkpoints=checkpoints)
+        raw = read_yaml(client.download_artifacts(parent_id, "config.yaml", local))
+        raw["tracking"]["uri"] = uri  # the logged config shows credentials masked: use the store it was found in
+        cfg = check(raw, checkpoints=checkpoints)
         space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
                                                                                    local)).read_text())
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None

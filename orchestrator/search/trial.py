@@ -216,8 +216,8 @@ def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, d
     where Tune keeps it (only the newest is kept: `CheckpointConfig(num_to_keep=1)`)."""
     from ray import tune
 
-    scratch = Path(storage) / ref.name / ".kdo-scratch"  # removed with Tune's state of this sweep
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = None if "://" in storage else Path(storage) / ref.name / ".kdo-scratch"  # a URI: the system's tmp
+    os.makedirs(scratch or tempfile.gettempdir(), exist_ok=True)  # removed with Tune's state of this sweep
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
         for seed, state in states.items():
             torch.save(state, Path(folder) / f"seed-{seed}.pt")

@@ -24,26 +24,26 @@ def wide_console() -> Console:
 def print_sweep(result: SweepResult, top: int = 10, console: Console | None = None) -> None:
     """The top settings by seed-mean validation accuracy, then how to open them in MLflow."""
     settings = result.settings()
-    table = Table(title=f"sweep {result.name}: top settings by mean val_acc ({len(result.frame)} runs)")
+    table = Table(title=f"sweep {escape(result.name)}: top settings by mean val_acc ({len(result.frame)} runs)")
     for col in ("setting", *[p.removeprefix("method.params.") for p in result.parameters], "seeds", "failed",
                 "stopped", "val_acc", "test_acc"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
+        table.add_column(escape(col), justify="left" if col == "setting" else "right")
     for sid, row in settings.head(top).iterrows():
-        values = [f"{row[p]:.4g}" if isinstance(row[p], float) else str(row[p]) for p in result.parameters]
-        table.add_row(str(sid), *values, str(int(row["seeds"])), str(int(row["failed"])),
+        values = [f"{row[p]:.4g}" if isinstance(row[p], float) else escape(str(row[p])) for p in result.parameters]
+        table.add_row(escape(str(sid)), *values, str(int(row["seeds"])), str(int(row["failed"])),
                       str(int(row["early_stopped"])),
                       f"{100 * row['val_acc_mean']:.2f} ± {100 * (row['val_acc_std'] if row['seeds'] > 1 else 0):.2f}",
                       f"{100 * row['test_acc_mean']:.2f}")
     console = console or wide_console()
     console.print(table)
-    console.print(f"MLflow: {result.ui_hint()}")
+    console.print(f"MLflow: {escape(result.ui_hint())}")
 
 
 def print_study(study: StudyResults, report: Path | None = None, console: Console | None = None) -> None:
     """Per method: defaults and tuned accuracy (mean ± std over seeds), the spread over settings,
     failures; then each comparison's verdict, the report path and the MLflow link."""
     summary = study.summary()
-    table = Table(title=f"study {study.name}: val accuracy (points) over {study.spec.n_settings} settings × "
+    table = Table(title=f"study {escape(study.name)}: val accuracy (points) over {study.spec.n_settings} settings × "
                         f"{len(study.spec.seeds)} seeds; failed runs at chance")
 
     def pm(row: Any, mean: str, std: str) -> str:
@@ -56,7 +56,7 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
                 f"within {study.spec.delta:g}", "hparam share", "failed"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for method, row in summary.iterrows():
-        table.add_row(str(method), pm(row, "default_val", "default_val_std"),
+        table.add_row(escape(str(method)), pm(row, "default_val", "default_val_std"),
                       pm(row, "default_test", "default_test_std"), pm(row, "tuned_val", "tuned_val_std"),
                       pm(row, "tuned_test", "tuned_test_std"),
                       num(row, "median"), num(row, "iqr"), num(row, "worst"), num(row, "within_delta"),
@@ -70,10 +70,10 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
         console.print(f"teacher: val {teacher['val']:.2f}, test {teacher['test']:.2f}")
     for c in study.comparisons():
         median, iqr = c["median_diff_ci"], c["iqr_diff_ci"]
-        console.print(f"{c['a']} more robust than {c['b']}: [bold]{c['verdict']}[/bold] "
+        console.print(f"{escape(c['a'])} more robust than {escape(c['b'])}: [bold]{c['verdict']}[/bold] "
                       f"(median diff {c['median_diff']:.2f} [{median[0]:.2f}, {median[1]:.2f}], "
                       f"IQR diff {c['iqr_diff']:.2f} [{iqr[0]:.2f}, {iqr[1]:.2f}], "
                       f"P(a beats b) {c['p_a_beats_b']:.2f}; delta {c['delta']:g})")
     if report is not None:
-        console.print(f"report: {report}")
-    console.print(f"MLflow: {study.ui_hint()}")
+        console.print(f"report: {escape(str(report))}")
+    console.print(f"MLflow: {escape(study.ui_hint())}")

@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from methods import list_methods
-from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import format_validation_error
+from orchestrator.errors import ConfigError, check_name
+from orchestrator.experiment.config import MAX_SEED, format_validation_error
 from orchestrator.search.spaces import SearchSpace
 
 ROLES = ("design", "defaults", "reference")
@@ -40,7 +40,7 @@ class StudySpec(BaseModel):
     """A study as written in `STUDY.yaml` (and logged as `study.json` on the parent run)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., min_length=1)
+    name: str = Field(..., description="the study's name (see `errors.check_name`)")
     config: str | dict[str, Any] = Field(..., description="base experiment: shipped name, YAML path or mapping")
     methods: dict[str, MethodEntry | None] = Field(..., min_length=1)
     design: Literal["sobol", "grid", "random"] = "sobol"
@@ -57,11 +57,16 @@ class StudySpec(BaseModel):
     design_seed: int = Field(0, ge=0)
     set: list[str] = Field([], description="overrides of the base config: a.b=value")
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        return check_name(name, "study.name")
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise ValueError(f"distinct non-negative integers, e.g. [0, 1, 2] (got {seeds})")
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+            raise ValueError(f"distinct integers in 0..{MAX_SEED}, e.g. [0, 1, 2] (got {seeds})")
         return seeds
 
     @field_validator("methods")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import pickle
+import warnings
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -75,6 +77,10 @@ def _assert_refused(workdir: Path, args: list[str], *needles: str) -> None:
         ({"student": {"architecture": "lenet5"}}, [], ["student", "data.image_size=32"]),
         ({"student": {"architecture": "cnn", "args": {"depth": 3}}}, [], ["student", "depth"]),
         ({}, ["training.lr"], ["--set", "key=value"]),
+        ({}, ["training.seed=2147483648"], ["training.seed: Input should be less than or equal to 2147483647"]),
+        # 3M channels: a 324 TB weight no allocator grants, whatever the machine's overcommit policy
+        ({}, ["student.args.width=3000000"], ["student.args: cannot build 'cnn' with {'width': 3000000}: ",
+                                               "allocate"]),
     ],
 )
 def test_bad_config_is_one_line_exit_2_nothing_written(workdir: Path, sections: dict, overrides: list[str],
@@ -106,6 +112,18 @@ def test_corrupt_teacher_checkpoint(workdir: Path) -> None:
     corrupt.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
     cfg = _kd_with_checkpoint(workdir, str(corrupt))
     _assert_refused(workdir, ["run", str(cfg)], "teacher.checkpoint: not a readable kdo checkpoint")
+
+
+def test_a_pickle_weights_only_loading_refuses_is_one_line_and_no_warning(workdir: Path) -> None:
+    unsafe = workdir.parent / f"{workdir.name}-unsafe.pt"
+    with unsafe.open("wb") as f:  # protocol 4: torch warns it is not its own, then refuses its FRAME opcode
+        pickle.dump({"architecture": "cnn", "state_dict": PurePosixPath("x")}, f, protocol=4)
+    cfg = _kd_with_checkpoint(workdir, str(unsafe))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        _assert_refused(workdir, ["run", str(cfg)], f"teacher.checkpoint: not a readable kdo checkpoint ({unsafe}): "
+                        "loading it with weights_only=True failed: Unsupported operand 149")
+    assert [str(w.message) for w in shown] == []
 
 
 def test_foreign_teacher_checkpoint(workdir: Path) -> None:

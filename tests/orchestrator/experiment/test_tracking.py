@@ -1,13 +1,15 @@
-"""The tags every run carries: `kdo.version` on runs, sweep and study children (run_tags) and parents (start_run)."""
+"""The tags every run carries: `kdo.version` on runs, sweep and study children (run_tags) and parents (start_run);
+credentials in a tracking URI never reach params, artifacts or printed lines."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.experiment.config import load_config
-from orchestrator.experiment.tracking import kdo_version, run_tags, start_run
+from orchestrator.experiment.tracking import flatten, kdo_version, mask_uri, run_tags, start_run, ui_hint
 from tests.conftest import digits_config
 
 VERSION = "0.1.0"  # pyproject.toml's [project] version
@@ -26,3 +28,27 @@ def test_every_run_and_parent_is_tagged_with_the_version(workdir: Path) -> None:
     client = MlflowClient(uri)
     for run_id in (parent.run_id, child.run_id):
         assert client.get_run(run_id).data.tags["kdo.version"] == VERSION
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http://user:token@host:5000", "http://user:***@host:5000"),
+    ("uri: https://me:p@ss:w0rd@mlflow.example.com/ and more", "uri: https://me:***@mlflow.example.com/ and more"),
+    ("https://ghp_TOKEN@host/x", "https://***@host/x"),
+    ("postgresql://kdo:secret@db:5432/mlflow", "postgresql://kdo:***@db:5432/mlflow"),
+    ("http://host:5000/#/experiments/1", "http://host:5000/#/experiments/1"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+])
+def test_mask_uri_hides_credentials_only(text: str, shown: str) -> None:
+    assert mask_uri(text) == shown
+
+
+def test_a_tracking_uri_with_credentials_is_logged_and_shown_masked(workdir: Path) -> None:
+    cfg = load_config(digits_config(tracking={"uri": "http://user:token@host:5000"}))
+    tracker, _ = start_run(f"sqlite:///{workdir / 'mlflow.db'}", "kdo", "masked", tags={})
+    tracker.log_params(flatten(cfg.model_dump(mode="json")))  # what every run, parent and child logs
+    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.data.params["tracking.uri"] == "http://user:***@host:5000"
+    logged = Path(tracker.client.download_artifacts(tracker.run_id, "config.yaml", str(workdir))).read_text()
+    assert "uri: http://user:***@host:5000" in logged and "token" not in logged
+    assert ui_hint("http://user:token@host:5000", "3") == "open http://user:***@host:5000/#/experiments/3/runs"

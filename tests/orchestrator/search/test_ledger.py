@@ -39,3 +39,10 @@ def test_children_are_listed_page_by_page(workdir: Path) -> None:
 def test_more_than_one_mlflow_page_of_children_is_listed(workdir: Path) -> None:
     client, experiment_id, parent_id = _parent_with_children(workdir, 1001)
     assert len(ledger.children(client, experiment_id, parent_id)) == 1001
+
+
+def test_filter_values_are_quoted_by_a_quote_they_lack() -> None:
+    assert ledger._quote("kd-tpe") == "'kd-tpe'"
+    assert ledger._quote("it's") == '"it\'s"'
+    with pytest.raises(ValueError, match="both quote characters"):
+        ledger._quote("'\"")

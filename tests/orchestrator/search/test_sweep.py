@@ -56,7 +56,10 @@ def test_bad_space_is_one_line_exit_2_nothing_started(workdir: Path, space: dict
     (["--sampler", "sobol", "--trials", "5"], "power of two (got 5; try 4 or 8)"),
     (["--sampler", "grid", "--scheduler", "asha"], "a fixed grid design runs every point in full"),
     (["--space", "nope"], "--space: 'nope' is neither a file nor a shipped space; shipped: ce, dafl, "),
-    (["--seeds", "0,0"], "--seeds: distinct non-negative integers"),
+    (["--seeds", "0,0"], "--seeds: distinct integers in 0..2147483647, e.g. 0,1,2 (got [0, 0])"),
+    (["--seeds", "0,2147483648"], "--seeds: distinct integers in 0..2147483647, e.g. 0,1,2 (got [0, 2147483648])"),
+    (["--seeds", "-1"], "--seeds: distinct integers in 0..2147483647"),
+    (["--max-failures", "-1"], "--max-failures: retries of a crashed trial, 0 to 100 (got -1)"),
     (["--set", "data.val_fraction=0", "--set", "training.selection=last", "--set", "teacher.training.selection=last"],
      "data.val_fraction: 0 leaves no validation split, which a sweep selects on (val_acc); allowed: 0 < val_fraction"),
 ])

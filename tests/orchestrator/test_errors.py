@@ -1,0 +1,54 @@
+"""The one name rule (sweeps, studies, MLflow experiments) at every door a name comes in by: one line, exit 2,
+nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.errors import ConfigError, check_name
+
+RULE = "is not a valid name: letters, digits, '_', '.', '-' (up to 100, starting with a letter or digit, no '..')"
+
+
+@pytest.mark.parametrize("name", ["kd-tpe", "a", "Sweep_1.v2", "0", "x" * 100])
+def test_good_names_pass(name: str) -> None:
+    assert check_name(name, "--name") == name
+
+
+@pytest.mark.parametrize("name", ["x/y", "", "-x", ".hidden", "a..b", "x" * 101, "a b", "x[/]", "it's", "ü"])
+def test_bad_names_are_one_line_naming_the_field(name: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        check_name(name, "--name")
+    assert str(err.value) == f"--name: {name!r} {RULE}"
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["sweep", "digits_kd", "--name", "x/y"], "--name: 'x/y'"),
+    (["sweep", "digits_kd", "--set", "tracking.experiment=../up"], "tracking.experiment: '../up'"),
+    (["run", "digits_kd", "--set", "tracking.experiment=a b"], "tracking.experiment: 'a b'"),
+    (["study", "demo", "--name", "x[/]"], "--name: 'x[/]'"),
+    (["report", "x/y"], "NAME: 'x/y'"),
+    (["resume", "a..b"], "NAME: 'a..b'"),
+    (["report", "fine", "--experiment", "e/x"], "--experiment: 'e/x'"),
+    (["resume", "fine", "--experiment", ""], "--experiment: ''"),
+])
+def test_every_door_refuses_a_bad_name(workdir: Path, args: list[str], field: str) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [f"error: {field} {RULE}"]
+    assert list(workdir.iterdir()) == [], "no MLflow store, no Ray storage, no cache"
+
+
+def test_the_python_api_refuses_a_bad_name_before_any_work(workdir: Path) -> None:
+    from orchestrator.search.sweep import sweep
+    from orchestrator.study.robustness import RobustnessStudy
+
+    with pytest.raises(ConfigError, match=r"^--name: 'a\.\.b' is not a valid name"):
+        sweep("digits_kd", name="a..b")
+    with pytest.raises(ConfigError, match=r"^study\.name: 'x/y' is not a valid name"):
+        RobustnessStudy("x/y", "digits_kd", methods={"kd": None})
+    assert list(workdir.iterdir()) == []
