@@ -60,6 +60,27 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Refuse (one line) what the connected cluster can never grant, before anything is submitted: Ray would
+    hold an infeasible request pending for ever."""
+    import ray
+
+    sc = cfg.scaling
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = (max((n.get(k, 0.0) for n in nodes), default=0.0) for k in ("CPU", "GPU"))
+    total_cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    if sc.use_gpu is True and not gpus:
+        raise ConfigError("scaling.use_gpu: true, but the Ray cluster has no GPU (use auto or false)")
+    if sc.use_gpu is True and sc.gpus_per_worker > gpus:
+        raise ConfigError(f"scaling.gpus_per_worker: {sc.gpus_per_worker:g}, but no node has more than {gpus:g}")
+    if sc.cpus_per_worker > cpus:
+        raise ConfigError(f"scaling.cpus_per_worker: {sc.cpus_per_worker:g}, but no node has more than {cpus:g} "
+                          "CPUs")
+    if sc.num_workers * sc.cpus_per_worker > total_cpus:
+        raise ConfigError(f"scaling.num_workers: {sc.num_workers} workers x {sc.cpus_per_worker:g} CPUs, but the "
+                          f"cluster has {total_cpus:g}")
+
+
 def use_gpu(cfg: ExperimentConfig) -> bool:
     """`scaling.use_gpu`, with `auto` meaning: the Ray cluster has GPUs."""
     import ray

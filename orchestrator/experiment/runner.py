@@ -9,8 +9,9 @@ from typing import Any
 
 from orchestrator.experiment.config import ExperimentConfig, load_config, resolve_paths
 from orchestrator.experiment.data import Splits, load_splits
-from orchestrator.experiment.launch import RunResult, execute, init_ray
+from orchestrator.experiment.launch import RunResult, check_resources, execute, init_ray
 from orchestrator.experiment.teachers import check_teacher_checkpoint, ensure_teacher
+from orchestrator.experiment.tracking import check_store
 
 ConfigSource = str | Path | dict[str, Any] | ExperimentConfig
 
@@ -37,10 +38,13 @@ class Prepared:
 def provision(cfg: ExperimentConfig, *, address: str | None = None,
               checkpoints: dict[str, dict[str, Any]] | None = None) -> Prepared:
     """Load the data (before Ray: a missing dataset is still a one-line error), start or join Ray, and take the
-    teacher from its checkpoint or train it once per cache key."""
+    teacher from its checkpoint or train it once per cache key. Resources no node can grant are refused here."""
     splits = load_splits(cfg.data)
     teacher = check_teacher_checkpoint(cfg, checkpoints)
+    assert cfg.tracking.uri is not None
+    check_store(cfg.tracking.uri)
     init_ray(address)
+    check_resources(cfg)  # what the cluster can never grant is an error, not a request pending for ever
     if cfg.teacher is not None and cfg.teacher.architecture is not None:
         teacher, _ = ensure_teacher(cfg, splits)
     return Prepared(cfg, splits, teacher)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from methods import get_method
+from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig, teacher_label
 
 if TYPE_CHECKING:
@@ -31,6 +32,27 @@ def mask_uri(text: str) -> str:
     """`text` with the credentials of every URI in it masked, `http://user:token@host` -> `http://user:***@host`
     (a user part alone, often a token, is masked whole): what params, artifacts and printed lines show."""
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["secret"] else f"{m['scheme']}***@", text)
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Refuse (one line) an MLflow server that does not answer, before Ray starts or any run is written; any HTTP
+    answer counts (a server behind a login answers 401). File and database stores are checked when opened."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    bare = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else str(host))  # credentials left out
+    try:
+        urllib.request.urlopen(f"{urllib.parse.urlunsplit(bare).rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"tracking.uri: no MLflow server answers at {mask_uri(uri)} ({reason})") from None
 
 
 def git_commit() -> str:

@@ -133,8 +133,32 @@ def load_space(source: str | Path | dict[str, Any], base: ExperimentConfig) -> S
     if space.method is not None and space.method != base.method.name:
         raise ConfigError(f"{label}: space is for method '{space.method}' but the config runs "
                           f"'{base.method.name}' (set method.name or pick the matching space)")
+    _check_per_trial(space, label)
     _check_against_schema(space, base, label)
     return space
+
+
+# Prepared once per sweep or study from the base config (data and teacher before any trial, resources by Tune),
+# so a value varied per trial would be logged but never applied. Only these data fields are read per trial.
+PREPARED_ONCE = ("data.", "teacher.", "scaling.", "tracking.", "training.seed")
+PER_TRIAL_DATA = ("data.batch_size", "data.augment")
+
+
+def _check_per_trial(space: SearchSpace, label: str) -> None:
+    for path in [*space.parameters, *space.fixed]:
+        if path.startswith(PREPARED_ONCE) and path not in PER_TRIAL_DATA:
+            what = "seeds come from --seeds (a study's seeds)" if path == "training.seed" else (
+                "data, teacher, scaling and tracking are prepared once per sweep from the config (of data, only "
+                f"{' and '.join(PER_TRIAL_DATA)} vary per trial)")
+            raise ConfigError(f"{label}: parameter '{path}' cannot vary per trial: {what}; set it with --set")
+
+
+def max_epochs(space: SearchSpace, base: ExperimentConfig) -> int:
+    """The most epochs any setting trains (ASHA's `max_t`): the range's top or the largest choice."""
+    spec = space.parameters.get("training.epochs")
+    if spec is None:
+        return base.training.epochs
+    return int(max(spec.values or [1])) if spec.type == "choice" else int(spec.high or 1)
 
 
 def _check_against_schema(space: SearchSpace, base: ExperimentConfig, label: str) -> None:

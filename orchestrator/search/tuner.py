@@ -18,7 +18,7 @@ from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
-from orchestrator.search.spaces import SearchSpace
+from orchestrator.search.spaces import SearchSpace, max_epochs
 from orchestrator.search.trial import AdaptiveSearch, Point, TrialOptions, run_point, run_setting
 
 TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer (Tune needs a CPU share > 0)
@@ -103,8 +103,7 @@ def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: 
     search = AdaptiveSearch(space, cfg.model_dump(mode="json"), list(options.seeds))
     trainable = tune.with_parameters(run_setting, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
                                      use_gpu=use_gpu, search=search, options=options)
-    epochs_spec = space.parameters.get("training.epochs")
-    epochs = int(epochs_spec.high or 1) if epochs_spec is not None else cfg.training.epochs
+    epochs = max_epochs(space, cfg)
     # The first epochs of a short run are noisy: no setting is judged before a quarter of its budget.
     asha = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
             if options.scheduler == "asha" else None)

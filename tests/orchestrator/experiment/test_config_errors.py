@@ -166,6 +166,18 @@ def test_missing_torchvision_dataset(workdir: Path) -> None:
                     "data.name: dataset 'mnist' not found", "data.download=true")
 
 
+def test_a_tracking_server_that_does_not_answer_is_refused_before_ray_starts(workdir: Path) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    _assert_refused(workdir, ["run", "digits_ce", "--set", f"tracking.uri=http://me:secret@127.0.0.1:{port}"],
+                    f"tracking.uri: no MLflow server answers at http://me:***@127.0.0.1:{port}")
+    code, output = _run_cli(["sweep", "digits_ce", "--set", f"tracking.uri=http://127.0.0.1:{port}"])
+    assert code == 2 and "secret" not in output and "no MLflow server answers" in output, output
+
+
 def test_load_config_api_raises_config_error() -> None:
     with pytest.raises(ConfigError, match=r"^training.epochs: Input should be greater than or equal to 1"):
         load_config(digits_config(), ["training.epochs=0"])

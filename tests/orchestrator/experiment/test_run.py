@@ -139,3 +139,17 @@ def test_kdo_run_fashion_mnist_kd_trains_teacher_and_student_on_the_real_files(w
     assert student_run.data.params["data.image_size"] == "32"
     metrics = student_run.data.metrics
     assert metrics["teacher_test_acc"] > 0.85 and metrics["test_acc"] > 0.8  # chance is 0.1; measured 0.881 / 0.860
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("scaling.use_gpu=true", "scaling.use_gpu: true, but the Ray cluster has no GPU"),
+    ("scaling.cpus_per_worker=3", "scaling.cpus_per_worker: 3, but no node has more than 2 CPUs"),
+    ("scaling.num_workers=3", "scaling.num_workers: 3 workers x 1 CPUs, but the cluster has 2"),
+])
+def test_a_request_the_cluster_can_never_grant_is_one_line_before_anything_runs(workdir: Path, override: str,
+                                                                               needle: str) -> None:
+    """Ray would hold it pending for ever; the session runtime has 2 CPUs and no GPU."""
+    result = CliRunner().invoke(app, ["run", "digits_kd", "--set", override])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {needle}", result.output
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "kdo_runs").exists()
