@@ -129,8 +129,7 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
     if name is not None:
         check_name(name, "--name")
     spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
-    if name is not None:
-        spec = spec.replace(name=name)
+    spec = (spec.replace(name=name) if name is not None else spec).claim_name()
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
     done = spec.run(address=address)
     print_study(done.outcome(), done.report(report or f"{done.name}-report"))
@@ -172,7 +171,8 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
 def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
-               address: Address = None) -> None:
+               address: Address = None,
+               force: Annotated[bool, typer.Option(help="resume even if its driver seems alive")] = False) -> None:
     """Finish a sweep or study whose driver died: skip what is done, close and redo what was running."""
     check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
     check_name(experiment, "--experiment")
@@ -181,10 +181,11 @@ def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
     from orchestrator.study.robustness import RobustnessStudy
 
     if _is_study(name, tracking_uri, experiment):
-        study = RobustnessStudy.resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment)
+        study = RobustnessStudy.resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment,
+                                       force=force)
         print_study(study.outcome(), study.report(f"{name}-report"))
     else:
-        print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment))
+        print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment, force=force))
 
 
 def _seed_list(seeds: str) -> list[int]:

@@ -83,6 +83,25 @@ def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str)
     return uri, client, parents[0]
 
 
+def parent_names(kind: str, uri: str, experiment: str) -> set[str]:
+    """The names of every sweep or study (`kind`) in the store (none if the store or experiment is new)."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return set()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    names, token = set(), None
+    while True:
+        page = client.search_runs([exp.experiment_id], f"tags.`kdo.kind` = {_quote(kind)}", max_results=PAGE_SIZE,
+                                  page_token=token)
+        names |= {r.data.tags.get(f"kdo.{kind}", "") for r in page}
+        if not (token := page.token):
+            return names
+
+
 def status_of(run: Run) -> str:
     """A child's status in today's words: `running` while MLflow says RUNNING, else its `kdo.status` tag."""
     if run.info.status == "RUNNING":

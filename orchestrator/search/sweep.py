@@ -18,9 +18,10 @@ from orchestrator.errors import ConfigError, Interrupted, check_name
 from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, read_yaml, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
-from orchestrator.experiment.tracking import Tracker, flatten, start_run, ui_hint
+from orchestrator.experiment.tracking import Tracker, check_store, flatten, start_run, ui_hint
 from orchestrator.search import ledger
 from orchestrator.search.design import build_design
+from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, load_space
 from orchestrator.search.status import FAILED, REDO
@@ -148,13 +149,15 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
                        checkpoint_seconds, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
-    name = check_name(name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", "--name")
+    assert cfg.tracking.uri is not None
+    check_store(cfg.tracking.uri)
+    wanted = check_name(name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", "--name")
+    name = free_name("sweep", wanted, cfg.tracking.uri, cfg.tracking.experiment, explicit=name is not None)
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
 
     prepared = provision(cfg, address=address, checkpoints=checkpoints)  # data and teacher once, before any trial
     gpu = use_gpu(cfg)
     trial_resources(cfg, gpu, concurrency)  # a trial that cannot fit fails before the parent run exists
-    assert cfg.tracking.uri is not None
     parent, experiment_id = start_run(
         cfg.tracking.uri, cfg.tracking.experiment, name,
         tags={"kdo.kind": "sweep", "kdo.sweep": name, "kdo.method": cfg.method.name, "kdo.space": space_obj.source,
@@ -165,23 +168,27 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     parent.log_text(cfg.to_yaml(), "config.yaml")
     parent.log_text(space_obj.model_dump_json(indent=2), "space.json")
     ref = LedgerRef(name, parent.run_id, cfg.tracking.uri, cfg.tracking.experiment, experiment_id)
-    return _execute(ref, parent, prepared, space_obj, options, points, previous=[], gpu=gpu)
+    with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
+        return _execute(ref, parent, prepared, space_obj, options, points, previous=[], gpu=gpu)
 
 
 def resume(name: str, *, address: str | None = None, tracking_uri: str | None = None,
-           experiment: str = "kdo") -> SweepResult:
+           experiment: str = "kdo", force: bool = False) -> SweepResult:
     """Finish a sweep whose driver died or was stopped: nothing final is rerun; crashed and interrupted runs are
     redone, continuing from their checkpoints where they have one (older attempts end `superseded`).
 
     The ledger is the sweep's MLflow children (not Tune's state, which is snapshotted only every few
     seconds): fixed designs run only their missing (setting, seed) points; adaptive sweeps re-enqueue
     every setting seen (finished seeds are replayed from MLflow, not trained) and draw the rest anew.
+    Refused while the sweep's driver is alive (`force` resumes regardless).
     """
     found = load_sweep(name, tracking_uri, experiment)
     uri, exp_id, parent_id = found.tracking_uri, found.experiment_id, found.parent_run_id
     client = Tracker(uri, parent_id).client
-    options = TrialOptions.from_json(client.get_run(parent_id).data.tags["kdo.options"])
-    ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
+    parent_run = client.get_run(parent_id)
+    if not force:
+        check_not_running(parent_run)
+    options = TrialOptions.from_json(parent_run.data.tags["kdo.options"])
     checkpoints: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="kdo-resume-") as local:
         raw = read_yaml(client.download_artifacts(parent_id, "config.yaml", local))
@@ -190,12 +197,14 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
         space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
                                                                                    local)).read_text())
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
-    prepared = provision(cfg, address=address, checkpoints=checkpoints)
-    client.update_run(parent_id, status="RUNNING")
-    ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id)
-    previous = ledger.seen_settings(client, exp_id, parent_id) if points is None else []
-    return _execute(ref, Tracker(uri, parent_id), prepared, space_obj, options, points, previous=previous,
-                    gpu=use_gpu(cfg))
+    parent = Tracker(uri, parent_id)
+    with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
+        ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
+        prepared = provision(cfg, address=address, checkpoints=checkpoints)
+        client.update_run(parent_id, status="RUNNING")
+        ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id)
+        previous = ledger.seen_settings(client, exp_id, parent_id) if points is None else []
+        return _execute(ref, parent, prepared, space_obj, options, points, previous=previous, gpu=use_gpu(cfg))
 
 
 def _execute(ref: LedgerRef, parent: Tracker, prepared: Prepared, space: SearchSpace, options: TrialOptions,

@@ -17,16 +17,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from methods import get_method, list_methods
 from orchestrator.errors import ConfigError, Interrupted
-from orchestrator.experiment.config import ExperimentConfig, format_validation_error, load_config, require_validation
+from orchestrator.experiment.config import ExperimentConfig, load_config, require_validation, resolve_paths
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import check, provision
-from orchestrator.experiment.tracking import Tracker, flatten, start_run
+from orchestrator.experiment.tracking import Tracker, check_store, flatten, start_run
 from orchestrator.search import ledger
 from orchestrator.search.design import build_design
+from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, load_space
 from orchestrator.search.status import REDO
@@ -34,7 +33,15 @@ from orchestrator.search.trial import Point, TrialOptions, point_config
 from orchestrator.search.tuner import forget_experiment, interruptible, run_points, stop_trials
 from orchestrator.study import analysis
 from orchestrator.study.results import StudyResults, read_results
-from orchestrator.study.spec import MethodEntry, StudySpec, build_spec, method_entry, read_spec, shipped_studies
+from orchestrator.study.spec import (
+    MethodEntry,
+    StudySpec,
+    build_spec,
+    method_config,
+    method_entry,
+    read_spec,
+    shipped_studies,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,6 +81,7 @@ class RobustnessStudy:
         self.experiment_id: str | None = None
         self._uri = ""
         self._results: StudyResults | None = None
+        self._explicit_name = False
 
     # ------------------------------------------------------------------------------- definition
     @classmethod
@@ -90,8 +98,11 @@ class RobustnessStudy:
                    max_failures=spec.max_failures, checkpoint_seconds=spec.checkpoint_seconds)
 
     def replace(self, **changes: Any) -> RobustnessStudy:
-        """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew."""
-        return type(self)._from_spec(self.spec.model_copy(update=changes))
+        """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew. A name
+        given here is the study's for sure: `run` refuses it if it is taken (instead of suffixing it)."""
+        study = type(self)._from_spec(self.spec.model_copy(update=changes))
+        study._explicit_name = self._explicit_name or "name" in changes
+        return study
 
     @property
     def name(self) -> str:
@@ -120,7 +131,7 @@ class RobustnessStudy:
         for label in self.methods:  # an entry's label names its rows; `method` is what it runs
             entry = spec.methods.get(label) or MethodEntry()
             method = spec.method_of(label)
-            method_base = _method_config(base, label, method, entry.params)
+            method_base = method_config(base, label, method, entry.params)
             planned: list[tuple[str, dict[str, Any], ExperimentConfig]] = []
             if label in spec.methods:
                 space = load_space(entry.space if entry.space is not None else method, method_base)
@@ -159,9 +170,21 @@ class RobustnessStudy:
         return ExperimentConfig.model_validate(points[0].config)
 
     # ------------------------------------------------------------------------------------ running
+    def claim_name(self) -> RobustnessStudy:
+        """Take the first free name in the store: a study file that ran before runs as `<name>-2`, ...; a name
+        given by `replace(name=...)` (`--name`) that is taken is refused."""
+        store = resolve_paths(self.base).tracking
+        assert store.uri is not None
+        check_store(store.uri)
+        name = free_name("study", self.name, store.uri, store.experiment, explicit=self._explicit_name)
+        if name != self.name:
+            self.spec = self.spec.model_copy(update={"name": name})
+            self._plan_points()
+        return self
+
     def run(self, *, address: str | None = None) -> RobustnessStudy:
         """Run every (method, setting, seed) as a Tune trial under one MLflow parent run; then analyse."""
-        points = self._checked_points()
+        points = self.claim_name()._checked_points()
         prepared = provision(self._shared_config(points), address=address)
         cfg = prepared.config
         assert cfg.tracking.uri is not None
@@ -172,20 +195,26 @@ class RobustnessStudy:
         parent.log_params(flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}))
         parent.log_text(self._stored_spec(cfg), "study.json")
         parent.log_text(cfg.to_yaml(), "config.yaml")
-        return self._execute(prepared, points, parent, experiment_id)
+        with live_driver(parent, lock_path(cfg.tracking.storage_path, self.name)):
+            return self._execute(prepared, points, parent, experiment_id)
 
     @classmethod
     def resume(cls, name: str, *, address: str | None = None, tracking_uri: str | None = None,
-               experiment: str = "kdo") -> RobustnessStudy:
-        """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run."""
+               experiment: str = "kdo", force: bool = False) -> RobustnessStudy:
+        """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run. Refused while
+        its driver is alive (`force` resumes regardless)."""
         study, parent_run = cls._from_mlflow(name, tracking_uri, experiment)
+        if not force:
+            check_not_running(parent_run)
         experiment_id, parent_id = parent_run.info.experiment_id, parent_run.info.run_id
-        ledger.close_running(study._uri, experiment_id, parent_id, "interrupted")  # its driver died
         points = study._checked_points()
-        prepared = provision(cls._shared_config(points), address=address)
+        shared = cls._shared_config(points)
         parent = Tracker(study._uri, parent_id)
-        parent.client.update_run(parent_id, status="RUNNING")
-        return study._execute(prepared, points, parent, experiment_id)
+        with live_driver(parent, lock_path(shared.tracking.storage_path, name)):
+            ledger.close_running(study._uri, experiment_id, parent_id, "interrupted")  # its driver died
+            prepared = provision(shared, address=address)
+            parent.client.update_run(parent_id, status="RUNNING")
+            return study._execute(prepared, points, parent, experiment_id)
 
     def _execute(self, prepared: Any, points: list[Point], parent: Tracker, experiment_id: str) -> RobustnessStudy:
         cfg = prepared.config
@@ -316,12 +345,3 @@ class RobustnessStudy:
     def ui_hint(self) -> str:
         return self.outcome().ui_hint()
 
-
-def _method_config(base: ExperimentConfig, label: str, method: str, params: dict[str, Any]) -> ExperimentConfig:
-    """The base config running `method` with its defaults (plus the entry's fixed params)."""
-    raw = base.model_dump(mode="json")
-    raw["method"] = {"name": method, "params": params}
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"study.methods.{label}: {format_validation_error(err, '', ExperimentConfig)}") from None

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from methods import list_methods
 from orchestrator.errors import ConfigError, check_name
-from orchestrator.experiment.config import MAX_SEED, format_validation_error
+from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, format_validation_error
 from orchestrator.search.spaces import SearchSpace
 
 ROLES = ("design", "defaults", "reference")
@@ -145,3 +145,13 @@ def study_path(path: str | Path) -> Path:
 def shipped_studies() -> list[str]:
     folder = resources.files("search_spaces") / "studies"
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def method_config(base: ExperimentConfig, label: str, method: str, params: dict[str, Any]) -> ExperimentConfig:
+    """The base config running `method` with its defaults (plus the entry's fixed params)."""
+    raw = base.model_dump(mode="json")
+    raw["method"] = {"name": method, "params": params}
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"study.methods.{label}: {format_validation_error(err, '', ExperimentConfig)}") from None
