@@ -142,7 +142,7 @@ def test_kdo_run_fashion_mnist_kd_trains_teacher_and_student_on_the_real_files(w
 
 
 @pytest.mark.parametrize(("override", "needle"), [
-    ("scaling.use_gpu=true", "scaling.use_gpu: true, but the Ray cluster has no GPU"),
+    ("scaling.use_gpu=true", "scaling.use_gpu: true, but the Ray cluster has no GPU (use auto or false)"),
     ("scaling.cpus_per_worker=3", "scaling.cpus_per_worker: 3, but no node has more than 2 CPUs"),
     ("scaling.num_workers=3", "scaling.num_workers: 3 workers x 1 CPUs, but the cluster has 2"),
 ])
