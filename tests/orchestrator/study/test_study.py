@@ -126,6 +126,7 @@ def test_shipped_studies_validate() -> None:
         assert study.points and all(p.config["data"]["name"] == "digits" for p in study.points)
 
 
+@pytest.mark.slow  # two minutes of real study: the fast suite's budget is the whole suite's eight
 @pytest.mark.timeout(300)
 @pytest.mark.usefixtures("ray_runtime")
 def test_study_runs_counts_failures_and_is_rebuilt_from_mlflow(workdir: Path) -> None:
