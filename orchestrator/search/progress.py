@@ -7,6 +7,8 @@ Imported by the Tune driver only when a sweep runs (it imports Ray Tune)."""
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -23,7 +25,6 @@ from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.status import FAILED, HIDDEN
 
 RECENT = 5  # finished runs the live panel lists
-REFRESH_SECONDS = 0.5
 
 
 def run_line(run: Any, status: str, index: int, total: int) -> str:
@@ -52,7 +53,8 @@ class RunProgress(Callback):
     when a trial ends with another number of runs (a setting refused as `invalid`, seeds replayed on resume)
     the total follows. A trial that ends while its child is still RUNNING is counted as the finisher will
     close it: `early_stopped` if Tune ended it (`interrupted` when the driver was stopped), `crashed` if it
-    errored. Only plain data is kept until `shown()`: Tune pickles its callbacks when the Tuner is built."""
+    errored. The ledger is read on a thread of its own: Tune warns about callbacks that hold up its loop.
+    Only plain data is kept until `shown()`: Tune pickles its callbacks when the Tuner is built."""
 
     def __init__(self, ref: LedgerRef, total: int, runs_per_trial: int, *, live: bool) -> None:
         self.ref, self.total, self.runs_per_trial, self.live = ref, total, runs_per_trial, live
@@ -61,93 +63,108 @@ class RunProgress(Callback):
         self.best: float | None = None
         self.recent: deque[str] = deque(maxlen=RECENT)
         self.started = time.monotonic()
+        self._ended: queue.Queue[tuple[str, str] | None] | None = None
+        self._lock: threading.Lock | None = None
         self._live: Live | None = None
-        self._drawn = 0.0
 
     @contextmanager
     def shown(self) -> Iterator[None]:
-        """Draw the view while the body runs Tune (a live panel on a terminal; plain lines need nothing)."""
+        """Draw the view while the body runs Tune; every run that ended is shown before this returns."""
+        self._ended, self._lock, self.started = queue.Queue(), threading.Lock(), time.monotonic()
         console = Console()
-        self.started = time.monotonic()
         if self.live and console.is_terminal:
-            self._live = Live(self._panel(), console=console, auto_refresh=False, transient=False)
-        if self._live is None:
+            self._live = Live(get_renderable=self._panel, console=console, refresh_per_second=2)
+        settler = threading.Thread(target=self._settle_ended, name="kdo-progress", daemon=True)
+        settler.start()
+        if self._live is not None:
+            self._live.start()
+        try:
             yield
-            return
-        with self._live:
-            try:
-                yield
-            finally:
-                self._live.update(self._panel(), refresh=True)
+        finally:
+            self._ended.put(None)
+            settler.join()
+            if self._live is not None:
+                self._live.stop()
                 self._live = None
 
     # ------------------------------------------------------------------------------------ Tune's events
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.running.add(trial.trial_id)
-        self._draw(force=True)
+        assert self._lock is not None
+        with self._lock:
+            self.running.add(trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._settle(trial, "early_stopped")
+        self._end(trial.trial_id, "early_stopped")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._settle(trial, "crashed")
+        self._end(trial.trial_id, "crashed")
 
-    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        self._draw()
+    def _end(self, trial_id: str, unsettled: str) -> None:
+        assert self._lock is not None and self._ended is not None
+        with self._lock:
+            self.running.discard(trial_id)
+        self._ended.put((trial_id, unsettled))
 
     # ---------------------------------------------------------------------------------------- the view
-    def _settle(self, trial: Any, unsettled: str) -> None:
-        """Count and show the runs of a trial that ended, with their statuses from the ledger."""
+    def _settle_ended(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.running.discard(trial.trial_id)
+        assert self._ended is not None
         client = MlflowClient(self.ref.tracking_uri)
-        runs = [r for r in ledger.children(client, self.ref.experiment_id, self.ref.parent_run_id,
-                                           trial=trial.trial_id) if ledger.status_of(r) not in HIDDEN]
+        while (ended := self._ended.get()) is not None:
+            try:
+                self._settle(client, *ended)
+            except Exception as err:  # the store did not answer: the final table still has every run
+                self._show(f"trial {ended[0]}: its runs could not be read ({str(err).splitlines()[0][:120]})")
+
+    def _settle(self, client: Any, trial_id: str, unsettled: str) -> None:
+        """Count and show the runs of a trial that ended, with their statuses from the ledger."""
+        runs = [r for r in ledger.children(client, self.ref.experiment_id, self.ref.parent_run_id, trial=trial_id)
+                if ledger.status_of(r) not in HIDDEN]
         if unsettled == "early_stopped" and any(ledger.status_of(r) == "running" for r in runs):
-            parent = client.get_run(self.ref.parent_run_id)
-            if parent.data.tags.get("kdo.interrupted") == "true":
+            if client.get_run(self.ref.parent_run_id).data.tags.get("kdo.interrupted") == "true":
                 unsettled = "interrupted"
-        self.total += len(runs) - self.runs_per_trial
+        assert self._lock is not None
+        with self._lock:
+            self.total += len(runs) - self.runs_per_trial
         if not runs and unsettled == "crashed":  # no child to count: the ledger will not know of it either
-            self._show(f"trial {trial.trial_id}: crashed before its run started")
+            self._show(f"trial {trial_id}: crashed before its run started")
         for run in sorted(runs, key=lambda r: int(r.data.tags.get("kdo.seed", 0))):
             status = ledger.status_of(run)
             status = unsettled if status == "running" else status
-            self.counts[status] = self.counts.get(status, 0) + 1
-            line = run_line(run, status, self.done, max(self.total, self.done))
             val = run.data.metrics.get("selected_val_acc", run.data.metrics.get("val_acc"))
-            if status == "finished" and val is not None and val == val and (self.best is None or val > self.best):
-                self.best = val
+            with self._lock:
+                self.counts[status] = self.counts.get(status, 0) + 1
+                if status == "finished" and val is not None and val == val and (self.best is None or val > self.best):
+                    self.best = val
+                line = run_line(run, status, self.done, max(self.total, self.done))
             self._show(line)
-        self._draw(force=True)
 
     def _show(self, line: str) -> None:
         if self._live is None:
             print(line, flush=True)
-        self.recent.append(line)
+        assert self._lock is not None
+        with self._lock:
+            self.recent.append(line)
 
     @property
     def done(self) -> int:
         return sum(self.counts.values())
 
-    def _draw(self, force: bool = False) -> None:
-        if self._live is not None and (force or time.monotonic() - self._drawn >= REFRESH_SECONDS):
-            self._drawn = time.monotonic()
-            self._live.update(self._panel(), refresh=True)
-
     def _panel(self) -> Group:
-        elapsed = time.monotonic() - self.started
-        failed = sum(n for s, n in self.counts.items() if s in FAILED)
-        stopped = sum(n for s, n in self.counts.items() if s in ("early_stopped", "interrupted"))
-        total = max(self.total, self.done)
-        eta = _clock(elapsed / self.done * (total - self.done)) if self.done else "-"
-        head = Text.assemble((f"{self.ref.name}: ", "bold"), f"{self.done}/{total} done, "
-                             f"{len(self.running) * self.runs_per_trial} running, ", (f"{failed} failed", "red"
-                             if failed else ""), f"{f', {stopped} stopped' if stopped else ''}; elapsed "
-                             f"{_clock(elapsed)}, ETA {eta}, best val "
-                             f"{f'{100 * self.best:.2f}' if self.best is not None else '-'}")
-        return Group(*(Text(line, style="dim") for line in self.recent), head)
+        assert self._lock is not None
+        with self._lock:
+            elapsed = time.monotonic() - self.started
+            failed = sum(n for s, n in self.counts.items() if s in FAILED)
+            stopped = sum(n for s, n in self.counts.items() if s in ("early_stopped", "interrupted"))
+            done, total = self.done, max(self.total, self.done)
+            running, recent, best = len(self.running) * self.runs_per_trial, list(self.recent), self.best
+        eta = _clock(elapsed / done * (total - done)) if done else "-"
+        head = Text.assemble((f"{self.ref.name}: ", "bold"), f"{done}/{total} done, {running} running, ",
+                             (f"{failed} failed", "red" if failed else ""), f", {stopped} stopped" if stopped else "",
+                             f"; elapsed {_clock(elapsed)}, ETA {eta}, best val "
+                             f"{f'{100 * best:.2f}' if best is not None else '-'}")
+        return Group(*(Text(line, style="dim") for line in recent), head)
 
 
 def _clock(seconds: float) -> str:
