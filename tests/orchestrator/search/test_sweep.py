@@ -200,7 +200,7 @@ def test_data_parallel_trials_report_every_epoch_to_tune(workdir: Path, teacher_
 
 
 
-RUN_LINE = re.compile(r"^\[ *(\d+)/(\d+)\] kd temperature=\S+ kd_weight=\S+ .*seed (\d+): (\w+)")
+RUN_LINE = re.compile(r"^\[ *(\d+)/(\d+)\] kd kd_weight=\S+ temperature=\S+ .*seed (\d+): (\w+)")
 
 
 @pytest.mark.slow
