@@ -44,7 +44,7 @@ def watch_epochs(uri: str, run_id: str, name: str, epochs: int, *, every_epoch: 
     bar = (Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[metrics]}"), console=console)
            if console.is_terminal else None)
-    task = bar.add_task(f"[{escape(name)}] epoch", total=epochs, metrics="") if bar is not None else None
+    task = bar.add_task(escape(f"[{name}] epoch"), total=epochs, metrics="") if bar is not None else None
 
     def show(rows: list[dict[str, Any]]) -> None:
         seen.extend(rows)
