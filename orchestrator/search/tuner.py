@@ -136,9 +136,27 @@ def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dic
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[progress]),
     )
-    with progress.shown():
+    with progress.shown(), _tune_console(verbose):
         grid = tuner.fit()
     return frozenset(str(r.metrics.get("trial_id")) for r in grid if r.error is None and r.metrics)
+
+
+@contextmanager
+def _tune_console(verbose: bool) -> Iterator[None]:
+    """Tune's console output as asked. At verbose=0 Tune's current reporter still prints its experiment box and
+    result paths; its older one, which `RAY_AIR_NEW_OUTPUT=0` selects while `fit` starts, prints nothing."""
+    if verbose:
+        yield
+        return
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
 def trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> tuple[dict[str, float], int]:

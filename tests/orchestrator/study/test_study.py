@@ -219,7 +219,8 @@ RUN_LINE = re.compile(r"^\[ *(\d+)/(\d+)\] (\S+) .*seed (\d+): (\w+)")
 def test_a_piped_study_prints_one_line_per_run_then_the_table(workdir: Path) -> None:
     """Without a terminal: the teacher's first and last line, one line per run with its ledger status, no Tune
     tables, no worker tracebacks, then the table, the verdict, the report and the MLflow command."""
-    spec = _study_file(workdir, methods={"kd": None, "ce": CE_SPACE}, n_settings=4, seeds=[0], concurrency=2)
+    spec = _study_file(workdir, methods={"kd": None, "ce": {"space": CE_SPACE}}, n_settings=4, seeds=[0],
+                      concurrency=2)
     root = str(Path(__file__).resolve().parents[3])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "study", spec], cwd=workdir, env=env,
