@@ -141,22 +141,22 @@ def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dic
     return frozenset(str(r.metrics.get("trial_id")) for r in grid if r.error is None and r.metrics)
 
 
+# Tune's console at verbose=0: its current reporter still prints its experiment box and result paths (the older
+# one prints nothing), and it warns about the state snapshots `CheckpointConfig(num_to_keep=1)` forces by design.
+QUIET_TUNE = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
 @contextmanager
 def _tune_console(verbose: bool) -> Iterator[None]:
-    """Tune's console output as asked. At verbose=0 Tune's current reporter still prints its experiment box and
-    result paths; its older one, which `RAY_AIR_NEW_OUTPUT=0` selects while `fit` starts, prints nothing."""
-    if verbose:
-        yield
-        return
-    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    """Tune's console output as asked: `QUIET_TUNE` while `fit` runs unless `verbose` (variables the user set
+    are left as they are)."""
+    quiet = {} if verbose else {k: v for k, v in QUIET_TUNE.items() if k not in os.environ}
+    os.environ.update(quiet)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+        for key in quiet:
+            os.environ.pop(key, None)
 
 
 def trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> tuple[dict[str, float], int]:
