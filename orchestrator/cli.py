@@ -17,6 +17,7 @@ app.add_typer(teacher_app, name="teacher")
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="override a field: a.b=value (repeatable)")]
 Address = Annotated[str | None, typer.Option(help="Ray cluster address ('auto' for `ray start`); default local")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="also Tune's status tables and the Ray workers' output")]
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,11 +84,11 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
 @user_errors
 def demo_cmd(seeds: Annotated[str, typer.Option(help="comma-separated seeds per setting")] = "0,1",
              settings: Annotated[int, typer.Option(help="Sobol settings per method (a power of 2)")] = 8,
-             address: Address = None) -> None:
+             address: Address = None, verbose: Verbose = False) -> None:
     """The main job on the embedded digits data: a small robustness study of KD next to CE and the teacher."""
     from orchestrator.demo import run_demo
 
-    run_demo(_seed_list(seeds), settings, address=address)
+    run_demo(_seed_list(seeds), settings, address=address, verbose=verbose)
 
 
 @app.command("sweep")
@@ -102,7 +103,7 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
               name: Annotated[str | None, typer.Option(help="sweep name (default: config-method-time)")] = None,
               max_failures: Annotated[int, typer.Option(help="retries of a crashed trial, from its checkpoint")] = 0,
               checkpoint_seconds: Annotated[float, typer.Option(help="seconds between trial checkpoints")] = 30.0,
-              set_: Overrides = None, address: Address = None) -> None:
+              set_: Overrides = None, address: Address = None, verbose: Verbose = False) -> None:
     """Search a method's hyperparameters with Ray Tune + Optuna; every run an MLflow child of the sweep."""
     if name is not None:
         check_name(name, "--name")  # before importing Ray: a typo fails at once (`sweep` checks it too)
@@ -110,7 +111,8 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
 
     result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
                    concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
-                   max_failures=max_failures, overrides=set_ or [], checkpoint_seconds=checkpoint_seconds)
+                   max_failures=max_failures, overrides=set_ or [], checkpoint_seconds=checkpoint_seconds,
+                   verbose=verbose)
     from orchestrator.study.display import print_sweep
 
     print_sweep(result)
@@ -121,7 +123,8 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
 def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or shipped study name")],
               set_: Overrides = None, address: Address = None,
               name: Annotated[str | None, typer.Option(help="study name (default: the file's)")] = None,
-              report: Annotated[str | None, typer.Option(help="report path (default ./<name>-report)")] = None) -> None:
+              report: Annotated[str | None, typer.Option(help="report path (default ./<name>-report)")] = None,
+              verbose: Verbose = False) -> None:
     """A robustness study: each method's space covered evenly × seeds, analysed, plotted and reported."""
     from orchestrator.study.display import print_study
     from orchestrator.study.robustness import RobustnessStudy
@@ -131,7 +134,7 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
     spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
     spec = (spec.replace(name=name) if name is not None else spec).claim_name()
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
-    done = spec.run(address=address)
+    done = spec.run(address=address, verbose=verbose)
     print_study(done.outcome(), done.report(report or f"{done.name}-report"))
 
 
@@ -171,7 +174,7 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
 def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
-               address: Address = None,
+               address: Address = None, verbose: Verbose = False,
                force: Annotated[bool, typer.Option(help="resume even if its driver seems alive")] = False) -> None:
     """Finish a sweep or study whose driver died: skip what is done, close and redo what was running."""
     check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
@@ -182,10 +185,11 @@ def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
 
     if _is_study(name, tracking_uri, experiment):
         study = RobustnessStudy.resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment,
-                                       force=force)
+                                       force=force, verbose=verbose)
         print_study(study.outcome(), study.report(f"{name}-report"))
     else:
-        print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment, force=force))
+        print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment, force=force,
+                           verbose=verbose))
 
 
 def _seed_list(seeds: str) -> list[int]:

@@ -17,7 +17,8 @@ from orchestrator.study.robustness import RobustnessStudy
 
 
 def run_demo(seeds: list[int] | None = None, settings: int | None = None, address: str | None = None,
-             console: Console | None = None) -> RobustnessStudy:
+             console: Console | None = None, verbose: bool = False) -> RobustnessStudy:
+    """Run the demo study (`verbose`: with Tune's status output and the Ray workers' own) and print its outcome."""
     console = console or wide_console()
     started = time.perf_counter()
     study = RobustnessStudy.from_yaml("demo").replace(
@@ -25,7 +26,7 @@ def run_demo(seeds: list[int] | None = None, settings: int | None = None, addres
         **({"n_settings": settings} if settings else {}))
     console.rule(f"robustness study {escape(study.name)}: {escape(', '.join(study.methods))} on digits, "
                  f"{len(study.points)} runs")
-    study.run(address=address)
+    study.run(address=address, verbose=verbose)
     report = study.report(f"{study.name}-report")
     print_study(study.outcome(), report, console=console)
     console.print(f"job time (without install): {time.perf_counter() - started:.1f} s")

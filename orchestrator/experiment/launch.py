@@ -16,6 +16,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.loop import LoopOutput, train_loop
+from orchestrator.experiment.progress import watch_epochs
 from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run, ui_hint
 
 if TYPE_CHECKING:
@@ -45,8 +46,11 @@ class RunResult:
         return ui_hint(self.tracking_uri, self.experiment_id)
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to `address` (or $RAY_ADDRESS), else start a local runtime; reuse a live one."""
+def init_ray(address: str | None = None, *, verbose: bool = False) -> None:
+    """Connect to `address` (or $RAY_ADDRESS), else start a local runtime; reuse a live one.
+
+    Workers' output reaches the driver's console only when `verbose`: what the user sees (epochs, runs) the
+    driver reads from MLflow, and a worker's traceback when Ray ends it at shutdown is no news."""
     import ray
 
     if ray.is_initialized():
@@ -57,7 +61,7 @@ def init_ray(address: str | None = None) -> None:
         # Ray 2.60 turns token auth on by itself only for address=None/"auto"; a `ray start` cluster
         # reached by host:port otherwise refuses the driver with an opaque ConnectionError.
         os.environ["RAY_AUTH_MODE"] = "token"
-    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    ray.init(address=address, log_to_driver=verbose, configure_logging=True, logging_level="WARNING")
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
@@ -100,7 +104,7 @@ def _train_direct(payload: dict[str, Any]) -> LoopOutput:
     tracker = Tracker(cfg.tracking.uri, payload["run_id"])
     teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
     return train_loop(cfg, ray.get(payload["data"]), teacher, device=device, tracker=tracker,
-                      artifact_name=payload["artifact_name"])
+                      artifact_name=payload["artifact_name"], log=None)  # the driver shows the epochs
 
 
 def _train_worker(payload: dict[str, Any]) -> None:
@@ -121,7 +125,7 @@ def _train_worker(payload: dict[str, Any]) -> None:
     teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
     train_loop(cfg, ray.get(payload["data"]), teacher, rank=rank, world=world,
                device=ray.train.torch.get_device(), report=report, tracker=tracker,
-               wrap=ray.train.torch.prepare_model, artifact_name=payload["artifact_name"])
+               wrap=ray.train.torch.prepare_model, artifact_name=payload["artifact_name"], log=None)
 
 
 def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
@@ -191,8 +195,9 @@ def payload(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
 
 
 def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, *,
-            artifact_name: str = "student") -> RunResult:
-    """Log one run in MLflow and train it on Ray; the config is already checked and resolved."""
+            artifact_name: str = "student", every_epoch: bool = True) -> RunResult:
+    """Log one run in MLflow and train it on Ray, showing its epochs (`watch_epochs`: without a terminal, a line
+    per epoch, or a first and last line when not `every_epoch`); the config is already checked and resolved."""
     import pandas as pd
     import ray
 
@@ -205,8 +210,10 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_text(cfg.to_yaml(), "config.yaml")
         try:
-            out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
-                                       artifact_name=artifact_name))
+            with watch_epochs(cfg.tracking.uri, tracker.run_id, cfg.name, cfg.training.epochs,
+                              every_epoch=every_epoch):
+                out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
+                                           artifact_name=artifact_name))
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
                 ray.exceptions.ActorDiedError) as err:  # the worker or its node died (killed, OOM): the run crashed
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__

@@ -36,14 +36,15 @@ class Prepared:
 
 
 def provision(cfg: ExperimentConfig, *, address: str | None = None,
-              checkpoints: dict[str, dict[str, Any]] | None = None) -> Prepared:
-    """Load the data (before Ray: a missing dataset is still a one-line error), start or join Ray, and take the
-    teacher from its checkpoint or train it once per cache key. Resources no node can grant are refused here."""
+              checkpoints: dict[str, dict[str, Any]] | None = None, verbose: bool = False) -> Prepared:
+    """Load the data (before Ray: a missing dataset is still a one-line error), start or join Ray (its workers'
+    output forwarded only when `verbose`), and take the teacher from its checkpoint or train it once per cache
+    key. Resources no node can grant are refused here."""
     splits = load_splits(cfg.data)
     teacher = check_teacher_checkpoint(cfg, checkpoints)
     assert cfg.tracking.uri is not None
     check_store(cfg.tracking.uri)
-    init_ray(address)
+    init_ray(address, verbose=verbose)
     check_resources(cfg)  # what the cluster can never grant is an error, not a request pending for ever
     if cfg.teacher is not None and cfg.teacher.architecture is not None:
         teacher, _ = ensure_teacher(cfg, splits)

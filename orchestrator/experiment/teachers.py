@@ -89,7 +89,7 @@ def ensure_teacher(cfg: ExperimentConfig, splits: Splits, *, force: bool = False
     path = folder / f"{key}.pt"
     with FileLock(str(folder / f"{key}.lock")):
         if force or not path.is_file():
-            teacher_run = execute(teacher_config(cfg), splits, None, artifact_name="teacher")
+            teacher_run = execute(teacher_config(cfg), splits, None, artifact_name="teacher", every_epoch=False)
             if teacher_run.status != "finished":
                 raise RuntimeError(f"teacher training {teacher_run.status} (MLflow run {teacher_run.run_id})")
             _fetch_artifact(cfg.tracking.uri or "", teacher_run.run_id, "teacher/teacher.pt", path)

@@ -44,14 +44,17 @@ def _quote(value: str) -> str:
 
 
 def children(client: MlflowClient, experiment_id: str, parent_run_id: str, *, running: bool = False,
-             setting: str | None = None, page_size: int = PAGE_SIZE, limit: int | None = None) -> list[Run]:
-    """Every child run of `parent_run_id` (only RUNNING ones, or one setting's, when asked), page by page;
-    at most `limit` when given."""
+             setting: str | None = None, trial: str | None = None, page_size: int = PAGE_SIZE,
+             limit: int | None = None) -> list[Run]:
+    """Every child run of `parent_run_id` (only RUNNING ones, one setting's, or those a Tune trial last ran,
+    when asked), page by page; at most `limit` when given."""
     query = f"tags.mlflow.parentRunId = {_quote(parent_run_id)}"
     if running:
         query += " and attributes.status = 'RUNNING'"
     if setting is not None:
         query += f" and tags.`kdo.setting_id` = {_quote(setting)}"
+    if trial is not None:
+        query += f" and tags.`kdo.trial_id` = {_quote(trial)}"
     runs: list[Run] = []
     token = None
     while True:

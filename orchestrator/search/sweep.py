@@ -133,13 +133,15 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
           *, trials: int = 8, sampler: Sampler = "tpe", scheduler: str | None = None, concurrency: int = 2,
           metric: str = "val_acc", seeds: list[int] | tuple[int, ...] = (0,), name: str | None = None,
           address: str | None = None, max_failures: int = 0, overrides: list[str] | None = None,
-          design_seed: int = 0, checkpoint_seconds: float = 30.0) -> SweepResult:
+          design_seed: int = 0, checkpoint_seconds: float = 30.0, verbose: bool = False) -> SweepResult:
     """Search `space` (a shipped method name, a YAML path or a dict; default: the method's own) with Tune.
 
     `trials` counts settings (a grid's size is fixed by the space). Adaptive samplers (`tpe`, `random`:
     Optuna) run each setting's seeds in one trial and ASHA stops weak settings on the seed-mean `metric`;
     fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping. A trial that
     crashes is retried `max_failures` times from its last checkpoint (taken `checkpoint_seconds` apart).
+    Progress is one live panel on a terminal, else one line per run; `verbose` adds Tune's status output and
+    the Ray workers' own output.
     """
     if name is not None:
         check_name(name, "--name")
@@ -155,7 +157,8 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     name = free_name("sweep", wanted, cfg.tracking.uri, cfg.tracking.experiment, explicit=name is not None)
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
 
-    prepared = provision(cfg, address=address, checkpoints=checkpoints)  # data and teacher once, before any trial
+    # data and teacher once, before any trial
+    prepared = provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose)
     gpu = use_gpu(cfg)
     trial_resources(cfg, gpu, concurrency)  # a trial that cannot fit fails before the parent run exists
     parent, experiment_id = start_run(
@@ -169,11 +172,11 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     parent.log_text(space_obj.model_dump_json(indent=2), "space.json")
     ref = LedgerRef(name, parent.run_id, cfg.tracking.uri, cfg.tracking.experiment, experiment_id)
     with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
-        return _execute(ref, parent, prepared, space_obj, options, points, previous=[], gpu=gpu)
+        return _execute(ref, parent, prepared, space_obj, options, points, previous=[], gpu=gpu, verbose=verbose)
 
 
 def resume(name: str, *, address: str | None = None, tracking_uri: str | None = None,
-           experiment: str = "kdo", force: bool = False) -> SweepResult:
+           experiment: str = "kdo", force: bool = False, verbose: bool = False) -> SweepResult:
     """Finish a sweep whose driver died or was stopped: nothing final is rerun; crashed and interrupted runs are
     redone, continuing from their checkpoints where they have one (older attempts end `superseded`).
 
@@ -200,24 +203,25 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     parent = Tracker(uri, parent_id)
     with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
         ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
-        prepared = provision(cfg, address=address, checkpoints=checkpoints)
+        prepared = provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose)
         client.update_run(parent_id, status="RUNNING")
         ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id)
         previous = ledger.seen_settings(client, exp_id, parent_id) if points is None else []
-        return _execute(ref, parent, prepared, space_obj, options, points, previous=previous, gpu=use_gpu(cfg))
+        return _execute(ref, parent, prepared, space_obj, options, points, previous=previous, gpu=use_gpu(cfg),
+                        verbose=verbose)
 
 
 def _execute(ref: LedgerRef, parent: Tracker, prepared: Prepared, space: SearchSpace, options: TrialOptions,
-             points: list[Point] | None, previous: list[dict[str, Any]], gpu: bool) -> SweepResult:
+             points: list[Point] | None, previous: list[dict[str, Any]], gpu: bool, verbose: bool) -> SweepResult:
     """Run the trials still to do under `parent` with Tune, then summarise onto the parent (never left RUNNING)."""
     status, stopped, unfinished = "FAILED", frozenset[str](), "crashed"
     try:
         parent.set_tags({"kdo.interrupted": "false"})  # a resumed parent was interrupted before
         with interruptible(lambda: parent.set_tags({"kdo.interrupted": "true"})):
             if points is not None:
-                stopped = run_points(ref, prepared, points, options, use_gpu=gpu)
+                stopped = run_points(ref, prepared, points, options, use_gpu=gpu, verbose=verbose)
             else:
-                stopped = run_search(ref, prepared, space, options, previous, use_gpu=gpu)
+                stopped = run_search(ref, prepared, space, options, previous, use_gpu=gpu, verbose=verbose)
         status = "FINISHED"
     except Interrupted as exc:
         status, unfinished, stopped = "KILLED", "interrupted", frozenset()

@@ -70,8 +70,9 @@ def interruptible(on_signal: Callable[[], None]) -> Iterator[None]:
 
 
 def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options: TrialOptions, *,
-               use_gpu: bool) -> frozenset[str]:
-    """One trial per point the ledger does not hold as done; no scheduler (every point runs in full)."""
+               use_gpu: bool, verbose: bool = False) -> frozenset[str]:
+    """One trial per point the ledger does not hold as done; no scheduler (every point runs in full).
+    `verbose`: Tune's own status output, beside the plain progress lines (`_fit`)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -82,11 +83,12 @@ def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options:
     trainable = tune.with_parameters(run_point, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
                                      use_gpu=use_gpu, points=todo, options=options)
     return _fit(ref, prepared.config, trainable, {"point": tune.grid_search(list(range(len(todo))))}, options,
-         use_gpu=use_gpu, search_alg=None, num_samples=1, scheduler=None)
+                use_gpu=use_gpu, search_alg=None, num_samples=1, scheduler=None, runs=(len(todo), 1),
+                verbose=verbose)
 
 
 def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: TrialOptions,
-               previous: list[dict[str, Any]], *, use_gpu: bool) -> frozenset[str]:
+               previous: list[dict[str, Any]], *, use_gpu: bool, verbose: bool = False) -> frozenset[str]:
     """An Optuna search (TPE or random) inside Tune, ASHA on the seed mean; `previous` settings (resume) are
     enqueued first: their finished seeds replay from the ledger."""
     import optuna
@@ -107,26 +109,54 @@ def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: 
     # The first epochs of a short run are noisy: no setting is judged before a quarter of its budget.
     asha = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
             if options.scheduler == "asha" else None)
+    samples = max(options.trials, len(replays))
     return _fit(ref, cfg, trainable, _tune_space(space), options, use_gpu=use_gpu,
-         search_alg=OptunaSearch(sampler=sampler, points_to_evaluate=replays or None),
-         num_samples=max(options.trials, len(replays)), scheduler=asha)
+                search_alg=OptunaSearch(sampler=sampler, points_to_evaluate=replays or None), num_samples=samples,
+                scheduler=asha, runs=(samples * len(options.seeds), len(options.seeds)), verbose=verbose)
 
 
 def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dict[str, Any], options: TrialOptions,
-         *, use_gpu: bool, search_alg: Any, num_samples: int, scheduler: Any) -> frozenset[str]:
+         *, use_gpu: bool, search_alg: Any, num_samples: int, scheduler: Any, runs: tuple[int, int],
+         verbose: bool) -> frozenset[str]:
+    """Run the trials with Tune; `runs` = (runs expected, runs per trial) for the progress view: a live panel on a
+    terminal, else one line per run that ends; `verbose` adds Tune's own status tables and result boxes (and then
+    the view prints lines, which interleave with them)."""
     from ray import tune
 
+    from orchestrator.search.progress import RunProgress
+
     resources, concurrency = trial_resources(cfg, use_gpu, options.concurrency)
-    grid = tune.Tuner(
+    progress = RunProgress(ref, *runs, live=not verbose)
+    tuner = tune.Tuner(
         tune.with_resources(trainable, resources), param_space=param_space,
         tune_config=tune.TuneConfig(metric=options.metric, mode="max", search_alg=search_alg,
                                     num_samples=num_samples, max_concurrent_trials=concurrency,
                                     scheduler=scheduler, reuse_actors=True),  # no re-import per trial
-        run_config=tune.RunConfig(name=ref.name, storage_path=cfg.tracking.storage_path, verbose=1,
+        run_config=tune.RunConfig(name=ref.name, storage_path=cfg.tracking.storage_path, verbose=int(verbose),
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-    ).fit()
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[progress]),
+    )
+    with progress.shown(), _tune_console(verbose):
+        grid = tuner.fit()
     return frozenset(str(r.metrics.get("trial_id")) for r in grid if r.error is None and r.metrics)
+
+
+# Tune's console at verbose=0: its current reporter still prints its experiment box and result paths (the older
+# one prints nothing), and it warns about the state snapshots `CheckpointConfig(num_to_keep=1)` forces by design.
+QUIET_TUNE = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+@contextmanager
+def _tune_console(verbose: bool) -> Iterator[None]:
+    """Tune's console output as asked: `QUIET_TUNE` while `fit` runs unless `verbose` (variables the user set
+    are left as they are)."""
+    quiet = {} if verbose else {k: v for k, v in QUIET_TUNE.items() if k not in os.environ}
+    os.environ.update(quiet)
+    try:
+        yield
+    finally:
+        for key in quiet:
+            os.environ.pop(key, None)
 
 
 def trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> tuple[dict[str, float], int]:

@@ -182,10 +182,12 @@ class RobustnessStudy:
             self._plan_points()
         return self
 
-    def run(self, *, address: str | None = None) -> RobustnessStudy:
-        """Run every (method, setting, seed) as a Tune trial under one MLflow parent run; then analyse."""
+    def run(self, *, address: str | None = None, verbose: bool = False) -> RobustnessStudy:
+        """Run every (method, setting, seed) as a Tune trial under one MLflow parent run; then analyse.
+        Progress is one live panel on a terminal, else one line per run; `verbose` adds Tune's status output and
+        the Ray workers' own output."""
         points = self.claim_name()._checked_points()
-        prepared = provision(self._shared_config(points), address=address)
+        prepared = provision(self._shared_config(points), address=address, verbose=verbose)
         cfg = prepared.config
         assert cfg.tracking.uri is not None
         parent, experiment_id = start_run(
@@ -196,11 +198,11 @@ class RobustnessStudy:
         parent.log_text(self._stored_spec(cfg), "study.json")
         parent.log_text(cfg.to_yaml(), "config.yaml")
         with live_driver(parent, lock_path(cfg.tracking.storage_path, self.name)):
-            return self._execute(prepared, points, parent, experiment_id)
+            return self._execute(prepared, points, parent, experiment_id, verbose)
 
     @classmethod
     def resume(cls, name: str, *, address: str | None = None, tracking_uri: str | None = None,
-               experiment: str = "kdo", force: bool = False) -> RobustnessStudy:
+               experiment: str = "kdo", force: bool = False, verbose: bool = False) -> RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run. Refused while
         its driver is alive (`force` resumes regardless)."""
         study, parent_run = cls._from_mlflow(name, tracking_uri, experiment)
@@ -212,11 +214,12 @@ class RobustnessStudy:
         parent = Tracker(study._uri, parent_id)
         with live_driver(parent, lock_path(shared.tracking.storage_path, name)):
             ledger.close_running(study._uri, experiment_id, parent_id, "interrupted")  # its driver died
-            prepared = provision(shared, address=address)
+            prepared = provision(shared, address=address, verbose=verbose)
             parent.client.update_run(parent_id, status="RUNNING")
-            return study._execute(prepared, points, parent, experiment_id)
+            return study._execute(prepared, points, parent, experiment_id, verbose)
 
-    def _execute(self, prepared: Any, points: list[Point], parent: Tracker, experiment_id: str) -> RobustnessStudy:
+    def _execute(self, prepared: Any, points: list[Point], parent: Tracker, experiment_id: str,
+                 verbose: bool) -> RobustnessStudy:
         cfg = prepared.config
         self.parent_run_id, self.experiment_id, self._uri = parent.run_id, experiment_id, parent.uri
         ref = LedgerRef(self.name, parent.run_id, parent.uri, cfg.tracking.experiment, experiment_id)
@@ -229,7 +232,7 @@ class RobustnessStudy:
         try:
             parent.set_tags({"kdo.interrupted": "false"})  # a resumed parent was interrupted before
             with interruptible(lambda: parent.set_tags({"kdo.interrupted": "true"})):
-                run_points(ref, prepared, points, options, use_gpu=use_gpu(cfg))
+                run_points(ref, prepared, points, options, use_gpu=use_gpu(cfg), verbose=verbose)
             status = "FINISHED"
         except Interrupted as exc:
             status, unfinished = "KILLED", "interrupted"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.experiment.tracking import start_run
+from orchestrator.search import ledger
 from orchestrator.search.sweep import _finish, load_sweep, sweep
 from tests.conftest import digits_config
 
@@ -191,3 +196,37 @@ def test_data_parallel_trials_report_every_epoch_to_tune(workdir: Path, teacher_
         assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
         assert run.data.metrics["test_acc"] > 0.2
 
+
+
+RUN_LINE = re.compile(r"^\[ *(\d+)/(\d+)\] kd kd_weight=\S+ temperature=\S+ .*seed (\d+): (\w+)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_piped_adaptive_sweep_prints_one_line_per_seed_run_then_the_table(workdir: Path) -> None:
+    """Without a terminal: one line per (setting, seed) run, ASHA's stops included, with the ledger's status; no
+    Tune tables or result boxes, no worker output; then the top-settings table and the MLflow command."""
+    cfg = digits_config(method=KD, teacher=TEACHER, training={"epochs": 4, "lr": 0.05},
+                        scaling={"cpus_per_worker": 0.5})
+    path = workdir / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    root = str(Path(__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path), "--space", "kd", "--trials",
+                           "4", "--seeds", "0,1", "--concurrency", "2", "--name", "piped"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=540)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    for noise in ("Trial status", "\u256d", "Traceback", "pid="):
+        assert noise not in out, out
+    lines = [m.groups() for line in done.stdout.splitlines() if (m := RUN_LINE.match(line))]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'sweep'")
+    children = ledger.children(client, exp, parent.info.run_id)
+    assert len(children) == 8 and len(lines) == 8, done.stdout
+    assert [int(i) for i, *_ in lines] == list(range(1, 9)) and {t for _, t, *_ in lines} == {"8"}
+    assert sorted((seed, status) for _, _, seed, status in lines) == sorted(
+        (c.data.tags["kdo.seed"], ledger.status_of(c)) for c in children)
+    tail = done.stdout[done.stdout.index("sweep piped: top settings"):]
+    assert "MLflow: mlflow ui" in tail

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from orchestrator.cli import app
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.tracking import start_run
 from orchestrator.search import ledger
+from orchestrator.search.status import HIDDEN
 from orchestrator.study.display import print_study
 from orchestrator.study.results import read_results
 from orchestrator.study.robustness import RobustnessStudy, shipped_studies
@@ -207,3 +210,39 @@ def test_sigkilled_study_resumes_without_loss_or_repeat(workdir: Path) -> None:
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "distribution.png" in plots
     assert len(RobustnessStudy.load("killed").results()) == total
+
+
+RUN_LINE = re.compile(r"^\[ *(\d+)/(\d+)\] (\S+) .*seed (\d+): (\w+)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_piped_study_prints_one_line_per_run_then_the_table(workdir: Path) -> None:
+    """Without a terminal: the teacher's first and last line, one line per run with its ledger status, no Tune
+    tables, no worker tracebacks, then the table, the verdict, the report and the MLflow command."""
+    spec = _study_file(workdir, methods={"kd": None, "ce": {"space": CE_SPACE}}, n_settings=4, seeds=[0],
+                      concurrency=2)
+    root = str(Path(__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "study", spec], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=540)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    for noise in ("Trial status", "\u256d", "Traceback", "pid="):  # Tune's tables and boxes, workers' output
+        assert noise not in out, out
+    lines = [m.groups() for line in done.stdout.splitlines() if (m := RUN_LINE.match(line))]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdo").experiment_id
+    [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'study'")
+    children = [c for c in ledger.children(client, exp, parent.info.run_id) if ledger.status_of(c) not in HIDDEN]
+    assert len(children) == 10 and len(lines) == len(children), done.stdout
+    assert [int(i) for i, *_ in lines] == list(range(1, 11)) and {t for _, t, *_ in lines} == {"10"}
+    printed = sorted((label, seed, status) for _, _, label, seed, status in lines)
+    assert printed == sorted((c.data.tags["kdo.entry"], c.data.tags["kdo.seed"], ledger.status_of(c))
+                             for c in children)
+    assert ("ce", "0", "diverged") in printed, "lr 10 diverges, and its line says so"
+    teacher = [line for line in done.stdout.splitlines() if line.startswith("[teacher-")]
+    assert len(teacher) == 2 and teacher[0].endswith("training 3 epochs") and "epoch 3/3" in teacher[1], teacher
+    tail = done.stdout[done.stdout.index("study s: val accuracy"):]
+    assert "kd more robust than ce:" in tail and "report: " in tail and "MLflow: mlflow ui" in tail
+    assert len(done.stdout.splitlines()) <= len(children) + 25, done.stdout
