@@ -3,6 +3,7 @@ when a run is first written: a config error never pays for it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ def mask_uri(text: str) -> str:
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["secret"] else f"{m['scheme']}***@", text)
 
 
+@functools.cache  # a store that answered once in this process (the driver asks before naming and provisioning)
 def check_store(uri: str, timeout: float = 5.0) -> None:
     """Refuse (one line) an MLflow server that does not answer, before Ray starts or any run is written; any HTTP
     answer counts (a server behind a login answers 401). File and database stores are checked when opened."""

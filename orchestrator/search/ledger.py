@@ -55,6 +55,12 @@ def children(client: MlflowClient, experiment_id: str, parent_run_id: str, *, ru
         query += f" and tags.`kdo.setting_id` = {_quote(setting)}"
     if trial is not None:
         query += f" and tags.`kdo.trial_id` = {_quote(trial)}"
+    return _search(client, experiment_id, query, page_size, limit)
+
+
+def _search(client: MlflowClient, experiment_id: str, query: str, page_size: int = PAGE_SIZE,
+            limit: int | None = None) -> list[Run]:
+    """Every run `query` matches, following MLflow's page tokens (its default page of 1,000 would truncate)."""
     runs: list[Run] = []
     token = None
     while True:
@@ -96,13 +102,8 @@ def parent_names(kind: str, uri: str, experiment: str) -> set[str]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return set()
-    names, token = set(), None
-    while True:
-        page = client.search_runs([exp.experiment_id], f"tags.`kdo.kind` = {_quote(kind)}", max_results=PAGE_SIZE,
-                                  page_token=token)
-        names |= {r.data.tags.get(f"kdo.{kind}", "") for r in page}
-        if not (token := page.token):
-            return names
+    return {r.data.tags.get(f"kdo.{kind}", "") for r in _search(client, exp.experiment_id,
+                                                                  f"tags.`kdo.kind` = {_quote(kind)}")}
 
 
 def status_of(run: Run) -> str:
