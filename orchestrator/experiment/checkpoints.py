@@ -76,12 +76,13 @@ def build_from_checkpoint(ckpt: dict[str, Any], field: str = "teacher.checkpoint
     return model
 
 
-def newest_checkpoints(tagged: str | None) -> list[Path]:
-    """The checkpoint folders of the trial that wrote `tagged`, newest first. The tag may name one Tune has
-    already replaced: the worker can die between Tune keeping a newer checkpoint and the tag naming it."""
-    if not tagged or not Path(tagged).parent.is_dir():
+def newest_checkpoints(folder: str | Path | None) -> list[Path]:
+    """The checkpoint folders (`checkpoint_*`) a trial or a data-parallel run keeps in `folder`, newest first.
+    A trial's tag may name one Tune has already replaced: the worker can die between Tune keeping a newer
+    checkpoint and the tag naming it, so a resume looks at every folder beside it."""
+    if folder is None or not Path(folder).is_dir():
         return []
-    return sorted(Path(tagged).parent.glob("checkpoint_*"), reverse=True)
+    return sorted(Path(folder).glob("checkpoint_*"), reverse=True)
 
 
 def load_states(folder: Path, seeds: list[int]) -> dict[int, dict[str, Any]] | None:

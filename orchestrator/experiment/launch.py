@@ -5,6 +5,9 @@ inside the functions that use it: importing this module (every command does) cos
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ import torch
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
-from orchestrator.experiment.loop import LoopOutput, train_loop
+from orchestrator.experiment.loop import AfterEpoch, LoopOutput, iterate_epochs, train_loop
 from orchestrator.experiment.progress import watch_epochs
 from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run, ui_hint
 
@@ -108,7 +111,9 @@ def _train_direct(payload: dict[str, Any]) -> LoopOutput:
 
 
 def _train_worker(payload: dict[str, Any]) -> None:
-    """One Ray Train worker of a data-parallel run; rank 0 logs to MLflow and reports checkpoints."""
+    """One Ray Train worker of a data-parallel run. Rank 0 logs to MLflow (the epochs after `logged`) and, given
+    `checkpoint_seconds`, reports the loop state as a checkpoint that far apart; every rank continues from
+    `resume` when given."""
     import ray.train
     import ray.train.torch
 
@@ -116,16 +121,28 @@ def _train_worker(payload: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tracker = Tracker(cfg.tracking.uri, payload["run_id"]) if rank == 0 else None
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
+    tracker, every = None, payload.get("checkpoint_seconds")
+    if rank == 0:
+        tracker = AfterEpoch(Tracker(cfg.tracking.uri, payload["run_id"]), payload.get("logged", 0))
+        tracker.set_tags({"kdo.host": socket.gethostname(), "kdo.pid": str(os.getpid())})  # the process training
     teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
-    train_loop(cfg, ray.get(payload["data"]), teacher, rank=rank, world=world,
-               device=ray.train.torch.get_device(), report=report, tracker=tracker,
-               wrap=ray.train.torch.prepare_model, artifact_name=payload["artifact_name"], log=None)
+    resume = ray.get(payload["resume"]) if payload.get("resume") is not None else None
+    epochs = iterate_epochs(cfg, ray.get(payload["data"]), teacher, rank=rank, world=world,
+                            device=ray.train.torch.get_device(), tracker=tracker, wrap=ray.train.torch.prepare_model,
+                            artifact_name=payload["artifact_name"], log=None, resume=resume,
+                            snapshot_every=1 if rank == 0 and every is not None else 0)
+    if rank == 0 and payload.get("scratch"):
+        os.makedirs(payload["scratch"], exist_ok=True)
+    saved = time.monotonic()
+    for metrics in epochs:
+        state = metrics.pop("loop_state", None)
+        if state is None or time.monotonic() - saved < every:
+            ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory(dir=payload.get("scratch")) as folder:  # Train copies it to its storage
+            torch.save(state, Path(folder) / f"seed-{cfg.training.seed}.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        saved = time.monotonic()
 
 
 def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
@@ -145,31 +162,48 @@ def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
     return fit_data_parallel(cfg, payload)
 
 
-def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], callbacks: list[Any] | None = None) -> LoopOutput:
+def train_folder(storage: str, cfg: ExperimentConfig, run_id: str) -> str:
+    """Where Ray Train keeps the state and checkpoints of the data-parallel run logged as MLflow run `run_id`."""
+    return f"{storage}/{cfg.name}-{run_id[:8]}"
+
+
+def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], *, storage: str | None = None,
+                      callbacks: list[Any] | None = None) -> LoopOutput:
     """The loop on `scaling.num_workers` DDP workers through Ray Train's TorchTrainer.
 
     In a sweep the trial passes Tune's `TuneReportCallback`, which forwards rank 0's per-epoch reports
-    to Tune (ASHA sees every epoch); Tune does not count these workers' CPUs, so the sweep budgets them.
+    to Tune (ASHA sees every epoch), and the `storage` its checkpoints stay in until the sweep ends; Tune does
+    not count these workers' CPUs, so the sweep budgets them. Without `storage` (`kdo run`) the run's folder
+    is removed once it ends: a run that is never retried needs nothing of it.
     """
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     sc, gpu = cfg.scaling, payload["use_gpu"]
+    folder = train_folder(storage or cfg.tracking.storage_path, cfg, payload["run_id"])
+    local = "://" not in folder
+    if local:
+        payload = {**payload, "scratch": str(Path(folder) / ".kdo-scratch")}  # a killed worker leaves nothing in /tmp
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         _train_worker, train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"{cfg.name}-{payload['run_id'][:8]}", storage_path=cfg.tracking.storage_path,
-                             callbacks=callbacks),
+        run_config=RunConfig(name=Path(folder).name, storage_path=str(Path(folder).parent) if local else
+                             folder.rsplit("/", 1)[0], callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if storage is None and local:
+            shutil.rmtree(folder, ignore_errors=True)
     history = _history(cfg.tracking.uri or "", payload["run_id"])
     return LoopOutput(status=history[-1]["status"], history=history, final=history[-1])
 
 
 def _history(uri: str, run_id: str) -> list[dict[str, Any]]:
     """The epochs rank 0 logged to the run, one row per epoch (Ray Train's own table holds only the reports
-    that came with a checkpoint, and a run reports its student only at the end)."""
+    that came with a checkpoint)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)

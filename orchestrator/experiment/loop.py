@@ -38,6 +38,26 @@ class RunLog(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
 
 
+class AfterEpoch:
+    """A run log that drops the metrics of epochs its run has logged already (a continued attempt re-trains the
+    epochs after its checkpoint; the dead attempt logged some of them)."""
+
+    def __init__(self, tracker: RunLog | None, logged: int) -> None:
+        self.tracker, self.logged = tracker, logged
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None and not 0 < step <= self.logged:
+            self.tracker.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.tracker is not None:
+            self.tracker.log_artifact(path, artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.set_tags(tags)
+
+
 @dataclass
 class LoopOutput:
     status: str  # "finished" or "diverged"

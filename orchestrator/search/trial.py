@@ -3,9 +3,10 @@ adaptive sampler proposed, its seeds advanced in lockstep. Each run is an MLflow
 
 A diverged seed fails the whole setting (status `diverged`, its accuracy counted at chance level in the
 reported mean), never averaged away. Seeds the ledger holds as final are replayed from MLflow, not retrained.
-A trial checkpoints every run it trains through Tune's checkpoint API (`checkpoint_seconds` apart); a retried
-trial (`tune.get_checkpoint()`) or a resumed one (the newest checkpoint in the trial folder of the child's
-`kdo.checkpoint` tag) continues from it in the same child, logging only the epochs that child has not logged
+A trial checkpoints every run it trains through Tune's checkpoint API (`checkpoint_seconds` apart; a
+data-parallel run through Ray Train's, in a folder its child names); a retried trial (`tune.get_checkpoint()`)
+or a resumed one (the newest checkpoint in the trial folder of the child's `kdo.checkpoint` tag) continues from
+it in the same child, logging only the epochs that child has not logged
 yet; attempts that cannot continue are `superseded` by a fresh child.
 """
 
@@ -28,8 +29,8 @@ from pydantic import ValidationError
 from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 from orchestrator.experiment.config import ExperimentConfig, format_validation_error
 from orchestrator.experiment.data import Splits
-from orchestrator.experiment.launch import fit_data_parallel, payload
-from orchestrator.experiment.loop import iterate_epochs
+from orchestrator.experiment.launch import fit_data_parallel, payload, train_folder
+from orchestrator.experiment.loop import AfterEpoch, iterate_epochs
 from orchestrator.experiment.tracking import Tracker
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
@@ -162,7 +163,7 @@ def _run(ref: LedgerRef, sid: str, members: list[_Member], splits: Splits, teach
         m.replay, m.attempts = final.get(m.seed), unfinished.get(m.seed, [])
     torch.set_num_threads(max(1, int(members[0].config.scaling.cpus_per_worker)))
     if members[0].config.scaling.num_workers > 1:  # one seed per trial (checked by the sweep), DDP through Ray Train
-        _data_parallel(ref, sid, members[0], client, splits, teacher, use_gpu)
+        _data_parallel(ref, sid, members[0], client, splits, teacher, use_gpu, options)
     else:
         _lockstep(ref, sid, members, client, splits, teacher, use_gpu, options)
 
@@ -201,7 +202,8 @@ def _checkpoints(members: list[_Member], client: Any) -> int:
     if (ckpt := tune.get_checkpoint()) is not None:
         folders = [Path(ckpt.path)]
     else:
-        folders = newest_checkpoints(trained[0].attempts[0].data.tags.get("kdo.checkpoint"))
+        tagged = trained[0].attempts[0].data.tags.get("kdo.checkpoint")
+        folders = newest_checkpoints(Path(tagged).parent if tagged else None)
     for seed_states in (load_states(folder, [m.seed for m in trained]) for folder in folders):
         if seed_states is not None and len({s["epoch"] for s in seed_states.values()}) == 1:
             for m in trained:
@@ -229,9 +231,11 @@ def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, d
 
 
 def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, splits: Splits,
-                   teacher: dict[str, Any] | None, use_gpu: bool) -> None:
-    """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`. It keeps no
-    checkpoint: a retried or resumed data-parallel run starts again in a new child (the old one superseded)."""
+                   teacher: dict[str, Any] | None, use_gpu: bool, options: TrialOptions) -> None:
+    """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`. Rank 0
+    checkpoints the loop state through Ray Train (`checkpoint_seconds` apart) in a folder named by the child,
+    under the sweep's Tune state: a retried or resumed trial continues from the newest whole one in that child."""
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -240,11 +244,21 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
             tune.report({**row, "setting_id": sid})
         return
     cfg = member.config
-    _start(ref, member, sid, 0, client)
+    base = cfg.tracking.storage_path
+    storage = f"{base}/{ref.name}/train" if "://" in base else str(Path(base) / ref.name / "train")
+    if member.attempts:
+        folder = train_folder(storage, cfg, member.attempts[0].info.run_id)
+        for states in (load_states(f, [member.seed]) for f in newest_checkpoints(folder)):
+            if states is not None:
+                member.state = states[member.seed]
+                break
+    logged = _start(ref, member, sid, member.state["epoch"] if member.state else 0, client)
     assert member.tracker is not None
+    run = payload(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu)
+    run.update(resume=ray.put(member.state) if member.state is not None else None, logged=logged,
+               checkpoint_seconds=options.checkpoint_seconds)
     try:
-        member.status = fit_data_parallel(cfg, payload(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu),
-                                          callbacks=[TuneReportCallback()]).status
+        member.status = fit_data_parallel(cfg, run, storage=storage, callbacks=[TuneReportCallback()]).status
     except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
         member.status = "crashed"
         if isinstance(exc, SystemExit):
@@ -272,7 +286,7 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
             continue
         logged = _start(ref, m, sid, start_epoch, client)
         runs.append(iterate_epochs(m.config, splits, teacher, device=device, log=None, snapshot_every=1,
-                                   tracker=_AfterEpoch(m.tracker, logged), resume=m.state))
+                                   tracker=AfterEpoch(m.tracker, logged), resume=m.state))
     last_checkpoint = time.monotonic()
     try:
         for epoch, rows in enumerate(zip(*runs, strict=False), start=start_epoch + 1):  # seeds share their epochs
@@ -323,23 +337,3 @@ def _close_all(members: list[_Member], status: str) -> None:
         if m.tracker is not None:
             ledger.close_child(m.tracker, status)
             m.tracker = None
-
-
-class _AfterEpoch:
-    """A tracker that drops the metrics of epochs its child has logged already (a continued attempt re-trains the
-    epochs after its checkpoint; the dead attempt logged some of them)."""
-
-    def __init__(self, tracker: Tracker | None, logged: int) -> None:
-        self.tracker, self.logged = tracker, logged
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.tracker is not None and not 0 < step <= self.logged:
-            self.tracker.log_metrics(metrics, step)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.tracker is not None:
-            self.tracker.log_artifact(path, artifact_path)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.tracker is not None:
-            self.tracker.set_tags(tags)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -180,22 +182,59 @@ def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 @pytest.mark.usefixtures("ray_runtime")
-def test_data_parallel_trials_report_every_epoch_to_tune(workdir: Path, teacher_checkpoint: Path) -> None:
-    cfg = digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)},
-                        training={"epochs": 2, "lr": 0.05}, scaling={"num_workers": 2, "cpus_per_worker": 0.5})
-    space = {"parameters": {"temperature": {"type": "choice", "values": [2.0, 8.0]}}}
-    result = sweep(cfg, space, sampler="grid", concurrency=2, name="ddp-sweep")
-    frame = result.dataframe()
-    assert len(frame) == 2 and (frame["status"] == "finished").all()
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    for run_id in frame["run_id"]:
-        run = client.get_run(run_id)
-        assert run.data.params["scaling.num_workers"] == "2"
-        assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
-        assert run.data.metrics["test_acc"] > 0.2
+def test_a_data_parallel_trial_whose_worker_is_killed_continues_from_its_checkpoint(workdir: Path,
+                                                                                   teacher_checkpoint: Path) -> None:
+    """Two DDP workers per trial. Rank 0 is SIGKILLed past epoch 3: Tune retries the trial (max_failures 1), which
+    continues from Ray Train's newest checkpoint in the same child, each epoch logged once, with the results of
+    the same run without faults (`kdo run`'s data-parallel path, beside it); nothing of either is left in the
+    storage folder."""
+    import ray.train  # noqa: F401  (imported once here: its first import from two threads at once is circular)
 
+    from orchestrator.experiment.runner import run
+    from tests.orchestrator.search.test_faults import _half_way
+
+    epochs = 6
+    cfg = digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)},
+                        training={"epochs": epochs, "lr": 0.05}, scaling={"num_workers": 2, "cpus_per_worker": 0.25})
+    space = {"parameters": {"temperature": {"type": "choice", "values": [2.0]}}}
+    killed: list[int] = []
+    unfaulted: list = []
+    done = threading.Event()
+
+    def kill_rank_0_half_way() -> None:
+        while not killed and not done.wait(0.5):
+            for pid in _half_way(workdir / "mlflow.db"):  # rank 0 tags its child with its own pid
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    threads = [threading.Thread(target=kill_rank_0_half_way, daemon=True),
+               threading.Thread(target=lambda: unfaulted.append(run(cfg, ["method.params.temperature=2.0"])))]
+    for thread in threads:
+        thread.start()
+    try:
+        faulted = sweep(cfg, space, sampler="grid", concurrency=1, name="ddp-faulty", max_failures=1,
+                        checkpoint_seconds=0).dataframe()
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(timeout=300)
+    assert killed, "rank 0 was killed half way"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    [run_id] = faulted["run_id"]
+    child = client.get_run(run_id)
+    assert child.data.tags["kdo.status"] == "finished" and child.data.params["scaling.num_workers"] == "2"
+    children = client.search_runs([child.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{child.data.tags['mlflow.parentRunId']}'")
+    assert len(children) == 1, "the retried trial continued its own child"
+    [clean] = unfaulted
+    for result in (child.info.run_id, clean.run_id):
+        assert [m.step for m in client.get_metric_history(result, "val_acc")] == list(range(1, epochs + 1))
+    assert clean.status == "finished"
+    assert (faulted["val_acc"].iloc[0], faulted["test_acc"].iloc[0]) == pytest.approx((clean.val_acc, clean.test_acc),
+                                                                                      abs=1e-6)
+    assert not [p.name for p in (workdir / "kdo_runs").iterdir() if p.name.startswith(("ddp-", "test-"))]
 
 
 RUN_LINE = re.compile(r"^\[ *(\d+)/(\d+)\] kd kd_weight=\S+ temperature=\S+ .*seed (\d+): (\w+)")
