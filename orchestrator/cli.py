@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator.errors import ConfigError, Interrupted, check_name
+from orchestrator.errors import ConfigError, Interrupted, StoreUnreachable, check_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kd-orchestrator: knowledge-distillation experiments on Ray, tracked in MLflow.")
@@ -21,7 +21,8 @@ Verbose = Annotated[bool, typer.Option("--verbose", help="also Tune's status tab
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """User errors: one line, exit 2. Ctrl-C / SIGTERM of a sweep or study: the resume command, exit 130 / 143."""
+    """User errors: one line, exit 2. Ctrl-C / SIGTERM of a sweep or study: the resume command, exit 130 / 143. A
+    tracking store that stopped answering: one line with the command that finishes the work, exit 1."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -34,6 +35,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(f"interrupted ({stop}): running runs are closed as 'interrupted'; finish with: "
                        f"{stop.resume_hint or 'kdo resume NAME'}", err=True)
             raise typer.Exit(stop.exit_code) from None
+        except StoreUnreachable as lost:
+            then = (f"; once it answers, `{lost.resume_hint}` settles the runs left open and finishes the work"
+                    if lost.resume_hint else "")
+            typer.echo(f"error: {lost}{then}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -1,6 +1,6 @@
 """Errors a user can cause (one line naming the field and the allowed values; the CLI exits 2), the one rule for
-the names a user gives (sweeps, studies, MLflow experiments), and the stop signal of a driver (the CLI exits 130 or
-143)."""
+the names a user gives (sweeps, studies, MLflow experiments), the stop signal of a driver (the CLI exits 130 or
+143), and a tracking store that stopped answering (the CLI exits 1)."""
 
 import re
 import signal
@@ -32,3 +32,12 @@ class Interrupted(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+class StoreUnreachable(RuntimeError):
+    """The MLflow store stopped answering (the client's bounded retries spent): one line; `resume_hint` names the
+    command that settles and finishes the work once it answers again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.resume_hint = ""

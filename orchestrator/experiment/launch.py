@@ -20,7 +20,7 @@ from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.loop import AfterEpoch, LoopOutput, iterate_epochs, train_loop
 from orchestrator.experiment.progress import watch_epochs
-from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run, ui_hint
+from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run, store_errors, ui_hint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -97,13 +97,33 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
+def worker_device(gpu: bool) -> torch.device:
+    """The device this Ray worker trains on. A GPU Ray granted that torch cannot see (a logical GPU, a CPU build
+    of torch, a broken driver) is one line naming what Ray gave the worker."""
+    if not gpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    import ray
+
+    granted = ", ".join(f"{k} {v:g}" for k, v in sorted(ray.get_runtime_context().get_assigned_resources().items()))
+    raise RuntimeError(f"scaling.use_gpu: Ray gave the worker on {socket.gethostname()} {granted or 'nothing'} "
+                       f"(GPU ids {ray.get_gpu_ids()}), but torch {torch.__version__} finds no CUDA device there")
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one short line, for a run's `kdo.reason` tag: its type and its first line."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}"[:300] if text else type(err).__name__
+
+
 def _train_direct(payload: dict[str, Any]) -> LoopOutput:
     """One worker: the loop runs in this Ray process itself (no TorchTrainer start-up cost)."""
     import ray
 
     cfg = ExperimentConfig.model_validate(payload["config"])
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    device = torch.device("cuda" if payload["use_gpu"] else "cpu")
+    device = worker_device(payload["use_gpu"])
     tracker = Tracker(cfg.tracking.uri, payload["run_id"])
     teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
     return train_loop(cfg, ray.get(payload["data"]), teacher, device=device, tracker=tracker,
@@ -237,25 +257,26 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
 
     started = time.perf_counter()
     assert cfg.tracking.uri is not None
-    tracker, experiment_id = start_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.name,
-                                       tags={**run_tags(cfg), "kdo.kind": artifact_name})
-    status = "FAILED"
-    try:
-        tracker.log_params(flatten(cfg.model_dump(mode="json")))
-        tracker.log_text(cfg.to_yaml(), "config.yaml")
+    with store_errors(cfg.tracking.uri):  # the store stopped answering: one line, not a traceback
+        tracker, experiment_id = start_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.name,
+                                           tags={**run_tags(cfg), "kdo.kind": artifact_name})
+        status = "FAILED"
         try:
-            with watch_epochs(cfg.tracking.uri, tracker.run_id, cfg.name, cfg.training.epochs,
-                              every_epoch=every_epoch):
-                out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
-                                           artifact_name=artifact_name))
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
-                ray.exceptions.ActorDiedError) as err:  # the worker or its node died (killed, OOM): the run crashed
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            out = LoopOutput(status="crashed", history=[], final={"reason": reason})
-        status = "FINISHED" if out.status == "finished" else "FAILED"
-        tracker.set_tags({"kdo.status": out.status})
-    finally:
-        tracker.finish(status)
+            tracker.log_params(flatten(cfg.model_dump(mode="json")))
+            tracker.log_text(cfg.to_yaml(), "config.yaml")
+            try:
+                with watch_epochs(cfg.tracking.uri, tracker.run_id, cfg.name, cfg.training.epochs,
+                                  every_epoch=every_epoch):
+                    out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
+                                               artifact_name=artifact_name))
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+                    ray.exceptions.ActorDiedError) as err:  # the worker or its node died (killed, OOM): the run crashed
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                out = LoopOutput(status="crashed", history=[], final={"reason": reason})
+            status = "FINISHED" if out.status == "finished" else "FAILED"
+            tracker.set_tags({"kdo.status": out.status})
+        finally:
+            tracker.finish(status)
     final = out.final
     return RunResult(
         name=cfg.name, status=out.status, val_acc=float(final.get("selected_val_acc", float("nan"))),

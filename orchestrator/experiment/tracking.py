@@ -9,11 +9,13 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from methods import get_method
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, StoreUnreachable
 from orchestrator.experiment.config import ExperimentConfig, teacher_label
 
 if TYPE_CHECKING:
@@ -24,6 +26,12 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+# MLflow's HTTP client retries a server that does not answer 7 times, backoff factor 2 (about 4 minutes a call),
+# and waits 120 s for each answer. kdo's bound (about 30 s a call), unless MLflow's own variables are set: every
+# Ray worker imports this module before it writes a run.
+for _variable, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                          ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+    os.environ.setdefault(_variable, _value)
 
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/?#@:\s]*)(?P<secret>:[^/?#\s]*)?@")
@@ -36,7 +44,7 @@ def mask_uri(text: str) -> str:
 
 
 @functools.cache  # a store that answered once in this process (the driver asks before naming and provisioning)
-def check_store(uri: str, timeout: float = 5.0) -> None:
+def check_store(uri: str, timeout: float = 5.0, field: str = "tracking.uri") -> None:
     """Refuse (one line) an MLflow server that does not answer, before Ray starts or any run is written; any HTTP
     answer counts (a server behind a login answers 401). File and database stores are checked when opened."""
     import urllib.error
@@ -54,7 +62,47 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
         return
     except (OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
-        raise ConfigError(f"tracking.uri: no MLflow server answers at {mask_uri(uri)} ({reason})") from None
+        raise ConfigError(f"{field}: no MLflow server answers at {mask_uri(uri)} ({reason})") from None
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether `err` is the MLflow client giving up on a store that does not answer (refused, timed out, dropped),
+    raised here or in a Ray worker (whose error reaches the driver as text)."""
+    for _ in range(8):  # the exception and what it was raised from
+        text = str(err)
+        if "API request to" in text and "failed with exception" in text:  # MLflow's words for a transport failure
+            return True
+        if type(err).__module__.startswith(("requests", "urllib3")) and "Error" in type(err).__name__:
+            return True
+        nxt = err.__cause__ or err.__context__
+        if nxt is None:
+            return False
+        err = nxt
+    return False
+
+
+@contextmanager
+def store_errors(uri: str, resume_hint: str = "") -> Iterator[None]:
+    """The MLflow client giving up on `uri` becomes one line (`StoreUnreachable`, carrying `resume_hint`)."""
+    try:
+        yield
+    except Exception as err:
+        if not unreachable(err):
+            raise
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+        lost = StoreUnreachable(f"the MLflow store at {mask_uri(uri)} stopped answering ({retries} retries spent)")
+        lost.resume_hint = resume_hint
+        raise lost from None
+
+
+@contextmanager
+def unless_store_lost() -> Iterator[None]:
+    """Go on past a store that stopped answering: what it could not record is settled once it answers again."""
+    try:
+        yield
+    except Exception as err:
+        if not unreachable(err):
+            raise
 
 
 def git_commit() -> str:

@@ -46,20 +46,38 @@ def free_name(kind: str, name: str, uri: str, experiment: str, *, explicit: bool
     return next(f"{name}-{i}" for i in range(2, len(taken) + 3) if f"{name}-{i}" not in taken)
 
 
-def check_not_running(parent: Run) -> None:
-    """Refuse (one line) to resume a sweep or study whose driver is alive (the lock its parent's tags name)."""
+def driver_alive(parent: Run) -> bool:
+    """Whether the driver a RUNNING parent's tags name still runs: its lock is held (same host), else its
+    heartbeat is fresh."""
     tags = parent.data.tags
     if parent.info.status != "RUNNING" or "kdo.driver_pid" not in tags:
-        return
-    name = tags.get("kdo.sweep") or tags.get("kdo.study")
-    alive = f"its driver (pid {tags['kdo.driver_pid']} on {tags.get('kdo.driver_host')}) is still running"
+        return False
     lock = Path(tags["kdo.driver_lock"]) if tags.get("kdo.driver_lock") else None
     if tags.get("kdo.driver_host") == socket.gethostname() and lock is not None:
-        if lock.is_file() and not _try_lock(lock):
-            raise ConfigError(f"NAME: '{name}' {alive}; stop it first, or pass --force")
-    elif time.time() - float(tags.get("kdo.heartbeat", 0)) < STALE_SECONDS:
-        raise ConfigError(f"NAME: '{name}' {alive} (heartbeat {tags['kdo.heartbeat']}); stop it first, or pass "
-                          "--force")
+        return lock.is_file() and not _try_lock(lock)
+    return time.time() - float(tags.get("kdo.heartbeat", 0)) < STALE_SECONDS
+
+
+def check_not_running(parent: Run) -> None:
+    """Refuse (one line) to resume a sweep or study whose driver is alive (the lock its parent's tags name)."""
+    if not driver_alive(parent):
+        return
+    tags = parent.data.tags
+    name = tags.get("kdo.sweep") or tags.get("kdo.study")
+    alive = f"its driver (pid {tags['kdo.driver_pid']} on {tags.get('kdo.driver_host')}) is still running"
+    beat = f" (heartbeat {tags['kdo.heartbeat']})" if tags.get("kdo.driver_host") != socket.gethostname() else ""
+    raise ConfigError(f"NAME: '{name}' {alive}{beat}; stop it first, or pass --force")
+
+
+def settle_abandoned(uri: str, parent: Run) -> None:
+    """A parent left RUNNING by a driver that is gone (killed, or it lost its store): its children still RUNNING
+    end `crashed` and the parent FAILED, as `kdo report` shows them and `kdo resume` redoes them."""
+    if parent.info.status != "RUNNING" or driver_alive(parent):
+        return
+    ledger.close_running(uri, parent.info.experiment_id, parent.info.run_id, "crashed")
+    tracker = Tracker(uri, parent.info.run_id)
+    tracker.set_tags({"kdo.status": "failed"})
+    tracker.finish("FAILED")
 
 
 def _try_lock(path: Path) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.config import ExperimentConfig, absolute_uri, default_tracking_uri
-from orchestrator.experiment.tracking import Tracker, flatten, mask_uri, run_tags, start_run
+from orchestrator.experiment.tracking import Tracker, check_store, flatten, mask_uri, run_tags, start_run
 from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str)
     uri = absolute_uri(tracking_uri or default_tracking_uri())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"--tracking-uri: no MLflow store at {mask_uri(uri)}")
+    check_store(uri, field="--tracking-uri")  # one line now, not a traceback after the client's retries
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -223,6 +224,8 @@ def reopen(uri: str, run: Run) -> Tracker:
     tracker = Tracker(uri, run.info.run_id)
     tracker.client.update_run(run.info.run_id, status="RUNNING")
     tracker.set_tags({"kdo.status": "running"})
+    if "kdo.reason" in run.data.tags:  # why the attempt crashed: no longer so
+        tracker.client.delete_tag(run.info.run_id, "kdo.reason")
     return tracker
 
 

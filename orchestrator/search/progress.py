@@ -20,11 +20,13 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from orchestrator.experiment.tracking import unreachable
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.status import FAILED, HIDDEN
 
 RECENT = 5  # finished runs the live panel lists
+STORE_PAUSE = 60.0  # seconds the view leaves a store alone that did not answer (each ask costs its retries)
 
 
 def run_line(run: Any, status: str, index: int, total: int) -> str:
@@ -39,7 +41,8 @@ def run_line(run: Any, status: str, index: int, total: int) -> str:
     val, test = metrics.get("selected_val_acc", metrics.get("val_acc")), metrics.get("test_acc")
     scores = "".join(f" {name} {100 * v:.2f}" for name, v in (("val", val), ("test", test))
                      if status == "finished" and v is not None and v == v)
-    reason = f" ({tags['kdo.reason'].splitlines()[0][:80]})" if status == "invalid" and tags.get("kdo.reason") else ""
+    why = tags.get("kdo.reason", "") if status in ("invalid", "crashed") else ""
+    reason = f" ({why.splitlines()[0][:120]})" if why else ""
     seconds = ((run.info.end_time or int(time.time() * 1000)) - run.info.start_time) / 1000
     width = len(str(total))
     return (f"[{index:>{width}}/{total}] {label}{' ' + knobs if knobs else ''} seed {tags.get('kdo.seed', '?')}: "
@@ -111,11 +114,17 @@ class RunProgress(Callback):
 
         assert self._ended is not None
         client = MlflowClient(self.ref.tracking_uri)
+        lost = -STORE_PAUSE  # when the store last failed to answer: not asked again for STORE_PAUSE seconds
         while (ended := self._ended.get()) is not None:
+            if time.monotonic() - lost < STORE_PAUSE:
+                self._show(f"trial {ended[0]}: ended; its runs are not read (the MLflow store is not answering)")
+                continue
             try:
                 self._settle(client, *ended)
-            except Exception as err:  # the store did not answer: the final table still has every run
-                self._show(f"trial {ended[0]}: its runs could not be read ({str(err).splitlines()[0][:120]})")
+            except Exception as err:  # the final table (or `kdo report` once the store answers) has every run
+                lost = time.monotonic() if unreachable(err) else lost
+                reason = "the MLflow store did not answer" if unreachable(err) else str(err).splitlines()[0][:120]
+                self._show(f"trial {ended[0]}: its runs could not be read ({reason})")
 
     def _settle(self, client: Any, trial_id: str, unsettled: str) -> None:
         """Count and show the runs of a trial that ended, with their statuses from the ledger."""

@@ -18,10 +18,18 @@ from orchestrator.errors import ConfigError, Interrupted, check_name
 from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, read_yaml, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
-from orchestrator.experiment.tracking import Tracker, check_store, flatten, start_run, ui_hint
+from orchestrator.experiment.tracking import (
+    Tracker,
+    check_store,
+    flatten,
+    start_run,
+    store_errors,
+    ui_hint,
+    unreachable,
+)
 from orchestrator.search import ledger
 from orchestrator.search.design import build_design
-from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path
+from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, load_space
 from orchestrator.search.status import FAILED, REDO
@@ -84,8 +92,10 @@ class SweepResult:
 
 
 def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kdo") -> SweepResult:
-    """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`."""
+    """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`. Runs a driver that is gone left
+    RUNNING (killed, or it lost its store) are settled `crashed` first, the parent FAILED."""
     uri, client, parent = ledger.find_parent("sweep", name, tracking_uri, experiment)
+    settle_abandoned(uri, parent)  # a driver that is gone left runs open: they crashed
     parameters = json.loads(parent.data.tags.get("kdo.parameters", "[]"))
     frame = ledger.children_frame(client, parent.info.experiment_id, parent.info.run_id, parameters)
     return SweepResult(name, parent.info.run_id, parent.info.experiment_id, uri, parameters, frame)
@@ -202,7 +212,7 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
     parent = Tracker(uri, parent_id)
     with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
-        ledger.close_running(uri, exp_id, parent_id, "interrupted")  # its driver died: redone, from checkpoints
+        ledger.close_running(uri, exp_id, parent_id, "crashed")  # its driver is gone (or --force): redone
         prepared = provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose)
         client.update_run(parent_id, status="RUNNING")
         ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id)
@@ -237,26 +247,35 @@ def _execute(ref: LedgerRef, parent: Tracker, prepared: Prepared, space: SearchS
 def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str,
             stopped: frozenset[str] = frozenset(), unfinished: str = "crashed", *,
             storage_path: str | None = None) -> SweepResult:
-    """Settle the children still RUNNING (see `ledger.close_running`), summarise onto the parent, end it."""
-    try:
-        ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished, stopped)
-        result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
-                             ledger.children_frame(parent.client, experiment_id, parent.run_id, parameters))
-        with_results = result.dataframe()
-        parent.log_text(with_results.to_csv(index=False), "results.csv")
+    """Settle the children still RUNNING (see `ledger.close_running`), summarise onto the parent, end it. A store
+    that stopped answering leaves them and the parent as they are: one line, and `kdo resume` settles them."""
+    lost = False
+    with store_errors(parent.uri, resume_hint=f"kdo resume {name}"):
         try:
-            best = result.best()
-            # Tags, not params: a resumed sweep's best may change, and MLflow params cannot.
-            parent.set_tags({**{f"best.{p}": best[p] for p in parameters}, "best_setting_id": best.name,
-                             "best_run_id": with_results[with_results["setting_id"] == best.name]["run_id"].iloc[0]})
-            parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]}, step=0)
-        except ValueError:
-            status = "FAILED" if status == "FINISHED" else status
-        counts = with_results["status"].value_counts().to_dict()
-        parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, step=0)
-        if not set(with_results["status"]) & set(REDO):
-            forget_experiment(storage_path, name)
-    finally:
-        parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
-        parent.finish(status)
+            ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished, stopped)
+            result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
+                                 ledger.children_frame(parent.client, experiment_id, parent.run_id, parameters))
+            with_results = result.dataframe()
+            parent.log_text(with_results.to_csv(index=False), "results.csv")
+            try:
+                best = result.best()
+                # Tags, not params: a resumed sweep's best may change, and MLflow params cannot.
+                best_run = with_results[with_results["setting_id"] == best.name]["run_id"].iloc[0]
+                parent.set_tags({**{f"best.{p}": best[p] for p in parameters}, "best_setting_id": best.name,
+                                 "best_run_id": best_run})
+                parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]},
+                                   step=0)
+            except ValueError:
+                status = "FAILED" if status == "FINISHED" else status
+            counts = with_results["status"].value_counts().to_dict()
+            parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, step=0)
+            if not set(with_results["status"]) & set(REDO):
+                forget_experiment(storage_path, name)
+        except Exception as err:
+            lost = unreachable(err)
+            raise
+        finally:
+            if not lost:
+                parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
+                parent.finish(status)
     return result

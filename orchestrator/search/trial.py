@@ -29,9 +29,9 @@ from pydantic import ValidationError
 from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 from orchestrator.experiment.config import ExperimentConfig, format_validation_error
 from orchestrator.experiment.data import Splits
-from orchestrator.experiment.launch import fit_data_parallel, payload, train_folder
+from orchestrator.experiment.launch import fit_data_parallel, one_line, payload, train_folder, worker_device
 from orchestrator.experiment.loop import AfterEpoch, iterate_epochs
-from orchestrator.experiment.tracking import Tracker
+from orchestrator.experiment.tracking import Tracker, store_errors, unless_store_lost
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace
@@ -120,7 +120,8 @@ def run_point(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
     """One Tune trial of a fixed design or a study: the point `tune_config["point"]`."""
     point = points[tune_config["point"]]
     cfg = ExperimentConfig.model_validate(point.config)
-    _run(ref, point.setting_id, [_Member(cfg, point.setting, point.tags)], splits, teacher, use_gpu, options)
+    with store_errors(ref.tracking_uri):  # the store stopped answering: one line, and Tune goes on with the others
+        _run(ref, point.setting_id, [_Member(cfg, point.setting, point.tags)], splits, teacher, use_gpu, options)
 
 
 def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
@@ -134,9 +135,11 @@ def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[st
         configs = [ExperimentConfig.model_validate(point_config(search.space.apply(base, setting), ref.name, sid,
                                                                 seed)) for seed in search.seeds]
     except ValidationError as err:  # a point inside the ranges the schema rejects: recorded, and Optuna moves on
-        _invalid(ref, base, setting, sid, format_validation_error(err, "", ExperimentConfig))
+        with store_errors(ref.tracking_uri):
+            _invalid(ref, base, setting, sid, format_validation_error(err, "", ExperimentConfig))
         return
-    _run(ref, sid, [_Member(cfg, setting, {}) for cfg in configs], splits, teacher, use_gpu, options)
+    with store_errors(ref.tracking_uri):
+        _run(ref, sid, [_Member(cfg, setting, {}) for cfg in configs], splits, teacher, use_gpu, options)
 
 
 def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], sid: str, reason: str) -> None:
@@ -265,10 +268,11 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
             member.status = "interrupted" if _driver_interrupted(client, ref) else "early_stopped"
         raise
     finally:
-        if member.status == "early_stopped":  # the stop may come with the last report, after the loop recorded it
-            ledger.settle_child(ref.tracking_uri, client.get_run(member.tracker.run_id), "early_stopped")
-        else:
-            ledger.close_child(member.tracker, member.status)
+        with unless_store_lost():  # then the next `kdo resume` or `kdo report` settles the child
+            if member.status == "early_stopped":  # the stop may come with the last report, after the loop recorded it
+                ledger.settle_child(ref.tracking_uri, client.get_run(member.tracker.run_id), "early_stopped")
+            else:
+                ledger.close_child(member.tracker, member.status)
 
 
 def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, splits: Splits,
@@ -277,18 +281,15 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
     from ray import tune
 
     chance = 1.0 / splits.info.num_classes
-    device = torch.device("cuda" if use_gpu else "cpu")
     start_epoch = _checkpoints(members, client)
-    runs: list[Iterator[dict[str, Any]]] = []
-    for m in members:
-        if m.replay is not None:
-            runs.append(itertools.islice(ledger.replay(client, m.replay), start_epoch, None))
-            continue
-        logged = _start(ref, m, sid, start_epoch, client)
-        runs.append(iterate_epochs(m.config, splits, teacher, device=device, log=None, snapshot_every=1,
-                                   tracker=AfterEpoch(m.tracker, logged), resume=m.state))
     last_checkpoint = time.monotonic()
     try:
+        logged = {m.seed: _start(ref, m, sid, start_epoch, client) for m in members if m.replay is None}
+        device = worker_device(use_gpu)  # once the children exist: a worker without CUDA is on their record
+        runs: list[Iterator[dict[str, Any]]] = [
+            itertools.islice(ledger.replay(client, m.replay), start_epoch, None) if m.replay is not None else
+            iterate_epochs(m.config, splits, teacher, device=device, log=None, snapshot_every=1,
+                           tracker=AfterEpoch(m.tracker, logged[m.seed]), resume=m.state) for m in members]
         for epoch, rows in enumerate(zip(*runs, strict=False), start=start_epoch + 1):  # seeds share their epochs
             states = {m.seed: row.pop("loop_state") for m, row in zip(members, rows, strict=True)
                       if "loop_state" in row}
@@ -304,9 +305,7 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
                 # Closed before the last report: Tune may tear this process down as soon as it has it.
                 for m, row, d in zip(members, rows, diverged, strict=True):  # a sibling's divergence stops the rest
                     m.status = "diverged" if d else ("finished" if "test_acc" in row else "early_stopped")
-                    if m.tracker is not None:
-                        ledger.close_child(m.tracker, m.status)
-                        m.tracker = None
+                _close_all(members, None)
             if not last and states and time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
                 _save_checkpoint(ref, members, states, report, members[0].config.tracking.storage_path)
                 last_checkpoint = time.monotonic()
@@ -320,8 +319,8 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
     except KeyboardInterrupt:  # Ctrl-C reached the trial's process too
         _close_all(members, "interrupted")
         raise
-    except BaseException:
-        _close_all(members, "crashed")
+    except BaseException as exc:
+        _close_all(members, "crashed", reason=one_line(exc))
         raise
     finally:
         _close_all(members, "early_stopped")
@@ -332,8 +331,15 @@ def _driver_interrupted(client: Any, ref: LedgerRef) -> bool:
     return client.get_run(ref.parent_run_id).data.tags.get("kdo.interrupted") == "true"
 
 
-def _close_all(members: list[_Member], status: str) -> None:
+def _close_all(members: list[_Member], status: str | None, reason: str = "") -> None:
+    """Close the members' children still open as `status` (None: each its own), with `reason` (`kdo.reason`). A
+    store that stopped answering is asked once, not once per child: `kdo resume` or `kdo report` settles them."""
+    with unless_store_lost():
+        for m in members:
+            tracker, m.tracker = m.tracker, None
+            if tracker is not None:
+                if reason:
+                    tracker.set_tags({"kdo.reason": reason})
+                ledger.close_child(tracker, status or m.status)
     for m in members:
-        if m.tracker is not None:
-            ledger.close_child(m.tracker, status)
-            m.tracker = None
+        m.tracker = None

@@ -7,6 +7,7 @@ the scheduler stopped from one whose process died)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -149,14 +150,30 @@ QUIET_TUNE = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPO
 @contextmanager
 def _tune_console(verbose: bool) -> Iterator[None]:
     """Tune's console output as asked: `QUIET_TUNE` while `fit` runs unless `verbose` (variables the user set
-    are left as they are)."""
+    are left as they are), and each failed trial in one line (`_OneLine`) instead of its whole traceback."""
     quiet = {} if verbose else {k: v for k, v in QUIET_TUNE.items() if k not in os.environ}
     os.environ.update(quiet)
+    controller, one_line = logging.getLogger("ray.tune.execution.tune_controller"), _OneLine()
+    if not verbose:
+        controller.addFilter(one_line)
     try:
         yield
     finally:
+        controller.removeFilter(one_line)
         for key in quiet:
             os.environ.pop(key, None)
+
+
+class _OneLine(logging.Filter):
+    """`Trial task failed for trial X: <the error's last line>`: what failed and why, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            lines = str(err).strip().splitlines()
+            record.msg, record.args = f"{record.getMessage()}: {(lines[-1] if lines else type(err).__name__)[:300]}", ()
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def trial_resources(cfg: ExperimentConfig, use_gpu: bool, concurrency: int) -> tuple[dict[str, float], int]:

@@ -22,10 +22,10 @@ from orchestrator.errors import ConfigError, Interrupted
 from orchestrator.experiment.config import ExperimentConfig, load_config, require_validation, resolve_paths
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import check, provision
-from orchestrator.experiment.tracking import Tracker, check_store, flatten, start_run
+from orchestrator.experiment.tracking import Tracker, check_store, flatten, start_run, store_errors, unreachable
 from orchestrator.search import ledger
 from orchestrator.search.design import build_design
-from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path
+from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, load_space
 from orchestrator.search.status import REDO
@@ -41,6 +41,7 @@ from orchestrator.study.spec import (
     method_entry,
     read_spec,
     shipped_studies,
+    stored_spec,
 )
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class RobustnessStudy:
             tags={"kdo.kind": "study", "kdo.study": self.name, "kdo.methods": ",".join(self.methods),
                   "kdo.design": self.spec.design, "kdo.seeds": ",".join(map(str, self.spec.seeds))})
         parent.log_params(flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}))
-        parent.log_text(self._stored_spec(cfg), "study.json")
+        parent.log_text(stored_spec(self.spec, self.base, self.spaces, cfg), "study.json")
         parent.log_text(cfg.to_yaml(), "config.yaml")
         with live_driver(parent, lock_path(cfg.tracking.storage_path, self.name)):
             return self._execute(prepared, points, parent, experiment_id, verbose)
@@ -213,7 +214,7 @@ class RobustnessStudy:
         shared = cls._shared_config(points)
         parent = Tracker(study._uri, parent_id)
         with live_driver(parent, lock_path(shared.tracking.storage_path, name)):
-            ledger.close_running(study._uri, experiment_id, parent_id, "interrupted")  # its driver died
+            ledger.close_running(study._uri, experiment_id, parent_id, "crashed")  # its driver is gone (or --force)
             prepared = provision(shared, address=address, verbose=verbose)
             parent.client.update_run(parent_id, status="RUNNING")
             return study._execute(prepared, points, parent, experiment_id, verbose)
@@ -240,32 +241,28 @@ class RobustnessStudy:
             exc.resume_hint = f"kdo resume {self.name}"
             raise
         finally:
-            try:  # a study never stops a run early: one left RUNNING crashed, or its driver was stopped
-                ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished)
-                self._results = None
-                if status == "FINISHED":
-                    self._log_outputs(parent)
-                if not set(self.results()["status"]) & set(REDO):
-                    forget_experiment(cfg.tracking.storage_path, self.name)
-            except Exception:
-                status = "FAILED"
-                raise
-            finally:
-                parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
-                parent.finish(status)
+            with store_errors(parent.uri, resume_hint=f"kdo resume {self.name}"):
+                self._finish(parent, experiment_id, status, unfinished, cfg.tracking.storage_path)
         return self
 
-    def _stored_spec(self, cfg: ExperimentConfig) -> str:
-        """The spec with its config inlined and its spaces resolved: enough to load or resume anywhere."""
-        raw = self.spec.model_dump(mode="json")
-        raw["config"] = self.base.model_dump(mode="json")
-        raw["set"] = []
-        for method, space in self.spaces.items():
-            entry = raw["methods"].get(method) or {"space": None, "params": {}}
-            entry["space"] = space.model_dump(mode="json", exclude={"source"})
-            raw["methods"][method] = entry
-        raw["tracking"] = {"uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment}
-        return json.dumps(raw, indent=2)
+    def _finish(self, parent: Tracker, experiment_id: str, status: str, unfinished: str, storage: str) -> None:
+        """Settle what is left RUNNING (a study never stops a run early: it crashed, or its driver was stopped),
+        log the outputs, end the parent; a store that stopped answering leaves both for `kdo resume`."""
+        lost = False
+        try:
+            ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished)
+            self._results = None
+            if status == "FINISHED":
+                self._log_outputs(parent)
+            if not set(self.results()["status"]) & set(REDO):
+                forget_experiment(storage, self.name)
+        except Exception as err:
+            lost, status = unreachable(err), "FAILED"
+            raise
+        finally:
+            if not lost:
+                parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
+                parent.finish(status)
 
     @classmethod
     def load(cls, name: str, *, tracking_uri: str | None = None, experiment: str = "kdo") -> RobustnessStudy:
@@ -275,6 +272,7 @@ class RobustnessStudy:
     @classmethod
     def _from_mlflow(cls, name: str, tracking_uri: str | None, experiment: str) -> tuple[RobustnessStudy, Any]:
         uri, client, parent = ledger.find_parent("study", name, tracking_uri, experiment)
+        settle_abandoned(uri, parent)  # a driver that is gone left runs open: they crashed
         with tempfile.TemporaryDirectory(prefix="kdo-study-") as folder:
             raw = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", folder)).read_text())
         raw.pop("tracking", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -155,3 +156,17 @@ def method_config(base: ExperimentConfig, label: str, method: str, params: dict[
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"study.methods.{label}: {format_validation_error(err, '', ExperimentConfig)}") from None
+
+
+def stored_spec(spec: StudySpec, base: ExperimentConfig, spaces: dict[str, SearchSpace], cfg: ExperimentConfig) -> str:
+    """The spec with its config inlined and its spaces resolved (the parent's `study.json`): enough to load or
+    resume anywhere."""
+    raw = spec.model_dump(mode="json")
+    raw["config"] = base.model_dump(mode="json")
+    raw["set"] = []
+    for method, space in spaces.items():
+        entry = raw["methods"].get(method) or {"space": None, "params": {}}
+        entry["space"] = space.model_dump(mode="json", exclude={"source"})
+        raw["methods"][method] = entry
+    raw["tracking"] = {"uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment}
+    return json.dumps(raw, indent=2)

@@ -176,6 +176,9 @@ def test_a_tracking_server_that_does_not_answer_is_refused_before_ray_starts(wor
                     f"tracking.uri: no MLflow server answers at http://me:***@127.0.0.1:{port}")
     code, output = _run_cli(["sweep", "digits_ce", "--set", f"tracking.uri=http://127.0.0.1:{port}"])
     assert code == 2 and "secret" not in output and "no MLflow server answers" in output, output
+    for command in ("report", "resume"):  # asked once, not retried for minutes before a traceback
+        _assert_refused(workdir, [command, "x", "--tracking-uri", f"http://127.0.0.1:{port}"],
+                        f"--tracking-uri: no MLflow server answers at http://127.0.0.1:{port}")
 
 
 def test_load_config_api_raises_config_error() -> None:

@@ -144,7 +144,7 @@ class RayCluster:
 
 
 @contextmanager
-def ray_cluster(num_cpus: int = 2) -> Iterator[RayCluster]:
+def ray_cluster(num_cpus: int = 2, num_gpus: int = 0) -> Iterator[RayCluster]:
     """A one-node `ray start --head` cluster on free ports, stopped by PID afterwards (never `ray stop`).
 
     Its temp dir is a short private folder (Ray's socket paths must stay under 107 characters), so its
@@ -159,9 +159,9 @@ def ray_cluster(num_cpus: int = 2) -> Iterator[RayCluster]:
     try:
         subprocess.run(
             [str(BIN / "ray"), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-             "--num-cpus", str(num_cpus), "--include-dashboard=false", "--disable-usage-stats",
-             "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
-             "--temp-dir", temp_dir],
+             "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--include-dashboard=false",
+             "--disable-usage-stats", "--ray-client-server-port", str(client_port),
+             "--dashboard-agent-listen-port", str(agent_port), "--temp-dir", temp_dir],
             env={**base, MARKER: tag}, check=True, capture_output=True, text=True, timeout=150)
         yield RayCluster(f"127.0.0.1:{port}", Path(temp_dir), base)
     finally:
@@ -188,29 +188,46 @@ def joined_node(cluster: RayCluster, num_cpus: int = 1) -> Iterator[Callable[[],
 
 
 # ------------------------------------------------------------------------------------------ tests
+def _kdo(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 220) -> tuple[int, str, str, int]:
+    """`kdo ARGS` in a subprocess: exit code, stdout, stderr, pid."""
+    proc = subprocess.Popen([str(BIN / "kdo"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err, proc.pid
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_sweep_on_a_ray_start_cluster(workdir: Path) -> None:
-    """`kdo sweep --address` from another process runs its trials on that cluster and logs them to MLflow."""
+@pytest.mark.timeout(420)
+def test_sweep_on_a_ray_start_cluster_and_gpu_trials_packed_on_its_logical_gpu(workdir: Path) -> None:
+    """`kdo sweep --address` from another process runs its trials on that cluster and logs them to MLflow. The
+    cluster has one logical GPU (`--num-gpus 1`, no CUDA here): `use_gpu: true` trials at 0.25 GPU each are
+    granted a quarter of it, all on GPU 0, and each ends `crashed` with one line saying what Ray gave it."""
     config = workdir / "digits.yaml"
-    config.write_text(yaml.safe_dump(digits_config(method=KD, teacher=TEACHER, training={"epochs": 2, "lr": 0.05})))
-    with ray_cluster(num_cpus=2) as cluster:
+    config.write_text(yaml.safe_dump(digits_config(method=KD, teacher=TEACHER, training={"epochs": 2, "lr": 0.05},
+                                                   scaling={"use_gpu": False})))
+    gpu_config = workdir / "digits-gpu.yaml"
+    gpu_config.write_text(yaml.safe_dump(digits_config(training={"epochs": 2, "lr": 0.05}, scaling={
+        "use_gpu": True, "gpus_per_worker": 0.25, "cpus_per_worker": 0.5})))
+    with ray_cluster(num_cpus=2, num_gpus=1) as cluster:
         # A separate process: this one may already hold the session's own `ray.init` runtime.
-        proc = subprocess.Popen(
-            [str(BIN / "kdo"), "sweep", str(config), "--address", cluster.address, "--trials", "2",
-             "--sampler", "random", "--concurrency", "2", "--name", "cluster-test"],
-            cwd=workdir, env=cluster.driver_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = proc.communicate(timeout=220)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == 0, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}\n{cluster.diagnose()}"
+        code, out, err, pid = _kdo(["sweep", str(config), "--address", cluster.address, "--trials", "2",
+                                    "--sampler", "random", "--concurrency", "2", "--name", "cluster-test"],
+                                   workdir, cluster.driver_env)
+        assert code == 0, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}\n{cluster.diagnose()}"
         assert "cluster-test" in out, out
         # The driver really joined that cluster: its core-worker log lies in the cluster's own session.
-        drivers = [p.name for p in cluster.logs.glob(f"python-core-driver-*_{proc.pid}.log")]
+        drivers = [p.name for p in cluster.logs.glob(f"python-core-driver-*_{pid}.log")]
         assert drivers, sorted(p.name for p in cluster.logs.iterdir())
+        code, out, err, _ = _kdo(["sweep", str(gpu_config), "--address", cluster.address, "--trials", "4",
+                                  "--sampler", "sobol", "--concurrency", "4", "--name", "gpu-test"],
+                                 workdir, cluster.driver_env)
+        assert code == 0, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}\n{cluster.diagnose()}"
+        assert "Traceback" not in out + err, err[-5000:]
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("kdo").experiment_id
     [parent] = client.search_runs([exp], "tags.`kdo.kind` = 'sweep' and tags.`kdo.sweep` = 'cluster-test'")
@@ -219,12 +236,23 @@ def test_sweep_on_a_ray_start_cluster(workdir: Path) -> None:
     assert len(children) == 2
     assert all(c.info.status != "RUNNING" for c in children), [c.info.status for c in children]
     assert all(c.data.tags["kdo.status"] in ("finished", "early_stopped") for c in children)
+    [gpu_parent] = client.search_runs([exp], "tags.`kdo.kind` = 'sweep' and tags.`kdo.sweep` = 'gpu-test'")
+    reasons = [c.data.tags.get("kdo.reason", "") for c in
+               client.search_runs([exp], f"tags.mlflow.parentRunId = '{gpu_parent.info.run_id}'")
+               if c.data.tags["kdo.status"] == "crashed"]
+    assert len(reasons) == 4, reasons
+    for reason in reasons:
+        assert reason.startswith("RuntimeError: scaling.use_gpu: Ray gave the worker on ") and "GPU 0.25" in reason
+        assert "(GPU ids [0]), but torch" in reason and "finds no CUDA device there" in reason, reason
+    lines = [line for line in out.splitlines() if ": crashed (RuntimeError: scaling.use_gpu" in line]
+    assert len(lines) == 4, out
 
 
 @contextmanager
-def mlflow_server(cwd: Path) -> Iterator[str]:
-    """`mlflow server` on a free port with a SQLite store in `cwd`; yields its URL, stops its process group."""
-    port = free_port()
+def mlflow_server(cwd: Path, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` on `port` (default: a free one) with a SQLite store in `cwd`; yields its URL, stops its
+    process group."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = (cwd / "server.log").open("wb")
     proc = subprocess.Popen(

@@ -20,7 +20,16 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from tests.orchestrator.search.test_cluster import _pids, _read, _terminate, _with_descendants, joined_node, ray_cluster
+from tests.orchestrator.search.test_cluster import (
+    _pids,
+    _read,
+    _terminate,
+    _with_descendants,
+    free_port,
+    joined_node,
+    mlflow_server,
+    ray_cluster,
+)
 
 EPOCHS = 10
 
@@ -283,3 +292,52 @@ def test_trials_of_a_lost_node_continue_from_their_checkpoints_on_the_others(wor
     client, parent, children = _children(workdir)
     assert sorted(c.data.tags["kdo.status"] for c in children) == ["finished"] * 4
     _each_point_finished_once(client, children, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_tracking_server_lost_mid_sweep_ends_it_in_one_line_and_resume_finishes_it(workdir: Path,
+                                                                                    teacher_checkpoint: Path) -> None:
+    """The `mlflow server` is stopped while a trial is half way: that trial stops with a one-line reason, the
+    other is tried too (it cannot start its run), the driver exits 1 naming `kdo resume` with no traceback and
+    the parent and the open child are left as they are. The server is started again on the same port and store:
+    `kdo report` settles the open child `crashed`, `kdo resume` runs every point to the end, each once."""
+    server_dir = workdir / "server"
+    server_dir.mkdir()
+    port = free_port()
+    db = server_dir / "srv.db"
+    # Retries bounded low here (MLflow's own variables; kdo's default is 5 retries, about 30 s a call).
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    args = [*_sweep(teacher_checkpoint), "--trials", "2", "--set", f"tracking.uri=http://127.0.0.1:{port}"]
+    with mlflow_server(server_dir, port) as url:
+        driver = Driver(workdir, args, env=env)
+        try:
+            driver.wait_for(lambda: bool(_half_way(db)), "a trial half way")
+        except BaseException:
+            driver.stop()
+            raise
+    try:  # the server is gone
+        assert driver.proc.wait(timeout=300) == 1, driver.output()[-3000:]
+    finally:
+        driver.stop()
+    out = driver.output()
+    assert "Traceback" not in out, out[-3000:]
+    assert (f"error: the MLflow store at {url} stopped answering (1 retries spent); once it answers, "
+            "`kdo resume faulty` settles the runs left open and finishes the work") in out, out[-3000:]
+    assert "its runs could not be read (the MLflow store did not answer)" in out, out[-3000:]
+    with mlflow_server(server_dir, port):
+        client = MlflowClient(url)
+        [parent] = client.search_runs([client.get_experiment_by_name("kdo").experiment_id],
+                                      "tags.`kdo.kind` = 'sweep'")
+        assert parent.info.status == "RUNNING", "the lost driver could not end its parent"
+        report = CliRunner().invoke(app, ["report", "faulty", "--tracking-uri", url])
+        assert report.exit_code == 0, report.output
+        children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert [c.data.tags["kdo.status"] for c in children] == ["crashed"], "the open child was settled"
+        assert client.get_run(parent.info.run_id).info.status == "FAILED"
+        resumed = CliRunner().invoke(app, ["resume", "faulty", "--tracking-uri", url], env=env)
+        assert resumed.exit_code == 0, resumed.output
+        children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(c.data.tags["kdo.status"] for c in children) == ["finished"] * 2, "continued in place"
+        _each_point_finished_once(client, children, 2)
+        assert client.get_run(parent.info.run_id).info.status == "FINISHED"
