@@ -52,3 +52,33 @@ def test_a_tracking_uri_with_credentials_is_logged_and_shown_masked(workdir: Pat
     logged = Path(tracker.client.download_artifacts(tracker.run_id, "config.yaml", str(workdir))).read_text()
     assert "uri: http://user:***@host:5000" in logged and "token" not in logged
     assert ui_hint("http://user:token@host:5000", "3") == "open http://user:***@host:5000/#/experiments/3/runs"
+
+
+def test_a_store_that_stopped_answering_is_one_line_and_other_errors_pass_through(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real MLflow client against a port nothing listens on gives up after its retries: `store_errors` makes
+    that one `StoreUnreachable` line with the command to run; a store that answers "no such run" is no outage."""
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.errors import StoreUnreachable
+    from orchestrator.experiment.tracking import store_errors, unless_store_lost, unreachable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    uri = f"http://me:secret@127.0.0.1:{port}"
+    with pytest.raises(StoreUnreachable) as lost, store_errors(uri, resume_hint="kdo resume x"):
+        MlflowClient(uri).set_tag("0" * 32, "k", "v")
+    assert str(lost.value) == f"the MLflow store at http://me:***@127.0.0.1:{port} stopped answering (0 retries spent)"
+    assert lost.value.resume_hint == "kdo resume x"
+    with unless_store_lost():  # the same failure, let pass
+        MlflowClient(uri).set_tag("0" * 32, "k", "v")
+    local = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    with pytest.raises(MlflowException) as missing, store_errors(uri):
+        local.get_run("0" * 32)
+    assert not unreachable(missing.value)
+    with pytest.raises(MlflowException), unless_store_lost():
+        local.get_run("0" * 32)
