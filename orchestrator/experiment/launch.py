@@ -200,7 +200,8 @@ def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], *, storage
     from ray.train.torch import TorchTrainer
 
     sc, gpu = cfg.scaling, payload["use_gpu"]
-    folder = train_folder(storage or cfg.tracking.storage_path, cfg, payload["run_id"])
+    base = storage or cfg.tracking.storage_path
+    folder = train_folder(base, cfg, payload["run_id"])
     local = "://" not in folder
     if local:
         payload = {**payload, "scratch": str(Path(folder) / ".kdo-scratch")}  # a killed worker leaves nothing in /tmp
@@ -208,8 +209,7 @@ def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], *, storage
     trainer = TorchTrainer(
         _train_worker, train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=Path(folder).name, storage_path=str(Path(folder).parent) if local else
-                             folder.rsplit("/", 1)[0], callbacks=callbacks,
+        run_config=RunConfig(name=Path(folder).name, storage_path=base, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     try:
@@ -271,8 +271,7 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
                                                artifact_name=artifact_name))
             except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
                     ray.exceptions.ActorDiedError) as err:  # the worker or its node died (killed, OOM): the run crashed
-                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                out = LoopOutput(status="crashed", history=[], final={"reason": reason})
+                out = LoopOutput(status="crashed", history=[], final={"reason": one_line(err)})
             status = "FINISHED" if out.status == "finished" else "FAILED"
             tracker.set_tags({"kdo.status": out.status})
         finally:

@@ -247,8 +247,7 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
             tune.report({**row, "setting_id": sid})
         return
     cfg = member.config
-    base = cfg.tracking.storage_path
-    storage = f"{base}/{ref.name}/train" if "://" in base else str(Path(base) / ref.name / "train")
+    storage = f"{cfg.tracking.storage_path}/{ref.name}/train"  # a path or a URI alike
     if member.attempts:
         folder = train_folder(storage, cfg, member.attempts[0].info.run_id)
         for states in (load_states(f, [member.seed]) for f in newest_checkpoints(folder)):
