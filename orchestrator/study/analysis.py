@@ -96,7 +96,7 @@ def variance_split(frame: pd.DataFrame, metric: str, chance: float, failures: Fa
         total = hp_var + seed_var
         rows.append({"method": method, "seed_std": math.sqrt(seed_var) if not math.isnan(seed_var) else math.nan,
                      "hparam_std": math.sqrt(hp_var), "hparam_share": hp_var / total if total > 0 else math.nan})
-    return pd.DataFrame(rows).set_index("method")
+    return pd.DataFrame(rows, columns=["method", "seed_std", "hparam_std", "hparam_share"]).set_index("method")
 
 
 def expected_max(values: np.ndarray | list[float], budget: int) -> tuple[float, float]:
@@ -247,3 +247,42 @@ def compare(a: np.ndarray | list[float], b: np.ndarray | list[float], *, delta: 
             "median_diff": float(point[1]), "median_diff_ci": (float(median_ci[0]), float(median_ci[1])),
             "iqr_diff": float(point[2]), "iqr_diff_ci": (float(iqr_ci[0]), float(iqr_ci[1])),
             "delta": delta, "verdict": verdict}
+
+
+def deciding_budget(result: dict[str, Any], settings: int, seeds: int, seed_var: float, hparam_var: float,
+                    seed_options: tuple[int, ...] = (1, 2)) -> list[dict[str, int]]:
+    """For an inconclusive `compare` result: about how many settings per method would decide it, at the study's
+    seeds and at multiples of them, if the measured differences are the true ones.
+
+    Each CI's half-width shrinks as sqrt(var(setting mean) / settings), var(setting mean) = hparam_var +
+    seed_var / seeds (the variance split of A and B summed). A verdict needs both CIs clear of their bounds
+    (-delta for the median, 0 for the IQR) when both point estimates lie on the "holds" side, else one of those
+    on the wrong side. Returns rows {seeds, settings, runs} (runs per method); [] when a point estimate sits on its
+    bound (no budget decides it) or the verdict is already decided.
+    """
+    if result["verdict"] != "inconclusive":
+        return []
+    criteria = []
+    for key, bound in (("median_diff", -result["delta"]), ("iqr_diff", 0.0)):
+        low, high = result[f"{key}_ci"]
+        side = (result[key] - bound) * (1 if key == "median_diff" else -1)  # > 0: on the "holds" side
+        criteria.append((side, (high - low) / 2))
+    if any(side == 0 or half == 0 for side, half in criteria):
+        return []
+    ratios = [(half / abs(side)) ** 2 for side, half in criteria]
+    holds_side = all(side > 0 for side, _ in criteria)
+    factor = max(ratios) if holds_side else min(r for r, (side, _) in zip(ratios, criteria, strict=True) if side < 0)
+    rows = []
+    for multiple in seed_options:
+        k = seeds * multiple
+        shrink = (hparam_var + seed_var / k) / (hparam_var + seed_var / seeds) if hparam_var + seed_var > 0 else 1.0
+        n = max(settings + 1, math.ceil(settings * factor * shrink))
+        rows.append({"seeds": k, "settings": n, "runs": n * k})
+    return rows
+
+
+def budget_text(rows: list[dict[str, int]]) -> str:
+    """`analysis.deciding_budget`'s rows in words: '64 settings x 3 seeds (192 runs) or 32 x 6 (192) per method'."""
+    first, *rest = rows
+    text = f"{first['settings']} settings x {first['seeds']} seeds ({first['runs']} runs)"
+    return text + "".join(f" or {r['settings']} x {r['seeds']} ({r['runs']})" for r in rest) + " per method"

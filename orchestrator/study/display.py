@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.search.sweep import SweepResult
+from orchestrator.study import analysis
 
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
@@ -74,6 +75,9 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
                       f"(median diff {c['median_diff']:.2f} [{median[0]:.2f}, {median[1]:.2f}], "
                       f"IQR diff {c['iqr_diff']:.2f} [{iqr[0]:.2f}, {iqr[1]:.2f}], "
                       f"P(a beats b) {c['p_a_beats_b']:.2f}; delta {c['delta']:g})")
+        if c["deciding_budget"]:
+            console.print(f"  deciding it would take about {analysis.budget_text(c['deciding_budget'])}")
     if report is not None:
         console.print(f"report: {escape(str(report))}")
     console.print(f"MLflow: {escape(study.ui_hint())}")
+

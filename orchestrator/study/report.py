@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from orchestrator.study import analysis  # noqa: E402
+
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
 
@@ -26,14 +28,24 @@ RULE = ("Verdict rule: \"A is more robust than B\" holds when the 95% bootstrap 
         "setting scored by its seed-mean validation accuracy.")
 
 
+BUDGET_RULE = ("'To decide it': for an inconclusive verdict, the settings per method (at the study's seeds, and at "
+               "twice them) at which the CIs would clear their bounds (both, where both estimates say 'holds'; else "
+               "the one on the wrong side) if the measured differences are the true ones: "
+               "each CI's width shrinks as the square root of var(setting mean) / settings, where var(setting mean) "
+               "= hyperparameter variance + seed variance / seeds, from the variance split of the two methods. An "
+               "estimate to size the next study, not a promise: the differences themselves will move.")
+
+
 def draw_plots(study: StudyResults, folder: Path) -> list[Path]:
     """Every plot of the study as a PNG in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     means = study.setting_means()
     studied = [m for m in study.methods if m in study.spec.methods]
     design = means[~means["defaults"] & means["method"].isin(studied)]
-    files = [_distribution(study, means, studied, folder / "distribution.png"),
-             _ecdf(design, studied, folder / "ecdf.png"),
+    files = [_distribution(study, means, studied, folder / "distribution.png")]
+    if design.empty:  # a defaults-only study (n_settings 0): nothing varies but the seeds
+        return files
+    files += [_ecdf(design, studied, folder / "ecdf.png"),
              _expected_best(study, folder / "expected_best.png")]
     importance = study.sensitivity()
     files.append(_importance(importance, folder / "importance.png"))
@@ -223,6 +235,7 @@ def _summary_table(summary: pd.DataFrame) -> pd.DataFrame:
                       ("seed_std", "seed std"), ("hparam_share", "hparam share"), ("tunability", "tunability")):
         if col in summary:
             out[name] = summary[col].map(_fmt)
+    out = out.loc[:, (out != "").any()]  # a defaults-only study has no tuned columns
     out["failed"] = summary["failed_runs"].astype(int).astype(str) + "/" + summary["runs"].astype(int).astype(str)
     return out
 
@@ -232,7 +245,9 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
     val_size = study.val_set_size()
     teacher = study.teacher()
     blocks: list[tuple[str, Any]] = [("h1", f"Robustness study: {study.name}")]
-    blocks.append(("p", f"Design: {spec.design}, {spec.n_settings} settings per method, seeds {spec.seeds}, "
+    design = (f"Design: {spec.design}, {spec.n_settings} settings per method" if spec.has_design else
+              "Design: none, each entry at its defaults (its own config where it names one)")
+    blocks.append(("p", f"{design}, seeds {spec.seeds}, "
                         f"defaults {'included' if spec.include_defaults else 'not included'}, references "
                         f"{', '.join(spec.references) or 'none'}. Base: {study.base.data.name} data, student "
                         f"{study.base.student.architecture}, {study.base.training.epochs} epochs. "
@@ -247,16 +262,23 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
     blocks.append(("table", _summary_table(study.summary("chance"))))
     blocks.append(("h2", "Per method (failures left out)"))
     blocks.append(("table", _summary_table(study.summary("drop"))))
+    if not spec.has_design:
+        blocks.append(("h2", "Plots"))
+        blocks.extend(("img", p) for p in plots)
+        return blocks
     blocks.append(("h2", "Comparisons"))
     blocks.append(("p", RULE))
-    rows = []
-    for c in study.comparisons():
+    rows, comparisons = [], study.comparisons()
+    for c in comparisons:
         rows.append({"A": c["a"], "B": c["b"], "P(A beats B)": _ci(c["p_a_beats_b"], c["p_a_beats_b_ci"]),
                      "median A - B": _ci(c["median_diff"], c["median_diff_ci"]),
                      "IQR A - B": _ci(c["iqr_diff"], c["iqr_diff_ci"]),
-                     "A more robust than B": c["verdict"]})
+                     "A more robust than B": c["verdict"],
+                     "to decide it": analysis.budget_text(c["deciding_budget"]) if c["deciding_budget"] else ""})
     if rows:
         blocks.append(("table", pd.DataFrame(rows).set_index("A")))
+    if any(c["deciding_budget"] for c in comparisons):
+        blocks.append(("p", BUDGET_RULE))
     blocks.extend(sensitivity_blocks(study))
     curve = study.expected_best()
     if not curve.empty:

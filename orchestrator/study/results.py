@@ -3,6 +3,7 @@ it, in accuracy points; what the report, the plots and the console tables read."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,12 +148,21 @@ class StudyResults:
         means = self.setting_means("val_acc", failures)
         design = means[~means["defaults"]]
         scores = [design[design["method"] == m]["score"].dropna().to_numpy() for m in (a, b)]
-        return {"a": a, "b": b, **analysis.compare(*scores, delta=self.spec.delta, seed=self.spec.design_seed)}
+        result = {"a": a, "b": b, **analysis.compare(*scores, delta=self.spec.delta, seed=self.spec.design_seed)}
+        frame = self._points_frame()
+        split = analysis.variance_split(frame[frame["method"].isin([a, b])], "val_acc", self.chance,
+                                        failures).fillna(0.0)
+        variances = [float((split[col] ** 2).sum()) for col in ("seed_std", "hparam_std")]
+        budget = analysis.deciding_budget(result, min(len(s) for s in scores), len(self.spec.seeds), *variances)
+        if self.spec.design == "sobol":  # a Sobol design takes 2^m settings
+            budget = [{**row, "settings": (n := 2 ** math.ceil(math.log2(row["settings"]))),
+                       "runs": n * row["seeds"]} for row in budget]
+        return {**result, "deciding_budget": budget}
 
     def comparisons(self, failures: analysis.Failures = "chance") -> list[dict[str, Any]]:
-        """The study's declared pairs, or every studied method against the first one."""
+        """The study's declared pairs, or every studied method against the first one; none without a design."""
         studied = list(self.spec.methods)
-        pairs = self.spec.compare or [(studied[0], m) for m in studied[1:]]
+        pairs = self.spec.compare or [(studied[0], m) for m in studied[1:] if self.spec.has_design]
         return [self.compare(a, b, failures) for a, b in pairs]
 
     def val_set_size(self) -> int:

@@ -132,13 +132,14 @@ class RobustnessStudy:
         for label in self.methods:  # an entry's label names its rows; `method` is what it runs
             entry = spec.methods.get(label) or MethodEntry()
             method = spec.method_of(label)
-            method_base = method_config(base, label, method, entry.params)
+            method_base = method_config(base, label, method, entry, spec.set)
             planned: list[tuple[str, dict[str, Any], ExperimentConfig]] = []
             if label in spec.methods:
                 space = load_space(entry.space if entry.space is not None else method, method_base)
                 self.spaces[label] = space
                 try:
-                    design = build_design(space, spec.design, spec.n_settings, seed=spec.design_seed)
+                    design = (build_design(space, spec.design, spec.n_settings, seed=spec.design_seed)
+                              if spec.n_settings or spec.design == "grid" else [])
                 except ConfigError as err:
                     raise ConfigError(f"study.n_settings: {str(err).split(': ', 1)[-1]}") from None
                 planned += [("design", setting, space.apply(method_base, setting)) for setting in design]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from methods import list_methods
+from methods import get_method, list_methods
 from orchestrator.errors import ConfigError, check_name
-from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, format_validation_error
+from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, format_validation_error, load_config
 from orchestrator.search.spaces import SearchSpace
 
 ROLES = ("design", "defaults", "reference")
@@ -22,10 +22,13 @@ LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 class MethodEntry(BaseModel):
     """One entry of a study's `methods`, under its label: the method it runs (None: the label is the method's
-    name), its space (None: the method's shipped space) and fixed params."""
+    name), its own base config (None: the study's), its space (None: the method's shipped space) and fixed
+    params."""
 
     model_config = ConfigDict(extra="forbid")
     method: str | None = Field(None, description="the method the entry runs; default its label")
+    config: str | dict[str, Any] | None = Field(None, description="the entry's own base config (shipped name, "
+                                                "YAML path or mapping); its data and teacher must be the study's")
     space: str | dict[str, Any] | None = None
     params: dict[str, Any] = Field({}, description="method params fixed for the whole study")
 
@@ -45,7 +48,8 @@ class StudySpec(BaseModel):
     config: str | dict[str, Any] = Field(..., description="base experiment: shipped name, YAML path or mapping")
     methods: dict[str, MethodEntry | None] = Field(..., min_length=1)
     design: Literal["sobol", "grid", "random"] = "sobol"
-    n_settings: int = Field(8, ge=1, le=4096, description="settings per method (2^m for sobol; grid: ignored)")
+    n_settings: int = Field(8, ge=0, le=4096, description="settings per method (2^m for sobol; grid: ignored; "
+                            "0: every entry at its defaults only, a reproduction table)")
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     include_defaults: bool = True
     references: list[str] = Field(["ce"], description="methods run at their defaults only, as reference rows")
@@ -85,6 +89,22 @@ class StudySpec(BaseModel):
                                  f"files)")
         return methods
 
+    @model_validator(mode="after")
+    def _defaults_only(self) -> StudySpec:
+        if not self.has_design:
+            if not self.include_defaults:
+                raise ValueError("study.n_settings: 0 runs each entry at its defaults only, so include_defaults "
+                                 "must be true")
+            if self.compare:
+                raise ValueError("study.compare: robustness needs a design; with n_settings 0 (defaults only) leave "
+                                 "compare empty")
+        return self
+
+    @property
+    def has_design(self) -> bool:
+        """False for a defaults-only study (n_settings 0): each entry runs at its defaults, nothing to compare."""
+        return self.n_settings > 0 or self.design == "grid"
+
     @property
     def all_methods(self) -> list[str]:
         """The studied entries' labels, then the references (which have no design)."""
@@ -104,14 +124,15 @@ def build_spec(**fields: Any) -> StudySpec:
 
 
 def method_entry(value: Any) -> dict[str, Any] | None:
-    """A `methods` value: None, a space (name, path, dict or SearchSpace), or {method:, space:, params:}."""
+    """A `methods` value: None, a space (name, path, dict or SearchSpace), or {method:, config:, space:,
+    params:}."""
     if value is None:
         return None
     if isinstance(value, SearchSpace):
         return {"space": value.model_dump(mode="json", exclude={"source"})}
     if isinstance(value, Path):
         return {"space": str(value)}
-    if isinstance(value, dict) and set(value) <= {"method", "space", "params"}:
+    if isinstance(value, dict) and set(value) <= {"method", "config", "space", "params"}:
         return value
     return {"space": value}
 
@@ -126,10 +147,18 @@ def read_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a study is a mapping with name, config and methods")
     spec = build_spec(**raw)
-    config = spec.config
+    methods = {label: entry if entry is None or entry.config is None
+               else entry.model_copy(update={"config": _beside(source, entry.config)})
+               for label, entry in spec.methods.items()}
+    return spec.model_copy(update={"config": _beside(source, spec.config), "methods": methods,
+                                   "set": [*spec.set, *(overrides or [])]})
+
+
+def _beside(source: Path, config: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A config named by a path relative to the study file, made absolute; names and mappings as they are."""
     if isinstance(config, str) and not Path(config).is_absolute() and (source.parent / config).is_file():
-        config = str(source.parent / config)  # a config beside the study file
-    return spec.model_copy(update={"config": config, "set": [*spec.set, *(overrides or [])]})
+        return str(source.parent / config)
+    return config
 
 
 def study_path(path: str | Path) -> Path:
@@ -148,14 +177,34 @@ def shipped_studies() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def method_config(base: ExperimentConfig, label: str, method: str, params: dict[str, Any]) -> ExperimentConfig:
-    """The base config running `method` with its defaults (plus the entry's fixed params)."""
-    raw = base.model_dump(mode="json")
-    raw["method"] = {"name": method, "params": params}
+def method_config(base: ExperimentConfig, label: str, method: str, entry: MethodEntry,
+                  overrides: list[str]) -> ExperimentConfig:
+    """The config an entry's defaults run: its own config (with the study's overrides) running its method with the
+    config's params plus the entry's; or the study's base running `method` at its defaults plus the entry's params.
+    An entry's own config must train the study's teacher on the study's data (they are provisioned once)."""
+    own = entry.config is not None
     try:
-        return ExperimentConfig.model_validate(raw)
+        raw = load_config(entry.config, overrides).model_dump(mode="json") if own else base.model_dump(mode="json")
+    except ConfigError as err:
+        raise ConfigError(f"study.methods.{label}.config: {err}") from None
+    params = raw["method"]["params"] if own and raw["method"]["name"] == method else {}
+    raw["method"] = {"name": method, "params": {**params, **entry.params}}
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"study.methods.{label}: {format_validation_error(err, '', ExperimentConfig)}") from None
+    for section in ("data", "teacher") if get_method(method).needs_teacher else ("data",):
+        if own and _shared(getattr(cfg, section)) != _shared(getattr(base, section)):
+            raise ConfigError(f"study.methods.{label}.config: its {section} section differs from the study's "
+                              f"config; allowed: the same {section} (every entry distils one teacher on one dataset)")
+    return cfg
+
+
+def _shared(section: Any) -> Any:
+    """What must agree between a study's entries: the section without the batch size (which is per method)."""
+    if section is None:
+        return None
+    return section.model_dump(mode="json", exclude={"batch_size"})
 
 
 def stored_spec(spec: StudySpec, base: ExperimentConfig, spaces: dict[str, SearchSpace], cfg: ExperimentConfig) -> str:
@@ -167,6 +216,8 @@ def stored_spec(spec: StudySpec, base: ExperimentConfig, spaces: dict[str, Searc
     for method, space in spaces.items():
         entry = raw["methods"].get(method) or {"space": None, "params": {}}
         entry["space"] = space.model_dump(mode="json", exclude={"source"})
+        if entry.get("config") is not None:
+            entry["config"] = load_config(entry["config"], spec.set).model_dump(mode="json")
         raw["methods"][method] = entry
     raw["tracking"] = {"uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment}
     return json.dumps(raw, indent=2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import DataConfig, load_config
+from orchestrator.experiment.config import DataConfig, load_config, shipped_configs, teacher_key
 from orchestrator.experiment.data import DatasetInfo, DeviceData, augment_batch, load_splits
 from orchestrator.experiment.idx import fashion_mnist_files, read_idx
 from tests.conftest import needs_fashion_mnist
@@ -169,3 +169,13 @@ def test_shipped_real_data_configs_validate(name: str, dataset: str) -> None:
     cfg = load_config(name)
     assert cfg.data.name == dataset and cfg.data.image_size == 32 and cfg.teacher is not None
     assert (cfg.teacher.architecture, cfg.student.architecture) == ("lenet5_bn", "lenet5_half")
+
+
+def test_the_fashion_mnist_configs_cover_every_method_and_share_one_teacher() -> None:
+    names = [n for n in shipped_configs() if n.startswith("fashion_mnist_")]
+    configs = {n.removeprefix("fashion_mnist_"): load_config(n) for n in names}
+    assert set(configs) == {"ce", "kd", "fitnets", "lsh", "tcs", "dafl", "rdskd", "deepinversion", "ekd"}
+    assert all(cfg.method.name == method and cfg.data.name == "fashion_mnist" for method, cfg in configs.items())
+    assert len({cfg.data.model_dump_json(exclude={"batch_size"}) for cfg in configs.values()}) == 1
+    taught = {method: teacher_key(cfg) for method, cfg in configs.items() if cfg.teacher is not None}
+    assert set(taught) == set(configs) - {"ce", "ekd"} and len(set(taught.values())) == 1  # trained once, shared

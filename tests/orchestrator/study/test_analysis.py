@@ -11,7 +11,9 @@ import pytest
 
 from orchestrator.search.spaces import ParamSpec, SearchSpace
 from orchestrator.study.analysis import (
+    budget_text,
     compare,
+    deciding_budget,
     distribution,
     expected_best_curve,
     expected_max,
@@ -144,3 +146,22 @@ def test_importances_skip_a_method_whose_settings_all_score_the_same() -> None:
     means = setting_means(pd.concat([frame, flat]), "val_acc", CHANCE, parameters=[X, Y])
     imp = importances(means, {"m": space, "flat": space})
     assert set(imp["method"]) == {"m"}
+
+
+def test_the_deciding_budget_scales_the_ci_widths_to_the_measured_differences() -> None:
+    both = {"verdict": "inconclusive", "delta": 1.0, "median_diff": 1.0, "median_diff_ci": (-2.0, 4.0),
+            "iqr_diff": -1.0, "iqr_diff_ci": (-3.0, 1.0)}
+    # Both estimates say "holds": both CIs must clear. Median: 2 points above -delta, half-width 3, (3/2)^2 = 2.25;
+    # IQR: 1 below 0, half-width 2, (2/1)^2 = 4: 16 settings x 4 = 64. Twice the seeds: var(setting mean) goes from
+    # 2 + 6/3 = 4 to 2 + 6/6 = 3, so 64 x 3/4 = 48.
+    assert deciding_budget(both, 16, 3, seed_var=6.0, hparam_var=2.0) == [
+        {"seeds": 3, "settings": 64, "runs": 192}, {"seeds": 6, "settings": 48, "runs": 288}]
+    # The median estimate is on the wrong side (-3 < -delta): its CI alone decides "does not hold":
+    # 2 below the bound, half-width 2.25: 16 x 1.265625 = 20.25 -> 21.
+    wrong = {**both, "median_diff": -3.0, "median_diff_ci": (-5.0, -0.5)}
+    assert deciding_budget(wrong, 16, 3, seed_var=6.0, hparam_var=2.0, seed_options=(1,)) == [
+        {"seeds": 3, "settings": 21, "runs": 63}]
+    assert deciding_budget({**both, "iqr_diff": 0.0}, 16, 3, 6.0, 2.0) == []  # on its bound: no budget decides it
+    assert deciding_budget({**both, "verdict": "holds"}, 16, 3, 6.0, 2.0) == []
+    assert budget_text([{"seeds": 3, "settings": 64, "runs": 192}, {"seeds": 6, "settings": 48, "runs": 288}]) == (
+        "64 settings x 3 seeds (192 runs) or 48 x 6 (288) per method")

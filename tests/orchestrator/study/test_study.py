@@ -21,6 +21,7 @@ from orchestrator.experiment.tracking import start_run
 from orchestrator.search import ledger
 from orchestrator.search.status import HIDDEN
 from orchestrator.study.display import print_study
+from orchestrator.study.report import write_report
 from orchestrator.study.results import read_results
 from orchestrator.study.robustness import RobustnessStudy, shipped_studies
 from tests.conftest import digits_config
@@ -64,6 +65,11 @@ def _study_file(workdir: Path, **changes: object) -> str:
     ({"methods": {"kd+ls": {"method": "kd"}}}, "study.methods: label 'kd+ls': letters, digits, '_', '-' and '.'"),
     ({"methods": {"kd_ls": {"method": "kd", "params": {"logit_standardization": 3}}}},
      "study.methods.kd_ls: method.params.logit_standardization"),
+    ({"n_settings": 0, "compare": [["kd", "kd"]]}, "study.compare: robustness needs a design; with n_settings 0"),
+    ({"n_settings": 0, "include_defaults": False}, "study.n_settings: 0 runs each entry at its defaults only, so"),
+    ({"methods": {"kd": {"config": "digits_kd"}}},
+     "study.methods.kd.config: its teacher section differs from the study's config; allowed: the same teacher"),
+    ({"methods": {"kd": {"config": "fashion_mnist_kd"}}}, "study.methods.kd.config: its data section differs"),
     ({"set": ["data.val_fraction=0", "training.selection=last", "teacher.training.selection=last"]},
      "data.val_fraction: 0 leaves no validation split, which a study selects on (val_acc); allowed: 0 < val_fraction"),
 ])
@@ -122,9 +128,39 @@ def test_results_tables_and_verdicts_name_rows_by_label(workdir: Path) -> None:
     assert "│ kd_ls " in out.getvalue() and "kd more robust than kd_ls: " in out.getvalue()
 
 
+def test_a_defaults_only_study_runs_each_entry_on_its_own_config_and_reports_without_verdicts(workdir: Path) -> None:
+    own = {**_config(epochs=3), "method": {"name": "kd", "params": {"temperature": 2.0}},
+           "training": {"epochs": 3, "lr": 0.02}}  # kd's own config: its params and training, the study's teacher
+    study = RobustnessStudy("repro", _config(), {"kd": {"config": own, "params": {"kd_weight": 0.5}}, "dkd": None},
+                            n_settings=0, seeds=[0, 1], references=["ce"])
+    assert [(p.tags["kdo.entry"], p.tags["kdo.role"]) for p in study.points] == [
+        ("kd", "defaults")] * 2 + [("dkd", "defaults")] * 2 + [("ce", "reference")] * 2
+    kd = study.points[0].config
+    assert {"temperature": 2.0, "kd_weight": 0.5}.items() <= kd["method"]["params"].items()
+    assert kd["training"]["lr"] == 0.02 and study.points[2].config["training"]["lr"] == 0.05  # dkd: the study's
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    parent, experiment_id = start_run(uri, "kdo", "repro", tags={"kdo.kind": "study", "kdo.study": "repro"})
+    ref = ledger.LedgerRef("repro", parent.run_id, uri, "kdo", experiment_id)
+    for i, point in enumerate(study.points):
+        child = ledger.start_child(ref, ExperimentConfig.model_validate(point.config), point.setting,
+                                   point.setting_id, point.tags)
+        child.log_metrics({"val_acc": 0.6 + 0.1 * (i // 2) + 0.02 * (i % 2), "test_acc": 0.5 + 0.1 * (i // 2)},
+                          step=1)
+        ledger.close_child(child, "finished")
+    parent.finish("FINISHED")
+    loaded = read_results(study.spec, study.base, study.spaces, uri, experiment_id, parent.run_id)
+    summary = loaded.summary()
+    assert list(summary.index) == ["kd", "dkd", "ce"] and loaded.comparisons() == []
+    assert summary.loc["dkd", "default_val"] == pytest.approx(71.0)  # seeds 70 and 72: mean ± std over seeds
+    out = io.StringIO()
+    print_study(loaded, console=Console(file=out, width=200))
+    assert "│ dkd " in out.getvalue() and "more robust" not in out.getvalue()
+    assert "dkd" in write_report(loaded, workdir / "report").read_text()
+
+
 def test_shipped_studies_validate() -> None:
     assert {"kd_temperature", "demo", "logit_baselines"} <= set(shipped_studies())
-    real = {"logit_baselines": "fashion_mnist"}  # the rest run on the embedded digits
+    real = dict.fromkeys(("logit_baselines", "fashion_mnist_reproduction", "rdskd_vs_dafl"), "fashion_mnist")
     for name in shipped_studies():
         study = RobustnessStudy.from_yaml(name)
         assert study.points and all(p.config["data"]["name"] == real.get(name, "digits") for p in study.points)
