@@ -213,6 +213,14 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
     return Tracker(uri, run.info.run_id), experiment_id
 
 
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The address of a run's page in the MLflow UI: on the server itself, or on `mlflow ui` (`ui_hint`) for a
+    database store."""
+    uri = mask_uri(uri)
+    base = "http://127.0.0.1:5000" if uri.startswith(("sqlite:", "postgresql:", "mysql:")) else uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def ui_hint(uri: str, experiment_id: str) -> str:
     """The command that opens the MLflow UI on this store, and the direct link to the runs table.
 

@@ -321,7 +321,7 @@ class RobustnessStudy:
 
     def plot(self, folder: str | Path | None = None) -> list[Path]:
         """Draw every plot as PNG into `folder` (a temporary one by default); returns the files."""
-        from orchestrator.study.report import draw_plots
+        from orchestrator.study.plots import draw_plots
 
         return draw_plots(self.outcome(), Path(folder or tempfile.mkdtemp(prefix=f"kdo-{self.name}-plots-")))
 

@@ -45,7 +45,8 @@ def test_mlflow_ui_and_html_report_show_the_study(workdir: Path) -> None:
                             teacher={"architecture": "cnn", "args": {"width": 8}, "training": {"epochs": 2}},
                             student={"architecture": "mlp", "args": {}}, scaling={"cpus_per_worker": 0.5},
                             tracking={"uri": url, "experiment": "browser"})
-        study = RobustnessStudy("browser-study", cfg, {"kd": None}, n_settings=2, seeds=[0], concurrency=4).run()
+        study = RobustnessStudy("browser-study", cfg, {"kd": None, "dkd": None}, n_settings=2, seeds=[0],
+                                concurrency=4).run()
         report = study.report(workdir / "report")
         child = study.results()["run_id"].iloc[0]
         child_name = f"browser-study-{study.results()['setting_id'].iloc[0][:6]}-s0"
@@ -70,4 +71,11 @@ def test_mlflow_ui_and_html_report_show_the_study(workdir: Path) -> None:
             widths = page.locator("figure img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
             assert len(widths) >= 5 and min(widths) > 100, widths
             expect(page.get_by_text("Verdict rule", exact=False)).to_be_visible()
+            verdict = page.locator("ul.verdicts li").first  # the answer comes first: above every table
+            expect(verdict).to_contain_text("kd more robust than dkd: ")
+            assert verdict.bounding_box()["y"] < page.locator("table").first.bounding_box()["y"]
+            link = page.locator(f"a[href='{url}/#/experiments/{study.experiment_id}/runs/{study.parent_run_id}']")
+            assert link.count() == 1
+            assert all(len(c) > 40 for c in page.locator("figcaption").all_inner_texts())  # how to read each plot
+            page.screenshot(path=str(workdir / "report.png"))
             browser.close()

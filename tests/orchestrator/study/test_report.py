@@ -8,7 +8,8 @@ import pandas as pd
 
 from orchestrator.experiment.config import load_config
 from orchestrator.search.spaces import ParamSpec, SearchSpace
-from orchestrator.study.report import importance_figure, sensitivity_blocks
+from orchestrator.study.plots import importance_figure
+from orchestrator.study.report import sensitivity_blocks
 from orchestrator.study.results import IMPORTANCE_MIN_SHARE, StudyResults
 from orchestrator.study.spec import StudySpec
 from tests.conftest import digits_config
