@@ -20,7 +20,16 @@ from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.loop import AfterEpoch, LoopOutput, iterate_epochs, train_loop
 from orchestrator.experiment.progress import watch_epochs
-from orchestrator.experiment.tracking import Tracker, flatten, run_tags, start_run, store_errors, ui_hint
+from orchestrator.experiment.tracking import (
+    Tracker,
+    dataset_inputs,
+    flatten,
+    log_datasets,
+    run_tags,
+    start_run,
+    store_errors,
+    ui_hint,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -264,6 +273,7 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
         try:
             tracker.log_params(flatten(cfg.model_dump(mode="json")))
             tracker.log_text(cfg.to_yaml(), "config.yaml")
+            log_datasets(tracker, dataset_inputs(cfg.data, splits))
             try:
                 with watch_epochs(cfg.tracking.uri, tracker.run_id, cfg.name, cfg.training.epochs,
                                   every_epoch=every_epoch):

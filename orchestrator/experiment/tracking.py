@@ -4,15 +4,18 @@ when a run is first written: a config error never pays for it."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from methods import get_method
 from orchestrator.errors import ConfigError, StoreUnreachable
@@ -20,6 +23,8 @@ from orchestrator.experiment.config import ExperimentConfig, teacher_label
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+    from orchestrator.experiment.data import DataConfig, Splits
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # Terminal output is the epoch lines and the results table: no download bars, no schema-migration chatter.
@@ -105,14 +110,53 @@ def unless_store_lost() -> Iterator[None]:
             raise
 
 
-def git_commit() -> str:
-    """The commit of the code being run, or 'unknown' outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PACKAGE_ROOT, capture_output=True,
-                             text=True, timeout=5, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """This process's source tags by MLflow's own context resolution (`mlflow.source.name`/`type`, `mlflow.user`,
+    the git commit, branch and repo URL); where the entry script lies outside a checkout (the `kdo` console script
+    in a venv), MLflow's git utilities are asked about kdo's own folder. A driver resolves them once and hands them
+    to the children its Ray workers start (a worker's own script is not the source)."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+
+    tags = {k: str(v) for k, v in resolve_tags().items()}
+    if MLFLOW_GIT_COMMIT not in tags:
+        for key, read in ((MLFLOW_GIT_COMMIT, git_utils.get_git_commit), (MLFLOW_GIT_BRANCH, git_utils.get_git_branch),
+                          (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url)):
+            value = read(str(_PACKAGE_ROOT))
+            if value:
+                tags[key] = value
+    return tags
+
+
+def dataset_inputs(data: DataConfig, splits: Splits) -> tuple[dict[str, str], ...]:
+    """A run's datasets as the MLflow UI's Dataset column shows them: one per split (context training, validation,
+    test), named after the dataset, with a digest of the split's images and labels and its shapes as the profile.
+    Computed once where the data are loaded; `log_datasets` logs them on each run."""
+    source = json.dumps({"tags": {"kdo.dataset": data.name, "kdo.data_dir": str(data.data_dir),
+                                  "kdo.split_seed": str(data.split_seed), "kdo.val_fraction": str(data.val_fraction),
+                                  "kdo.train_fraction": str(data.train_fraction)}})
+    out = []
+    parts = {"training": (splits.train_x, splits.train_y), "validation": (splits.val_x, splits.val_y),
+             "test": (splits.test_x, splits.test_y)}
+    for context, (x, y) in parts.items():
+        digest = hashlib.sha256(np.ascontiguousarray(x).data)
+        digest.update(np.ascontiguousarray(y).data)
+        profile = {"num_rows": int(len(y)), "features_shape": list(x.shape), "targets_shape": list(y.shape)}
+        out.append({"context": context, "name": data.name, "digest": digest.hexdigest()[:8], "source": source,
+                    "profile": json.dumps(profile)})
+    return tuple(out)
+
+
+def log_datasets(tracker: Tracker, datasets: tuple[dict[str, str], ...]) -> None:
+    """Log `dataset_inputs` on a run (`mlflow.log_input`'s record, through the client)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    tracker.client.log_inputs(tracker.run_id, datasets=[
+        DatasetInput(Dataset(d["name"], d["digest"], "code", d["source"], profile=d["profile"]),
+                     [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in datasets])
 
 
 def kdo_version(distribution: str = "kd-orchestrator") -> str:
@@ -200,13 +244,15 @@ class Tracker:
 
 
 def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
-              parent_run_id: str | None = None) -> tuple[Tracker, str]:
-    """Create a RUNNING run (a child when `parent_run_id` is given); returns it and its experiment id."""
+              parent_run_id: str | None = None, source: dict[str, str] | None = None) -> tuple[Tracker, str]:
+    """Create a RUNNING run (a child when `parent_run_id` is given) with the source tags given (a driver's), else
+    this process's; returns it and its experiment id."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, experiment, uri)
-    all_tags = {"kdo.git_commit": git_commit(), "kdo.version": kdo_version(), **{k: str(v) for k, v in tags.items()}}
+    all_tags = {**(source if source is not None else source_tags()), "kdo.version": kdo_version(),
+                **{k: str(v) for k, v in tags.items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)

@@ -12,13 +12,22 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.config import ExperimentConfig, absolute_uri, default_tracking_uri
-from orchestrator.experiment.tracking import Tracker, check_store, flatten, mask_uri, run_tags, start_run
+from orchestrator.experiment.tracking import (
+    Tracker,
+    check_store,
+    flatten,
+    log_datasets,
+    mask_uri,
+    run_tags,
+    source_tags,
+    start_run,
+)
 from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
 
 if TYPE_CHECKING:
@@ -198,8 +207,10 @@ def start_child(ledger: LedgerRef, cfg: ExperimentConfig, setting: dict[str, Any
     tracker, _ = start_run(ledger.tracking_uri, ledger.experiment, cfg.name, parent_run_id=ledger.parent_run_id,
                            tags={**run_tags(cfg), "kdo.kind": "trial", "kdo.sweep": ledger.name,
                                  "kdo.setting_id": sid, "kdo.setting": json.dumps(setting, sort_keys=True),
-                                 **tags})
+                                 **tags}, source=dict(ledger.source))
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
+    if ledger.datasets:
+        log_datasets(tracker, ledger.datasets)
     return tracker
 
 
@@ -250,3 +261,5 @@ class LedgerRef:
     tracking_uri: str
     experiment: str
     experiment_id: str
+    source: tuple[tuple[str, str], ...] = field(default_factory=lambda: tuple(source_tags().items()))
+    datasets: tuple[dict[str, str], ...] = ()  # `tracking.dataset_inputs` of the data every child trains on

@@ -21,7 +21,9 @@ from orchestrator.experiment.runner import ConfigSource, Prepared, check, provis
 from orchestrator.experiment.tracking import (
     Tracker,
     check_store,
+    dataset_inputs,
     flatten,
+    log_datasets,
     start_run,
     store_errors,
     ui_hint,
@@ -180,7 +182,9 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     parent.log_params(flatten(cfg.model_dump(mode="json")))
     parent.log_text(cfg.to_yaml(), "config.yaml")
     parent.log_text(space_obj.model_dump_json(indent=2), "space.json")
-    ref = LedgerRef(name, parent.run_id, cfg.tracking.uri, cfg.tracking.experiment, experiment_id)
+    ref = LedgerRef(name, parent.run_id, cfg.tracking.uri, cfg.tracking.experiment, experiment_id,
+                    datasets=dataset_inputs(cfg.data, prepared.splits))
+    log_datasets(parent, ref.datasets)
     with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
         return _execute(ref, parent, prepared, space_obj, options, points, previous=[], gpu=gpu, verbose=verbose)
 
@@ -215,7 +219,8 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
         ledger.close_running(uri, exp_id, parent_id, "crashed")  # its driver is gone (or --force): redone
         prepared = provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose)
         client.update_run(parent_id, status="RUNNING")
-        ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id)
+        ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id,
+                        datasets=dataset_inputs(cfg.data, prepared.splits))
         previous = ledger.seen_settings(client, exp_id, parent_id) if points is None else []
         return _execute(ref, parent, prepared, space_obj, options, points, previous=previous, gpu=use_gpu(cfg),
                         verbose=verbose)

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from methods import get_method, list_methods
 from orchestrator.errors import ConfigError, Interrupted
+from orchestrator.experiment import tracking
 from orchestrator.experiment.config import ExperimentConfig, load_config, require_validation, resolve_paths
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import check, provision
-from orchestrator.experiment.tracking import Tracker, check_store, flatten, start_run, store_errors, unreachable
 from orchestrator.search import ledger
 from orchestrator.search.design import build_design
 from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
@@ -177,7 +177,7 @@ class RobustnessStudy:
         given by `replace(name=...)` (`--name`) that is taken is refused."""
         store = resolve_paths(self.base).tracking
         assert store.uri is not None
-        check_store(store.uri)
+        tracking.check_store(store.uri)
         name = free_name("study", self.name, store.uri, store.experiment, explicit=self._explicit_name)
         if name != self.name:
             self.spec = self.spec.model_copy(update={"name": name})
@@ -192,11 +192,11 @@ class RobustnessStudy:
         prepared = provision(self._shared_config(points), address=address, verbose=verbose)
         cfg = prepared.config
         assert cfg.tracking.uri is not None
-        parent, experiment_id = start_run(
+        parent, experiment_id = tracking.start_run(
             cfg.tracking.uri, cfg.tracking.experiment, self.name,
             tags={"kdo.kind": "study", "kdo.study": self.name, "kdo.methods": ",".join(self.methods),
                   "kdo.design": self.spec.design, "kdo.seeds": ",".join(map(str, self.spec.seeds))})
-        parent.log_params(flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}))
+        parent.log_params(tracking.flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}))
         parent.log_text(stored_spec(self.spec, self.base, self.spaces, cfg), "study.json")
         parent.log_text(cfg.to_yaml(), "config.yaml")
         with live_driver(parent, lock_path(cfg.tracking.storage_path, self.name)):
@@ -213,18 +213,19 @@ class RobustnessStudy:
         experiment_id, parent_id = parent_run.info.experiment_id, parent_run.info.run_id
         points = study._checked_points()
         shared = cls._shared_config(points)
-        parent = Tracker(study._uri, parent_id)
+        parent = tracking.Tracker(study._uri, parent_id)
         with live_driver(parent, lock_path(shared.tracking.storage_path, name)):
             ledger.close_running(study._uri, experiment_id, parent_id, "crashed")  # its driver is gone (or --force)
             prepared = provision(shared, address=address, verbose=verbose)
             parent.client.update_run(parent_id, status="RUNNING")
             return study._execute(prepared, points, parent, experiment_id, verbose)
 
-    def _execute(self, prepared: Any, points: list[Point], parent: Tracker, experiment_id: str,
+    def _execute(self, prepared: Any, points: list[Point], parent: tracking.Tracker, experiment_id: str,
                  verbose: bool) -> RobustnessStudy:
         cfg = prepared.config
         self.parent_run_id, self.experiment_id, self._uri = parent.run_id, experiment_id, parent.uri
-        ref = LedgerRef(self.name, parent.run_id, parent.uri, cfg.tracking.experiment, experiment_id)
+        ref = LedgerRef(self.name, parent.run_id, parent.uri, cfg.tracking.experiment, experiment_id,
+                        datasets=tracking.dataset_inputs(cfg.data, prepared.splits))
         options = TrialOptions(sampler=self.spec.design,
                                scheduler="none", trials=self.spec.n_settings, concurrency=self.spec.concurrency,
                                metric=self.spec.metric, seeds=list(self.spec.seeds),
@@ -242,11 +243,11 @@ class RobustnessStudy:
             exc.resume_hint = f"kdo resume {self.name}"
             raise
         finally:
-            with store_errors(parent.uri, resume_hint=f"kdo resume {self.name}"):
+            with tracking.store_errors(parent.uri, resume_hint=f"kdo resume {self.name}"):
                 self._finish(parent, experiment_id, status, unfinished, cfg.tracking.storage_path)
         return self
 
-    def _finish(self, parent: Tracker, experiment_id: str, status: str, unfinished: str, storage: str) -> None:
+    def _finish(self, parent: tracking.Tracker, experiment_id: str, status: str, unfinished: str, storage: str) -> None:
         """Settle what is left RUNNING (a study never stops a run early: it crashed, or its driver was stopped),
         log the outputs, end the parent; a store that stopped answering leaves both for `kdo resume`."""
         lost = False
@@ -258,7 +259,7 @@ class RobustnessStudy:
             if not set(self.results()["status"]) & set(REDO):
                 forget_experiment(storage, self.name)
         except Exception as err:
-            lost, status = unreachable(err), "FAILED"
+            lost, status = tracking.unreachable(err), "FAILED"
             raise
         finally:
             if not lost:
@@ -331,7 +332,7 @@ class RobustnessStudy:
 
         return write_report(self.outcome(), Path(path or f"{self.name}-report"))
 
-    def _log_outputs(self, parent: Tracker) -> None:
+    def _log_outputs(self, parent: tracking.Tracker) -> None:
         """Results table, summary, plots and report, on the parent run (they open in the MLflow UI)."""
         parent.log_text(self.results().to_csv(index=False), "results.csv")
         summary = self.summary()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,13 @@ def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_
     assert run_info.info.status == "FINISHED"
     assert run_info.data.params["method.name"] == "kd" and run_info.data.params["training.epochs"] == "4"
     assert run_info.data.tags["kdo.method"] == "kd" and run_info.data.tags["kdo.dataset"] == "digits"
-    assert run_info.data.tags["kdo.git_commit"]
+    tags = run_info.data.tags  # MLflow's own source tags; the commit is this checkout's
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"] and tags["mlflow.source.name"]
+    inputs = {i.tags[0].value: i.dataset for i in run_info.inputs.dataset_inputs}  # the UI's Dataset column
+    assert set(inputs) == {"training", "validation", "test"} and {d.name for d in inputs.values()} == {"digits"}
+    assert json.loads(inputs["test"].profile)["num_rows"] == 360 and len({d.digest for d in inputs.values()}) == 3
     assert run_info.data.tags["kdo.version"] == "0.1.0"
     history = client.get_metric_history(run_info.info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2, 3, 4]

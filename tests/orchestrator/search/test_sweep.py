@@ -74,6 +74,13 @@ def test_bad_sweep_options(workdir: Path, args: list[str], needle: str) -> None:
     assert list(workdir.iterdir()) == []
 
 
+SOURCE = ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "mlflow.source.git.commit")
+
+
+def _datasets(run: object) -> dict[str, tuple[str, str]]:
+    return {i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs}
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("ray_runtime")
 def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir: Path) -> None:
@@ -93,6 +100,10 @@ def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir
         assert 0.005 <= float(p["training.lr"]) <= 0.5
         assert child.data.tags["kdo.status"] in ("finished", "early_stopped")
         assert len(client.get_metric_history(child.info.run_id, "val_acc")) >= 1
+        # The driver's source tags (not the Ray worker's script) and the datasets it loaded, on every child.
+        assert {k: child.data.tags[k] for k in SOURCE} == {k: parent.data.tags[k] for k in SOURCE}
+        assert _datasets(child) == _datasets(parent) and set(_datasets(child)) == {"training", "validation", "test"}
+    assert parent.data.tags["mlflow.source.name"].endswith(("pytest", "py"))
     finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
     assert finished and all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in finished)
     assert len(client.search_runs([exp], "tags.`kdo.kind` = 'teacher'")) == 1, "teacher trained once per sweep"
