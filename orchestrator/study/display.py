@@ -44,8 +44,10 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
     """Per method: defaults and tuned accuracy (mean ± std over seeds), the spread over settings,
     failures; then each comparison's verdict, the report path and the MLflow link."""
     summary = study.summary()
-    table = Table(title=f"study {escape(study.name)}: val accuracy (points) over {study.spec.n_settings} settings × "
-                        f"{len(study.spec.seeds)} seeds; failed runs at chance")
+    spec = study.spec
+    over = f"over {spec.n_settings} settings" if spec.has_design else "at each entry's defaults"
+    table = Table(title=f"study {escape(study.name)}: val accuracy (points) {over} × {len(spec.seeds)} seeds; "
+                        "failed runs at chance")
 
     def pm(row: Any, mean: str, std: str) -> str:
         return f"{row[mean]:.2f} ± {row[std]:.2f}" if mean in row and row[mean] == row[mean] else ""
@@ -53,15 +55,18 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
     def num(row: Any, key: str) -> str:
         return f"{row[key]:.2f}" if key in row and row[key] == row[key] else ""
 
-    for col in ("method", "default val", "default test", "tuned val", "tuned test", "median", "IQR", "worst",
-                f"within {study.spec.delta:g}", "hparam share", "failed"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for method, row in summary.iterrows():
-        table.add_row(escape(str(method)), pm(row, "default_val", "default_val_std"),
-                      pm(row, "default_test", "default_test_std"), pm(row, "tuned_val", "tuned_val_std"),
-                      pm(row, "tuned_test", "tuned_test_std"),
-                      num(row, "median"), num(row, "iqr"), num(row, "worst"), num(row, "within_delta"),
-                      num(row, "hparam_share"), f"{int(row['failed_runs'])}/{int(row['runs'])}")
+    columns = ["method", "default val", "default test", "tuned val", "tuned test", "median", "IQR", "worst",
+               f"within {spec.delta:g}", "hparam share", "failed"]
+    rows = [[escape(str(method)), pm(row, "default_val", "default_val_std"),
+             pm(row, "default_test", "default_test_std"), pm(row, "tuned_val", "tuned_val_std"),
+             pm(row, "tuned_test", "tuned_test_std"), num(row, "median"), num(row, "iqr"), num(row, "worst"),
+             num(row, "within_delta"), num(row, "hparam_share"), f"{int(row['failed_runs'])}/{int(row['runs'])}"]
+            for method, row in summary.iterrows()]
+    shown = [i for i in range(len(columns)) if any(r[i] for r in rows)]  # defaults only: no spread columns
+    for i in shown:
+        table.add_column(columns[i], justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*(r[i] for i in shown))
     console = console or wide_console()
     console.print(table)
     for warning in study.warnings():
