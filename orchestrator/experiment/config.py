@@ -108,6 +108,8 @@ class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow.db")
     experiment: str = Field("kdo", description="the MLflow experiment (a name: see `errors.check_name`)")
     storage_path: str = Field("kdo_runs", description="where Ray Train/Tune keep run state and checkpoints")
+    system_metrics_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="seconds between MLflow system "
+                                          "metrics samples (CPU, memory, GPU where present) on every run; 0: off")
 
     @field_validator("experiment")
     @classmethod

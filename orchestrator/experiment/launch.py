@@ -274,6 +274,7 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
             tracker.log_params(flatten(cfg.model_dump(mode="json")))
             tracker.log_text(cfg.to_yaml(), "config.yaml")
             log_datasets(tracker, dataset_inputs(cfg.data, splits))
+            tracker.monitor_system(cfg.tracking.system_metrics_seconds)
             try:
                 with watch_epochs(cfg.tracking.uri, tracker.run_id, cfg.name, cfg.training.epochs,
                                   every_epoch=every_epoch):

@@ -31,6 +31,7 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring system metrics." per run
 # MLflow's HTTP client retries a server that does not answer 7 times, backoff factor 2 (about 4 minutes a call),
 # and waits 120 s for each answer. kdo's bound (about 30 s a call), unless MLflow's own variables are set: every
 # Ray worker imports this module before it writes a run.
@@ -212,6 +213,18 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self._monitor: Any = None
+
+    def monitor_system(self, seconds: float, resume: bool = False) -> None:
+        """MLflow's system metrics on this run (`system/cpu_utilization_percentage`, memory, disk, network; GPU where
+        present) every `seconds` while it is open, and one sample when it finishes; 0: none."""
+        if seconds <= 0:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=seconds, resume_logging=resume,
+                                             tracking_uri=self.uri)
+        self._monitor.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -240,6 +253,12 @@ class Tracker:
         self.client.log_text(self.run_id, mask_uri(text), artifact_file)
 
     def finish(self, status: str) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()
+            monitor.collect_metrics()  # the end sample: a run shorter than the interval still has one
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
         self.client.set_terminated(self.run_id, status)
 
 

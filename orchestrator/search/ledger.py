@@ -211,6 +211,7 @@ def start_child(ledger: LedgerRef, cfg: ExperimentConfig, setting: dict[str, Any
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
     if ledger.datasets:
         log_datasets(tracker, ledger.datasets)
+    tracker.monitor_system(cfg.tracking.system_metrics_seconds)
     return tracker
 
 
@@ -237,6 +238,7 @@ def reopen(uri: str, run: Run) -> Tracker:
     tracker.set_tags({"kdo.status": "running"})
     if "kdo.reason" in run.data.tags:  # why the attempt crashed: no longer so
         tracker.client.delete_tag(run.info.run_id, "kdo.reason")
+    tracker.monitor_system(float(run.data.params.get("tracking.system_metrics_seconds", 0)), resume=True)
     return tracker
 
 

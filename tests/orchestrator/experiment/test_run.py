@@ -43,6 +43,8 @@ def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_
     inputs = {i.tags[0].value: i.dataset for i in run_info.inputs.dataset_inputs}  # the UI's Dataset column
     assert set(inputs) == {"training", "validation", "test"} and {d.name for d in inputs.values()} == {"digits"}
     assert json.loads(inputs["test"].profile)["num_rows"] == 360 and len({d.digest for d in inputs.values()}) == 3
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):  # at least its end sample
+        assert client.get_metric_history(run_info.info.run_id, key), key
     assert run_info.data.tags["kdo.version"] == "0.1.0"
     history = client.get_metric_history(run_info.info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2, 3, 4]

@@ -84,7 +84,8 @@ def _datasets(run: object) -> dict[str, tuple[str, str]]:
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("ray_runtime")
 def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir: Path) -> None:
-    cfg = digits_config(method=KD, teacher=TEACHER, training={"epochs": 3, "lr": 0.05})
+    cfg = digits_config(method=KD, teacher=TEACHER, training={"epochs": 3, "lr": 0.05},
+                        tracking={"system_metrics_seconds": 0})  # off (`kdo run`'s test sees them on)
     result = sweep(cfg, "kd", trials=4, sampler="tpe", concurrency=2, seeds=[0, 1], name="asha-test")
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("kdo").experiment_id
@@ -103,6 +104,7 @@ def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir
         # The driver's source tags (not the Ray worker's script) and the datasets it loaded, on every child.
         assert {k: child.data.tags[k] for k in SOURCE} == {k: parent.data.tags[k] for k in SOURCE}
         assert _datasets(child) == _datasets(parent) and set(_datasets(child)) == {"training", "validation", "test"}
+        assert not [k for k in child.data.metrics if k.startswith("system/")]
     assert parent.data.tags["mlflow.source.name"].endswith(("pytest", "py"))
     finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
     assert finished and all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in finished)
