@@ -14,6 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="kd-orchestrator: knowledge-distillation experiments on Ray, tracked in MLflow.")
 teacher_app = typer.Typer(no_args_is_help=True, help="Train and cache teachers.")
 app.add_typer(teacher_app, name="teacher")
+export_app = typer.Typer(no_args_is_help=True, help="Export a study to other tools.")
+app.add_typer(export_app, name="export")
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="override a field: a.b=value (repeatable)")]
 Address = Annotated[str | None, typer.Option(help="Ray cluster address ('auto' for `ray start`); default local")]
@@ -142,6 +144,15 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
     done = spec.run(address=address, verbose=verbose)
     print_study(done.outcome(), done.report(report or f"{done.name}-report"))
+    _export_optuna(done.outcome())
+
+
+def _export_optuna(results: Any) -> None:
+    from orchestrator.study.optuna_export import export_optuna
+
+    storage, names = export_optuna(results)
+    if names:
+        typer.echo(f"Optuna: {', '.join(names)} in {storage}   (optuna-dashboard {storage})")
 
 
 def _is_study(name: str, tracking_uri: str | None, experiment: str) -> bool:
@@ -173,6 +184,20 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
         print_study(study.outcome(), study.report(report or f"{name}-report"))
     else:
         print_sweep(load_sweep(name, tracking_uri, experiment))
+
+
+@export_app.command("optuna")
+@user_errors
+def export_optuna_cmd(name: Annotated[str, typer.Argument(help="study name")],
+                      tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")]
+                      = None, experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo") -> None:
+    """A study's seed-mean table as one Optuna study per method (beside the MLflow store), for
+    optuna-dashboard's importance, slice and contour plots."""
+    check_name(name, "NAME")
+    check_name(experiment, "--experiment")
+    from orchestrator.study.robustness import RobustnessStudy
+
+    _export_optuna(RobustnessStudy.load(name, tracking_uri=tracking_uri, experiment=experiment).outcome())
 
 
 @app.command("resume")

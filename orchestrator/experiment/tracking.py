@@ -278,6 +278,14 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
     return Tracker(uri, run.info.run_id), experiment_id
 
 
+def optuna_storage(uri: str, storage_path: str) -> str:
+    """Where kdo keeps Optuna studies (an adaptive sweep's, a study's export): `optuna.db` beside an SQLite MLflow
+    store, else in `storage_path`; `optuna-dashboard <this>` opens them."""
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(storage_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder.resolve() / 'optuna.db'}"
+
+
 def run_link(uri: str, experiment_id: str, run_id: str) -> str:
     """The address of a run's page in the MLflow UI: on the server itself, or on `mlflow ui` (`ui_hint`) for a
     database store."""

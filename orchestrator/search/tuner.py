@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator.errors import ConfigError, Interrupted
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
+from orchestrator.experiment.tracking import optuna_storage
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, max_epochs
@@ -90,8 +91,10 @@ def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options:
 
 def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: TrialOptions,
                previous: list[dict[str, Any]], *, use_gpu: bool, verbose: bool = False) -> frozenset[str]:
-    """An Optuna search (TPE or random) inside Tune, ASHA on the seed mean; `previous` settings (resume) are
-    enqueued first: their finished seeds replay from the ledger."""
+    """An Optuna search (TPE or random) inside Tune, ASHA on the seed mean, its study kept in `optuna_storage`
+    under the sweep's name (`optuna-dashboard` opens it live). On resume (`previous`: the settings the ledger has
+    seen) the same study continues: `sync_study` makes it agree with the ledger first, and the settings with seeds
+    still to run are enqueued (their finished seeds replay from the ledger)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -102,7 +105,9 @@ def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: 
     seed = options.design_seed + 7919 * len(previous)
     sampler = (optuna.samplers.TPESampler(seed=seed) if options.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=seed))
-    replays = [{AdaptiveSearch.tune_key(k): v for k, v in s.items()} for s in previous]
+    tune_space = _tune_space(space)
+    storage = optuna_storage(cfg.tracking.uri or "", cfg.tracking.storage_path)
+    replays = sync_study(storage, ref, OptunaSearch.convert_search_space(tune_space), previous, options.seeds)
     search = AdaptiveSearch(space, cfg.model_dump(mode="json"), list(options.seeds))
     trainable = tune.with_parameters(run_setting, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
                                      use_gpu=use_gpu, search=search, options=options)
@@ -110,10 +115,48 @@ def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: 
     # The first epochs of a short run are noisy: no setting is judged before a quarter of its budget.
     asha = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
             if options.scheduler == "asha" else None)
-    samples = max(options.trials, len(replays))
-    return _fit(ref, cfg, trainable, _tune_space(space), options, use_gpu=use_gpu,
-                search_alg=OptunaSearch(sampler=sampler, points_to_evaluate=replays or None), num_samples=samples,
-                scheduler=asha, runs=(samples * len(options.seeds), len(options.seeds)), verbose=verbose)
+    samples = max(options.trials - (len(previous) - len(replays)), len(replays))
+    return _fit(ref, cfg, trainable, tune_space, options, use_gpu=use_gpu,
+                search_alg=OptunaSearch(sampler=sampler, points_to_evaluate=replays or None, study_name=ref.name,
+                                        storage=optuna.storages.RDBStorage(storage)),
+                num_samples=samples, scheduler=asha, runs=(samples * len(options.seeds), len(options.seeds)),
+                verbose=verbose)
+
+
+def sync_study(storage: str, ref: LedgerRef, distributions: dict[str, Any], previous: list[dict[str, Any]],
+               seeds: list[int]) -> list[dict[str, Any]]:
+    """Make the sweep's Optuna study agree with the MLflow ledger, the only record of what is done: a new sweep
+    starts a fresh study; on resume, trials left RUNNING or WAITING end FAIL, and each setting whose seeds are
+    all final in MLflow is a finished trial (added with `add_trial` when missing: COMPLETE at its seed-mean
+    val_acc, PRUNED if ASHA stopped it, FAIL if a seed diverged). Returns the other settings (Tune keys), to be
+    enqueued."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not previous and ref.name in optuna.get_all_study_names(storage):
+        optuna.delete_study(study_name=ref.name, storage=storage)  # a stale study of that name (a removed store)
+    study = optuna.create_study(study_name=ref.name, storage=storage, direction="maximize", load_if_exists=True)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    known = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
+                                                                         TrialState.PRUNED))]
+    client, replays = MlflowClient(ref.tracking_uri), []
+    for setting in previous:
+        params = {AdaptiveSearch.tune_key(k): v for k, v in setting.items()}
+        final = ledger.final_seeds(client, ref.experiment_id, ref.parent_run_id, ledger.setting_id(setting))
+        if set(seeds) - set(final):
+            replays.append(params)
+        elif params not in known:
+            statuses = {ledger.status_of(r) for r in final.values()}
+            state = (TrialState.COMPLETE if statuses == {"finished"} else
+                     TrialState.PRUNED if "early_stopped" in statuses else TrialState.FAIL)
+            values = [r.data.metrics["selected_val_acc"] for r in final.values() if state == TrialState.COMPLETE]
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={k: distributions[k] for k in params}, state=state,
+                value=sum(values) / len(values) if values else None))
+    return replays
 
 
 def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dict[str, Any], options: TrialOptions,

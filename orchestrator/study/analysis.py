@@ -171,12 +171,12 @@ def importances(means: pd.DataFrame, spaces: dict[str, Any], seed: int = 0,
         design = group[~group["defaults"]] if "defaults" in group else group
         if space is None or len(design) < 4 or design["score"].nunique() < 2:
             continue  # too few settings, or all score the same (fANOVA raises on zero variance): no importances
-        distributions = {p: _distribution(spec) for p, spec in space.parameters.items() if p in design}
+        distributions = {p: optuna_distribution(spec) for p, spec in space.parameters.items() if p in design}
         if not distributions:
             continue
         study = optuna.create_study(direction="maximize")
         study.add_trials([
-            optuna.trial.create_trial(params={p: _native(r[p], distributions[p]) for p in distributions},
+            optuna.trial.create_trial(params={p: optuna_value(r[p], distributions[p]) for p in distributions},
                                       distributions=distributions, value=float(r["score"]))
             for _, r in design.iterrows()])
         evaluators = {"fanova": optuna.importance.FanovaImportanceEvaluator(seed=seed),
@@ -191,7 +191,7 @@ def importances(means: pd.DataFrame, spaces: dict[str, Any], seed: int = 0,
     return pd.DataFrame(rows, columns=["method", "evaluator", "parameter", "importance"])
 
 
-def _distribution(spec: Any) -> Any:
+def optuna_distribution(spec: Any) -> Any:
     import optuna.distributions as d
 
     if spec.type == "choice":
@@ -201,7 +201,7 @@ def _distribution(spec: Any) -> Any:
     return d.FloatDistribution(spec.low, spec.high, log=spec.log)
 
 
-def _native(value: Any, distribution: Any) -> Any:
+def optuna_value(value: Any, distribution: Any) -> Any:
     import optuna.distributions as d
 
     if isinstance(distribution, d.IntDistribution):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -94,6 +96,8 @@ def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: 
     kill_when_finished(driver, workdir / "mlflow.db", 1, before)
     done_before = _finished_trials(workdir / "mlflow.db")
     assert 1 <= done_before < 4 * len(seeds)
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    trials_before = len(optuna.load_study(study_name="killed", storage=storage).trials) if sampler == "tpe" else 0
 
     result = CliRunner().invoke(app, ["resume", "killed"])
     assert result.exit_code == 0, result.output
@@ -110,4 +114,10 @@ def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: 
     assert len({sid for sid, _ in keys}) == 4, "four distinct settings"
     others = [c.data.tags["kdo.status"] for c in children if c.data.tags["kdo.status"] != "finished"]
     assert set(others) <= {"superseded"}, "the only other children are replaced attempts, closed"
+    if sampler == "tpe":  # the same Optuna study went on, agreeing with the ledger: no trial left open, no duplicate
+        trials = optuna.load_study(study_name="killed", storage=storage).trials
+        assert len(trials) > trials_before >= 1
+        complete = [json.dumps(t.params, sort_keys=True) for t in trials if t.state.name == "COMPLETE"]
+        assert len(complete) == len(set(complete)) == 4
+        assert {t.state.name for t in trials} <= {"COMPLETE", "FAIL"}, "the killed trial ends FAIL, none RUNNING"
 

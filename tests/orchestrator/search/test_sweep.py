@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -109,6 +111,12 @@ def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir
     finished = [c for c in children if c.data.tags["kdo.status"] == "finished"]
     assert finished and all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 3 for c in finished)
     assert len(client.search_runs([exp], "tags.`kdo.kind` = 'teacher'")) == 1, "teacher trained once per sweep"
+    # The Optuna study beside the store (optuna-dashboard opens it): one trial per setting, none left open.
+    trials = optuna.load_study(study_name="asha-test", storage=f"sqlite:///{workdir / 'optuna.db'}").trials
+    settings = {json.dumps(json.loads(c.data.tags["kdo.setting"]), sort_keys=True) for c in children}
+    assert sorted(json.dumps({k.replace("__", "."): v for k, v in t.params.items()}, sort_keys=True)
+                  for t in trials) == sorted(settings)
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     assert {"results.csv", "config.yaml", "space.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     best = result.best()
     assert parent.data.tags["best_setting_id"] == best.name

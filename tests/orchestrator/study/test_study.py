@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -21,6 +22,7 @@ from orchestrator.experiment.tracking import start_run
 from orchestrator.search import ledger
 from orchestrator.search.status import HIDDEN
 from orchestrator.study.display import print_study
+from orchestrator.study.optuna_export import export_optuna
 from orchestrator.study.report import write_report
 from orchestrator.study.results import read_results
 from orchestrator.study.robustness import RobustnessStudy, shipped_studies
@@ -126,6 +128,14 @@ def test_results_tables_and_verdicts_name_rows_by_label(workdir: Path) -> None:
     out = io.StringIO()
     print_study(loaded, console=Console(file=out, width=200))  # the console table and verdicts (the report's too)
     assert "│ kd_ls " in out.getvalue() and "kd more robust than kd_ls: " in out.getvalue()
+    storage, names = export_optuna(loaded)  # `kdo export optuna`: one Optuna study per entry, beside the store
+    assert storage == f"sqlite:///{workdir.resolve() / 'optuna.db'}" and names == ["labelled.kd", "labelled.kd_ls"]
+    means = loaded.setting_means()
+    for label in ("kd", "kd_ls"):
+        trials = optuna.load_study(study_name=f"labelled.{label}", storage=storage).trials
+        design = means[(means["method"] == label) & ~means["defaults"]]
+        assert sorted(t.value for t in trials) == pytest.approx(sorted(design["score"]))
+        assert set(trials[0].params) == set(loaded.spaces[label].parameters)
 
 
 def test_a_defaults_only_study_runs_each_entry_on_its_own_config_and_reports_without_verdicts(workdir: Path) -> None:
