@@ -71,10 +71,10 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
                   set_: Overrides = None, address: Address = None,
                   force: Annotated[bool, typer.Option(help="retrain even if cached")] = False) -> None:
     """Train the teacher a config describes, cache it and log it to MLflow (artifact `teacher`)."""
-    from orchestrator.experiment.config import load_config, resolve_paths
+    from orchestrator.experiment.config import load_config, resolve_paths, teacher_key
     from orchestrator.experiment.data import load_splits
     from orchestrator.experiment.launch import init_ray
-    from orchestrator.experiment.teachers import ensure_teacher
+    from orchestrator.experiment.teachers import ensure_teacher, registered_teacher
 
     cfg = resolve_paths(load_config(config, set_ or []))
     if cfg.teacher is None or cfg.teacher.architecture is None:
@@ -86,6 +86,9 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
     val = f"val_acc={metrics['val_acc']:.4f}" if "val_acc" in metrics else "no validation split"
     typer.echo(f"teacher {ckpt['architecture']}: {val} test_acc={metrics.get('test_acc', float('nan')):.4f}")
     typer.echo(f"checkpoint: {path}   (use it as teacher.checkpoint)")
+    registered = registered_teacher(cfg.tracking.uri or "", teacher_key(cfg))
+    if registered:
+        typer.echo(f"registered: {registered}   (as teacher.checkpoint too, wherever the store is reachable)")
 
 
 @app.command("demo")

@@ -57,7 +57,8 @@ class TeacherDataConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    """A teacher is a checkpoint (file path or MLflow `runs:/<id>/teacher`) or a description to train."""
+    """A teacher is a checkpoint (file path, MLflow `runs:/<id>/teacher` or `models:/<name>/<version>`) or a
+    description to train."""
 
     checkpoint: str | None = None
     architecture: str | None = None

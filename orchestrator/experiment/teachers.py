@@ -34,15 +34,15 @@ def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def check_teacher_checkpoint(cfg: ExperimentConfig, loaded: dict[str, dict[str, Any]] | None = None
                              ) -> dict[str, Any] | None:
-    """Load and check a given teacher checkpoint (file or MLflow `runs:/` URI) against the data's shape and the
-    method; None for a described teacher. `loaded` caches checkpoints by source across the points of a design."""
+    """Load and check a given teacher checkpoint (file, MLflow `runs:/` or `models:/` URI) against the data's shape
+    and the method; None for a described teacher. `loaded` caches checkpoints by source across a design's points."""
     if cfg.teacher is None or cfg.teacher.checkpoint is None:
         return None
     source = cfg.teacher.checkpoint
     if loaded is not None and source in loaded:
         ckpt = loaded[source]
     else:
-        path = str(_download_teacher(cfg, source)) if source.startswith("runs:/") else source
+        path = str(_download_teacher(cfg, source)) if source.startswith(("runs:/", "models:/")) else source
         ckpt = load_checkpoint(path)
         if loaded is not None:
             loaded[source] = ckpt
@@ -68,6 +68,8 @@ def _download_teacher(cfg: ExperimentConfig, uri: str) -> Path:
         raise ConfigError(f"teacher.checkpoint: {uri} names an MLflow run but the store {mask_uri(tracking)} does "
                           "not exist")
     assert cfg.teacher is not None
+    if uri.startswith("models:/"):  # a registered version: its source is the teacher run's `teacher/` folder
+        uri = _model_source(tracking, uri)
     dest = Path(cfg.teacher.cache_dir) / "mlflow" / uri.removeprefix("runs:/").replace("/", "_")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking)
@@ -78,6 +80,57 @@ def _download_teacher(cfg: ExperimentConfig, uri: str) -> Path:
     if not found:
         raise ConfigError(f"teacher.checkpoint: {uri} holds no .pt checkpoint")
     return found[0]
+
+
+def _model_source(tracking: str, uri: str) -> str:
+    """The `runs:/` source of a registered model version, `models:/<name>/<version>` or `models:/<name>@<alias>`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking, registry_uri=tracking)
+    ref = uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as err:
+        raise ConfigError(mask_uri(f"teacher.checkpoint: no model version {uri} in {tracking}: "
+                                   f"{str(err).splitlines()[0][:200]}")) from None
+    if not version.source.startswith("runs:/"):
+        raise ConfigError(f"teacher.checkpoint: {uri} is not a kdo teacher (its source is {version.source})")
+    return version.source
+
+
+def register_teacher(tracking: str, run_id: str, key: str) -> str:
+    """Register a trained teacher in MLflow's model registry: a version of `kdo-teacher-<key>` (its cache key) whose
+    files are kdo's own checkpoint, the run's `teacher/` artifact (state_dict plus config; it loads back as kdo's
+    class, feature outputs included). Tags the run with the version's URI and returns it: `teacher.checkpoint:
+    models:/kdo-teacher-<key>/<version>` works wherever a path does."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking, registry_uri=tracking)
+    name = f"kdo-teacher-{key}"
+    try:
+        client.create_registered_model(name, description=f"kdo teacher checkpoints of cache key {key}")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=f"runs:/{run_id}/teacher", run_id=run_id)
+    model = f"models:/{name}/{version.version}"
+    client.set_tag(run_id, "kdo.model", model)
+    return model
+
+
+def registered_teacher(tracking: str, key: str) -> str | None:
+    """The newest registered version of the teacher with cache key `key`, as a `models:/` URI (None if none)."""
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(tracking, registry_uri=tracking).search_model_versions(f"name = 'kdo-teacher-{key}'")
+    return f"models:/kdo-teacher-{key}/{max(int(v.version) for v in versions)}" if versions else None
 
 
 def ensure_teacher(cfg: ExperimentConfig, splits: Splits, *, force: bool = False) -> tuple[dict[str, Any], Path]:
@@ -93,6 +146,7 @@ def ensure_teacher(cfg: ExperimentConfig, splits: Splits, *, force: bool = False
             if teacher_run.status != "finished":
                 raise RuntimeError(f"teacher training {teacher_run.status} (MLflow run {teacher_run.run_id})")
             _fetch_artifact(cfg.tracking.uri or "", teacher_run.run_id, "teacher/teacher.pt", path)
+            register_teacher(cfg.tracking.uri or "", teacher_run.run_id, key)
     return load_checkpoint(path, "teacher cache"), path
 
 

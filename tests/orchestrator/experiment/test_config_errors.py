@@ -15,6 +15,7 @@ from orchestrator.cli import app
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.checkpoints import save_network
 from orchestrator.experiment.config import load_config
+from orchestrator.experiment.tracking import start_run
 from tests.conftest import TEACHER_NET, digits_config
 
 KD = {"name": "kd", "params": {"temperature": 4.0}}
@@ -153,6 +154,12 @@ def test_mismatched_weights(workdir: Path) -> None:
     cfg = _kd_with_checkpoint(workdir, str(path))
     # The header fits the data, the tensors do not: still one line, before any cluster work.
     _assert_refused(workdir, ["run", str(cfg)], "weights do not match architecture 'cnn'")
+
+
+def test_a_registered_teacher_that_is_not_there_is_one_line(workdir: Path) -> None:
+    start_run(f"sqlite:///{workdir / 'mlflow.db'}", "kdo", "other", tags={})  # the store exists, the model not
+    cfg = _kd_with_checkpoint(workdir, "models:/kdo-teacher-0123/1")
+    _assert_refused(workdir, ["run", str(cfg)], "teacher.checkpoint: no model version models:/kdo-teacher-0123/1 in")
 
 
 def test_mlflow_teacher_uri_without_store(workdir: Path) -> None:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from orchestrator import run
 from orchestrator.cli import app
+from orchestrator.experiment.config import ExperimentConfig, teacher_key
 from tests.conftest import digits_config, needs_fashion_mnist
 
 pytestmark = pytest.mark.usefixtures("ray_runtime")
@@ -91,6 +92,11 @@ def test_described_teacher_is_trained_once_and_runs_reproduce(workdir: Path) -> 
     uri = f"runs:/{teachers[0].info.run_id}/teacher"
     third = run(digits_config(method=KD, teacher={"checkpoint": uri}), ["training.epochs=1"])
     assert third.status == "finished" and third.teacher_test_acc == first.teacher_test_acc
+    # ... and as the version of a registered model named after its cache key, holding kdo's own checkpoint.
+    model = teachers[0].data.tags["kdo.model"]
+    assert model == f"models:/kdo-teacher-{teacher_key(ExperimentConfig.model_validate(cfg))}/1"
+    fourth = run(digits_config(method=KD, teacher={"checkpoint": model}), ["training.epochs=1"])
+    assert fourth.status == "finished" and fourth.teacher_test_acc == first.teacher_test_acc
 
 
 @pytest.mark.timeout(120)
