@@ -16,7 +16,7 @@ from orchestrator.experiment.checkpoints import build_from_checkpoint, check_com
 from orchestrator.experiment.config import ExperimentConfig, NetworkConfig, check_method_setup, teacher_key
 from orchestrator.experiment.data import Splits, dataset_info
 from orchestrator.experiment.launch import execute
-from orchestrator.experiment.tracking import mask_uri
+from orchestrator.experiment.tracking import mask_uri, register_checkpoint
 
 
 def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -109,19 +109,11 @@ def register_teacher(tracking: str, run_id: str, key: str) -> str:
     files are kdo's own checkpoint, the run's `teacher/` artifact (state_dict plus config; it loads back as kdo's
     class, feature outputs included). Tags the run with the version's URI and returns it: `teacher.checkpoint:
     models:/kdo-teacher-<key>/<version>` works wherever a path does."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking, registry_uri=tracking)
-    name = f"kdo-teacher-{key}"
-    try:
-        client.create_registered_model(name, description=f"kdo teacher checkpoints of cache key {key}")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(name, source=f"runs:/{run_id}/teacher", run_id=run_id)
-    model = f"models:/{name}/{version.version}"
-    client.set_tag(run_id, "kdo.model", model)
+    model = register_checkpoint(tracking, run_id, f"kdo-teacher-{key}", "teacher",
+                                f"kdo teacher checkpoints of cache key {key}")
+    MlflowClient(tracking).set_tag(run_id, "kdo.model", model)
     return model
 
 

@@ -278,6 +278,27 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
     return Tracker(uri, run.info.run_id), experiment_id
 
 
+def register_checkpoint(tracking: str, run_id: str, name: str, folder: str, description: str) -> str:
+    """Register a run's checkpoint folder (`teacher/`, `student/`: kdo's own state_dict plus config, not an MLflow
+    flavour) as a version of model `name` in MLflow's model registry; returns `models:/<name>/<version>`. The
+    newest version reused when it is that run's folder already (a resumed sweep finishing again)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking, registry_uri=tracking)
+    source = f"runs:/{run_id}/{folder}"
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        versions = client.search_model_versions(f"name = '{name}'")
+        newest = max(versions, key=lambda v: int(v.version), default=None)
+        if newest is not None and newest.source == source:
+            return f"models:/{name}/{newest.version}"
+    return f"models:/{name}/{client.create_model_version(name, source=source, run_id=run_id).version}"
+
+
 def optuna_storage(uri: str, storage_path: str) -> str:
     """Where kdo keeps Optuna studies (an adaptive sweep's, a study's export): `optuna.db` beside an SQLite MLflow
     store, else in `storage_path`; `optuna-dashboard <this>` opens them."""

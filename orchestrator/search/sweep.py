@@ -24,6 +24,7 @@ from orchestrator.experiment.tracking import (
     dataset_inputs,
     flatten,
     log_datasets,
+    register_checkpoint,
     start_run,
     store_errors,
     ui_hint,
@@ -266,8 +267,10 @@ def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str
                 best = result.best()
                 # Tags, not params: a resumed sweep's best may change, and MLflow params cannot.
                 best_run = with_results[with_results["setting_id"] == best.name]["run_id"].iloc[0]
+                model = register_checkpoint(parent.uri, best_run, f"kdo-student-{name}", "student",
+                                            f"the best student of sweep {name}")
                 parent.set_tags({**{f"best.{p}": best[p] for p in parameters}, "best_setting_id": best.name,
-                                 "best_run_id": best_run})
+                                 "best_run_id": best_run, "best_model": model})
                 parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]},
                                    step=0)
             except ValueError:

@@ -159,6 +159,18 @@ class StudyResults:
                        "runs": n * row["seeds"]} for row in budget]
         return {**result, "deciding_budget": budget}
 
+    def register_best(self) -> dict[str, str]:
+        """Each studied entry's best run (highest validation accuracy among its finished runs) registered as a
+        version of `kdo-student-<study>.<entry>`; returns the parent's tags `best_model.<entry>`."""
+        from orchestrator.experiment.tracking import register_checkpoint
+
+        finished = self.frame[(self.frame["status"] == "finished") & self.frame["method"].isin(self.spec.methods)]
+        best = finished.sort_values("val_acc", ascending=False).drop_duplicates("method")
+        return {f"best_model.{r.method}": register_checkpoint(self.tracking_uri, r.run_id,
+                                                               f"kdo-student-{self.name}.{r.method}", "student",
+                                                               f"the best {r.method} student of study {self.name}")
+                for r in best.itertuples()}
+
     def comparisons(self, failures: analysis.Failures = "chance") -> list[dict[str, Any]]:
         """The study's declared pairs, or every studied method against the first one; none without a design."""
         studied = list(self.spec.methods)

@@ -192,9 +192,8 @@ class RobustnessStudy:
         prepared = provision(self._shared_config(points), address=address, verbose=verbose)
         cfg = prepared.config
         assert cfg.tracking.uri is not None
-        parent, experiment_id = tracking.start_run(
-            cfg.tracking.uri, cfg.tracking.experiment, self.name,
-            tags={"kdo.kind": "study", "kdo.study": self.name, "kdo.methods": ",".join(self.methods),
+        parent, experiment_id = tracking.start_run(cfg.tracking.uri, cfg.tracking.experiment, self.name, tags={
+            "kdo.kind": "study", "kdo.study": self.name, "kdo.methods": ",".join(self.methods),
                   "kdo.design": self.spec.design, "kdo.seeds": ",".join(map(str, self.spec.seeds))})
         parent.log_params(tracking.flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}))
         parent.log_text(stored_spec(self.spec, self.base, self.spaces, cfg), "study.json")
@@ -337,6 +336,7 @@ class RobustnessStudy:
         parent.log_text(self.results().to_csv(index=False), "results.csv")
         summary = self.summary()
         parent.log_text(summary.to_csv(), "summary.csv")
+        parent.set_tags(self.outcome().register_best())  # each entry's best student, in the model registry
         for method, row in summary.iterrows():
             parent.log_metrics({f"{method}.{k}": v for k, v in row.items() if isinstance(v, float | int)}, step=0)
         with tempfile.TemporaryDirectory(prefix=f"kdo-{self.name}-") as folder:  # the copies are in MLflow

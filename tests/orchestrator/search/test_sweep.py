@@ -120,6 +120,9 @@ def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir
     assert {"results.csv", "config.yaml", "space.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     best = result.best()
     assert parent.data.tags["best_setting_id"] == best.name
+    assert parent.data.tags["best_model"] == "models:/kdo-student-asha-test/1"  # the best student, registered
+    version = client.get_model_version("kdo-student-asha-test", "1")
+    assert version.source == f"runs:/{parent.data.tags['best_run_id']}/student"
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc_mean"])
     # `kdo report` rebuilds the same table from MLflow alone.
     again = load_sweep("asha-test")

@@ -128,6 +128,12 @@ def test_results_tables_and_verdicts_name_rows_by_label(workdir: Path) -> None:
     out = io.StringIO()
     print_study(loaded, console=Console(file=out, width=200))  # the console table and verdicts (the report's too)
     assert "│ kd_ls " in out.getvalue() and "kd more robust than kd_ls: " in out.getvalue()
+    registered = loaded.register_best()  # each entry's best run (highest val) in the model registry
+    assert registered == {"best_model.kd": "models:/kdo-student-labelled.kd/1",
+                          "best_model.kd_ls": "models:/kdo-student-labelled.kd_ls/1"}
+    best_kd = frame[frame["method"] == "kd"].sort_values("val_acc")["run_id"].iloc[-1]
+    assert MlflowClient(uri).get_model_version("kdo-student-labelled.kd", "1").source == f"runs:/{best_kd}/student"
+    assert loaded.register_best() == registered, "registering again reuses the version"
     storage, names = export_optuna(loaded)  # `kdo export optuna`: one Optuna study per entry, beside the store
     assert storage == f"sqlite:///{workdir.resolve() / 'optuna.db'}" and names == ["labelled.kd", "labelled.kd_ls"]
     means = loaded.setting_means()
