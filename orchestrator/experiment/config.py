@@ -111,6 +111,8 @@ class TrackingConfig(_Strict):
     storage_path: str = Field("kdo_runs", description="where Ray Train/Tune keep run state and checkpoints")
     system_metrics_seconds: float = Field(10.0, ge=0.0, le=3600.0, description="seconds between MLflow system "
                                           "metrics samples (CPU, memory, GPU where present) on every run; 0: off")
+    log_models: bool = Field(False, description="register every finished run's student in MLflow's model registry "
+                             "(kdo-student-<run name>); off: only a sweep's or study's best")
 
     @field_validator("experiment")
     @classmethod

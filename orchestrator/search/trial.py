@@ -271,7 +271,7 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
             if member.status == "early_stopped":  # the stop may come with the last report, after the loop recorded it
                 ledger.settle_child(ref.tracking_uri, client.get_run(member.tracker.run_id), "early_stopped")
             else:
-                ledger.close_child(member.tracker, member.status)
+                ledger.close_child(member.tracker, member.status, member.config)
 
 
 def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, splits: Splits,
@@ -339,6 +339,6 @@ def _close_all(members: list[_Member], status: str | None, reason: str = "") -> 
             if tracker is not None:
                 if reason:
                     tracker.set_tags({"kdo.reason": reason})
-                ledger.close_child(tracker, status or m.status)
+                ledger.close_child(tracker, status or m.status, m.config)
     for m in members:
         m.tracker = None

@@ -28,7 +28,8 @@ def _store(workdir: Path) -> MlflowClient:
 def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_checkpoint: Path) -> None:
     cfg = workdir / "kd.yaml"
     cfg.write_text(yaml.safe_dump(digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)})))
-    result = CliRunner().invoke(app, ["run", str(cfg), "--set", "training.epochs=4"])
+    result = CliRunner().invoke(app, ["run", str(cfg), "--set", "training.epochs=4",
+                                      "--set", "tracking.log_models=true"])
     assert result.exit_code == 0, result.output
     assert "test_acc=" in result.output and "#/experiments/" in result.output
 
@@ -56,6 +57,9 @@ def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_
     artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id)}
     assert {"config.yaml", "student"} <= artifacts
     assert [a.path for a in client.list_artifacts(run_info.info.run_id, "student")] == ["student/student.pt"]
+    # tracking.log_models: the student is a model version too, whose files are that checkpoint.
+    version = client.get_model_version("kdo-student-test", "1")
+    assert version.source == f"runs:/{run_info.info.run_id}/student" and version.run_id == run_info.info.run_id
 
 
 @pytest.mark.slow
