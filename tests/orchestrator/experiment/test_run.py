@@ -62,20 +62,6 @@ def test_kdo_run_logs_config_metrics_tags_and_checkpoint(workdir: Path, teacher_
     assert version.source == f"runs:/{run_info.info.run_id}/student" and version.run_id == run_info.info.run_id
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_two_worker_ddp_run_beats_chance_and_is_read_back(workdir: Path, teacher_checkpoint: Path) -> None:
-    result = run(digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)}),
-                 ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "training.epochs=4"])
-    assert result.status == "finished"
-    assert result.test_acc > 0.5  # chance is 0.1
-    assert list(result.history["epoch"]) == [1, 2, 3, 4]
-    client = _store(workdir)
-    assert client.get_run(result.run_id).data.params["scaling.num_workers"] == "2"
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_acc")] == [1, 2, 3, 4]
-    assert (Path(result.config.tracking.storage_path)).is_dir(), "Ray Train kept its run state there"
-
-
 @pytest.mark.timeout(180)
 def test_described_teacher_is_trained_once_and_runs_reproduce(workdir: Path) -> None:
     cfg = digits_config(method=KD, teacher={"architecture": "cnn", "args": {"width": 8},
