@@ -4,6 +4,7 @@ served by `mlflow server` on 127.0.0.1 and the study's HTML report (`make browse
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def test_mlflow_ui_and_html_report_show_the_study(workdir: Path) -> None:
             page.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # expand its children
             expect(page.get_by_text(child_name, exact=True)).to_be_visible(timeout=30_000)
             assert page.locator(f"a[href*='{child}']").count() >= 1
+            # The Dataset column: each child's splits as MLflow inputs, "digits (<digest>)" with its context.
+            expect(page.get_by_text(re.compile(r"^digits \([0-9a-f]{8}\)$")).first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(workdir / "mlflow_runs.png"))
 
             page.goto(f"{url}/#/experiments/{study.experiment_id}/runs/{study.parent_run_id}"
                       "/artifacts/plots/distribution.png")
