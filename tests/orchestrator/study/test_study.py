@@ -217,10 +217,20 @@ def test_study_runs_counts_failures_and_is_rebuilt_from_mlflow(workdir: Path) ->
     assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report.md", "report.html"}
     runs_before = len(client.search_runs([exp], ""))
+    digests = set()
     for run_id in frame["run_id"]:  # the run tags of `kdo run`, on every child
-        tags = client.get_run(run_id).data.tags
+        child = client.get_run(run_id)
+        tags = child.data.tags
         assert (tags["kdo.dataset"], tags["kdo.student"]) == ("digits", "mlp")
         assert tags["kdo.teacher"].startswith("cnn (trained, key ")
+        # MLflow's view of it: the driver's source tags, the three splits as inputs, system metrics.
+        assert all(tags[k] == parent.data.tags[k] for k in ("mlflow.source.name", "mlflow.source.git.commit"))
+        inputs = {i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in child.inputs.dataset_inputs}
+        assert set(inputs) == {"training", "validation", "test"} and {n for n, _ in inputs.values()} == {"digits"}
+        digests.add(tuple(sorted(inputs.items())))
+        assert "system/cpu_utilization_percentage" in child.data.metrics
+    assert len(digests) == 1, "every child trained on the same splits"
+    assert parent.data.tags["best_model.kd"] == "models:/kdo-student-small.kd/1"
 
     loaded = RobustnessStudy.load("small")
     assert loaded.results().drop(columns="seconds").equals(frame.drop(columns="seconds"))
