@@ -138,10 +138,12 @@ def sync_study(storage: str, ref: LedgerRef, distributions: dict[str, Any], prev
     if not previous and ref.name in optuna.get_all_study_names(storage):
         optuna.delete_study(study_name=ref.name, storage=storage)  # a stale study of that name (a removed store)
     study = optuna.create_study(study_name=ref.name, storage=storage, direction="maximize", load_if_exists=True)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    # Settings the study had already closed; a trial still open (its driver died) is not one, even if MLflow
+    # finished its runs before Tune told Optuna.
     known = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
                                                                          TrialState.PRUNED))]
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     client, replays = MlflowClient(ref.tracking_uri), []
     for setting in previous:
         params = {AdaptiveSearch.tune_key(k): v for k, v in setting.items()}
