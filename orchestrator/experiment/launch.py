@@ -239,7 +239,7 @@ def _history(uri: str, run_id: str) -> list[dict[str, Any]]:
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     rows: dict[int, dict[str, Any]] = {}
-    for key in run.data.metrics:
+    for key in (k for k in run.data.metrics if not k.startswith("system/")):  # MLflow's own steps are not epochs
         for m in client.get_metric_history(run_id, key):
             if m.step >= 1:
                 rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
