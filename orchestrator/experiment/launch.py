@@ -25,7 +25,7 @@ from orchestrator.experiment.tracking import (
     dataset_inputs,
     flatten,
     log_datasets,
-    register_checkpoint,
+    register_student,
     run_tags,
     start_run,
     store_errors,
@@ -286,8 +286,7 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
                 out = LoopOutput(status="crashed", history=[], final={"reason": one_line(err)})
             status = "FINISHED" if out.status == "finished" else "FAILED"
             if cfg.tracking.log_models and out.status == "finished" and artifact_name == "student":
-                register_checkpoint(tracker.uri, tracker.run_id, f"kdo-student-{cfg.name}", "student",
-                                    f"the student of run {cfg.name}")
+                register_student(tracker, cfg.name)
             tracker.set_tags({"kdo.status": out.status})
         finally:
             tracker.finish(status)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from orchestrator.experiment.data import DataConfig, Splits
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+DATABASE_STORES = ("sqlite:", "postgresql:", "mysql:")  # stores `mlflow ui` serves (no server of their own)
 # Terminal output is the epoch lines and the results table: no download bars, no schema-migration chatter.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -278,6 +279,12 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
     return Tracker(uri, run.info.run_id), experiment_id
 
 
+def register_student(tracker: Tracker, run_name: str) -> str:
+    """`tracking.log_models`: a finished run's `student/` checkpoint as a version of `kdo-student-<run name>`."""
+    return register_checkpoint(tracker.uri, tracker.run_id, f"kdo-student-{run_name}", "student",
+                               f"the student of run {run_name}")
+
+
 def register_checkpoint(tracking: str, run_id: str, name: str, folder: str, description: str) -> str:
     """Register a run's checkpoint folder (`teacher/`, `student/`: kdo's own state_dict plus config, not an MLflow
     flavour) as a version of model `name` in MLflow's model registry; returns `models:/<name>/<version>`. The
@@ -311,7 +318,7 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
     """The address of a run's page in the MLflow UI: on the server itself, or on `mlflow ui` (`ui_hint`) for a
     database store."""
     uri = mask_uri(uri)
-    base = "http://127.0.0.1:5000" if uri.startswith(("sqlite:", "postgresql:", "mysql:")) else uri.rstrip("/")
+    base = "http://127.0.0.1:5000" if uri.startswith(DATABASE_STORES) else uri.rstrip("/")
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -321,7 +328,7 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     The MLflow 3 UI opens experiments in its GenAI view; the `/runs` link shows the training runs.
     """
     uri = mask_uri(uri)
-    store = uri if uri.startswith(("sqlite:", "postgresql:", "mysql:")) else None
+    store = uri if uri.startswith(DATABASE_STORES) else None
     if store is None:
         return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
     return (f"mlflow ui --backend-store-uri {store} --port 5000   then open "

@@ -24,7 +24,7 @@ from orchestrator.experiment.tracking import (
     flatten,
     log_datasets,
     mask_uri,
-    register_checkpoint,
+    register_student,
     run_tags,
     source_tags,
     start_run,
@@ -220,8 +220,7 @@ def close_child(tracker: Tracker, status: str, cfg: ExperimentConfig | None = No
     """End a child with its status; a finished one's student is registered when its config says
     `tracking.log_models` (as a version of `kdo-student-<run name>`)."""
     if cfg is not None and cfg.tracking.log_models and status == "finished":
-        register_checkpoint(tracker.uri, tracker.run_id, f"kdo-student-{cfg.name}", "student",
-                            f"the student of run {cfg.name}")
+        register_student(tracker, cfg.name)
     tracker.set_tags({"kdo.status": status, "kdo.early_stopped": str(status == "early_stopped").lower()})
     tracker.finish(MLFLOW_STATUS[status])
 
