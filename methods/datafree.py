@@ -144,6 +144,7 @@ class DataFreeDistiller(Distiller):
     """
 
     data_free = True
+    groupable = False  # its batches come from its own generator
     synthesis_modules: tuple[str, ...] = ("generator",)
 
     params: DataFreeParams

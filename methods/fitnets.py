@@ -237,8 +237,9 @@ class FitNets(Distiller):
         if p.stages == 1:
             assert self.regressor is not None, "setup() builds the regressor"
             logits, feats = self.student(x, features=True)
+            shared = self.teacher_pass(x)[1] if self.teacher_pass is not None else {}  # a group's one pass
             with torch.no_grad():
-                hint = forward_to(self.teacher, self.hint, x)
+                hint = shared[self.hint] if self.hint in shared else forward_to(self.teacher, self.hint, x)
             ce = F.cross_entropy(logits.float(), y)
             mse = F.mse_loss(self.regressor(feats[self.guided]).float(), hint.float())
             loss = p.ce_weight * ce + p.hint_weight * mse

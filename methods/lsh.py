@@ -131,7 +131,7 @@ class LSHFeatureMimicking(Distiller):
         p = self.params
         logits, feature = self.student_feature(x)
         with torch.no_grad():
-            teacher_logits, teacher_feats = self.teacher(x, features=True)
+            teacher_logits, teacher_feats = self.teacher_features(x)
             target = teacher_feats["penultimate"].float()
             codes = (target @ self.projection.float().t() + self.bias.float() > 0).float()
         per_sample = lsh_loss(feature, codes, self.projection, self.bias)

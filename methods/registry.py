@@ -29,6 +29,22 @@ def batch_order_seed(seed: int, epoch: int, phase: str = "student") -> int:
 _PHASE_START = {"student": 0, "hint": 10_000}
 
 
+class TeacherPass:
+    """The frozen teacher's outputs for the batch at hand, computed once for every student that asks: students
+    trained as one group (`orchestrator.experiment.group`) share one, so a batch costs one teacher forward."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher = teacher
+        self._key: tuple[Tensor, int] | None = None
+        self._out: tuple[Tensor, dict[str, Tensor]] | None = None
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if self._out is None or self._key is None or self._key[0] is not x or self._key[1] != x._version:
+            self._key, self._out = (x, x._version), self.teacher(x, features=True)
+        return self._out
+
+
 class MethodParams(BaseModel):
     """Base of every method's hyperparameter schema: typed, bounded, documented, no unknown keys."""
 
@@ -91,6 +107,10 @@ class Distiller(nn.Module):
     Params: type[MethodParams] = MethodParams
     needs_teacher: bool = True
     data_free: bool = False  # True: the student never sees a real training image
+    # True: the student steps on `ctx.train_batches` and reads the teacher only through `teacher_logits` or
+    # `teacher_features`, so students of one seed can train as a group on shared batches and teacher passes.
+    groupable: bool = True
+    teacher_pass: TeacherPass | None = None  # set by a group: the pass its members share
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: MethodParams) -> None:
         super().__init__()
@@ -113,7 +133,13 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_logits(self, x: Tensor) -> Tensor:
         assert self.teacher is not None
-        return self.teacher(x)
+        return self.teacher_pass(x)[0] if self.teacher_pass is not None else self.teacher(x)
+
+    @torch.no_grad()
+    def teacher_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The teacher's logits and named features (`FeatureNet.forward(x, features=True)`)."""
+        assert self.teacher is not None
+        return self.teacher_pass(x) if self.teacher_pass is not None else self.teacher(x, features=True)
 
     def forward(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

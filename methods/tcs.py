@@ -86,6 +86,7 @@ def pca_coordinates(features: Tensor, components: int | None, whiten: bool) -> d
 @register("tcs")
 class TailoredCoordinateSystem(Distiller):
     Params = TCSParams
+    groupable = False  # its batches carry image indices into its cached teacher coordinates
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: TCSParams) -> None:
         super().__init__(student, teacher, params)

@@ -1,19 +1,25 @@
 """Self-describing network checkpoints: a state_dict plus what rebuilds the network, loaded safely; and the
-loop-state checkpoints Tune keeps for a trial (one `seed-N.pt` per run it trains)."""
+loop-state checkpoints Tune keeps for a trial (one `seed-N.pt` per run it trains); the fingerprint of a
+teacher and its data."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from methods.networks import FeatureNet, build_network
 from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.experiment.config import ExperimentConfig
 
 _REQUIRED = ("architecture", "args", "num_classes", "in_channels", "image_size", "state_dict")
 
@@ -92,3 +98,17 @@ def load_states(folder: Path, seeds: list[int]) -> dict[int, dict[str, Any]] | N
                 for seed in seeds}
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None
+
+
+def fingerprint(cfg: ExperimentConfig, teacher_ckpt: dict[str, Any] | None) -> str:
+    """Names the training images and the teacher's weights: what a cached teacher pass depends on."""
+    digest = hashlib.sha256()
+    data = cfg.data.model_dump(mode="json", include={"name", "val_fraction", "train_fraction", "image_size",
+                                                     "split_seed", "synthetic"})
+    digest.update(json.dumps(data, sort_keys=True).encode())
+    if teacher_ckpt is not None:
+        digest.update(json.dumps({k: teacher_ckpt[k] for k in ("architecture", "args")}, sort_keys=True).encode())
+        for name, tensor in sorted(teacher_ckpt["state_dict"].items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import tempfile
 import time
@@ -22,7 +20,7 @@ from torch import nn
 from methods import get_method
 from methods.networks import FeatureNet, build_network
 from methods.registry import LoopContext, batch_order_seed
-from orchestrator.experiment.checkpoints import build_from_checkpoint, save_network
+from orchestrator.experiment.checkpoints import build_from_checkpoint, fingerprint, save_network
 from orchestrator.experiment.config import ExperimentConfig, TrainingConfig
 from orchestrator.experiment.data import DeviceData, Splits
 
@@ -129,20 +127,6 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device, world: int)
     return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
-def fingerprint(cfg: ExperimentConfig, teacher_ckpt: dict[str, Any] | None) -> str:
-    """Names the training images and the teacher's weights: what a cached teacher pass depends on."""
-    digest = hashlib.sha256()
-    data = cfg.data.model_dump(mode="json", include={"name", "val_fraction", "train_fraction", "image_size",
-                                                     "split_seed", "synthetic"})
-    digest.update(json.dumps(data, sort_keys=True).encode())
-    if teacher_ckpt is not None:
-        digest.update(json.dumps({k: teacher_ckpt[k] for k in ("architecture", "args")}, sort_keys=True).encode())
-        for name, tensor in sorted(teacher_ckpt["state_dict"].items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, Any] | None = None, *,
                rank: int = 0, world: int = 1, device: torch.device | None = None,
                report: Reporter | None = None, tracker: RunLog | None = None,
@@ -175,147 +159,191 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
     optimizer, the schedule, the RNG, the selection so far), on the CPU. `resume` takes such a state and
     continues from the next epoch: the method's pre-phase runs again with its logging off (its result is
     then overwritten), so nothing is logged twice."""
-    tc = cfg.training
-    device = device or torch.device("cpu")
-    torch.manual_seed(tc.seed)
-    data = DeviceData(splits, device, channels_last=tc.channels_last)
-    student = build_student(cfg, splits)
-    teacher = build_from_checkpoint(teacher_ckpt).to(device) if teacher_ckpt is not None else None
-    method = get_method(cfg.method.name)
-    distiller = method(student, teacher if method.needs_teacher else None, method.Params(**cfg.method.params))
-    distiller.to(device)
-    if tc.channels_last:
-        distiller.to(memory_format=torch.channels_last)
+    run = Training(cfg, splits, teacher_ckpt, rank=rank, world=world, device=device, report=report,
+                   tracker=tracker, wrap=wrap, artifact_name=artifact_name, log=log, snapshot_every=snapshot_every,
+                   resume=resume)
+    for epoch in range(run.first, cfg.training.epochs + 1):
+        run.start_epoch(epoch)
+        for x, y in run.distiller.batches(epoch, run.ctx):
+            run.step(x, y)
+        metrics = run.end_epoch(epoch)
+        yield metrics
+        if "status" in metrics:
+            return
 
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
 
-    def log_images(images: torch.Tensor, artifact_file: str) -> None:
-        if tracker is not None and rank == 0:
-            import torchvision  # its ops pull in torch._dynamo: only methods that log images pay for it
+class Training:
+    """One run of the loop, a step at a time: built (student, method, its pre-phase, optimizer, schedule; or all
+    of it restored from a loop state), then `start_epoch`, `step` per batch, `end_epoch`. `iterate_epochs` drives
+    one; a group (`orchestrator.experiment.group`) drives several on the same batches, handing each its `data` and
+    one `teacher` module."""
 
-            with tempfile.TemporaryDirectory(prefix="kdo-images-") as folder:
-                path = Path(folder) / Path(artifact_file).name
-                torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=8, normalize=True)
-                tracker.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+    def __init__(self, cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, Any] | None = None, *,
+                 rank: int = 0, world: int = 1, device: torch.device | None = None,
+                 report: Reporter | None = None, tracker: RunLog | None = None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, artifact_name: str = "student",
+                 log: Callable[[str], None] | None = print, snapshot_every: int = 0,
+                 resume: dict[str, Any] | None = None, data: DeviceData | None = None,
+                 teacher: nn.Module | None = None) -> None:
+        tc = cfg.training
+        self.cfg, self.splits, self.rank, self.world, self.report = cfg, splits, rank, world, report
+        self.tracker = tracker
+        self.artifact_name, self.log, self.snapshot_every = artifact_name, log, snapshot_every
+        self.device = device = device or torch.device("cpu")
+        if teacher is None and teacher_ckpt is not None:  # before the seed: a group hands its members a built one
+            teacher = build_from_checkpoint(teacher_ckpt).to(device)
+        torch.manual_seed(tc.seed)
+        self.data = data = data or DeviceData(splits, device, channels_last=tc.channels_last)
+        self.student = build_student(cfg, splits)
+        method = get_method(cfg.method.name)
+        self.distiller = distiller = method(self.student, teacher if method.needs_teacher else None,
+                                            method.Params(**cfg.method.params))
+        distiller.to(device)
+        if tc.channels_last:
+            distiller.to(memory_format=torch.channels_last)
+        self.ctx = ctx = self._context(teacher_ckpt)
+        if resume is not None:  # the pre-phase ran and was logged before: rerun it quietly, then overwrite its result
+            ctx = dataclasses.replace(ctx, log=lambda metrics, step: None, log_images=lambda images, name: None,
+                                      set_tags=lambda tags: None)
+        distiller.setup(ctx)  # before DDP wraps it: every rank runs the same seeded pre-phase, DDP syncs from rank 0
+        self.model: nn.Module = wrap(distiller) if wrap is not None else distiller
+        if tc.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = make_optimizer(distiller.optimized_parameters(), tc)
+        self.schedule = make_schedule(self.optimizer, tc)
+        self.status = "finished"
+        self.static: dict[str, float] = {}
+        self.validated = data.size("val") > 0  # else nothing is validated: no val_acc at all, never a 0 in its place
+        if teacher is not None:
+            self.static = {**({"teacher_val_acc": accuracy(teacher, data, "val", tc.precision)} if self.validated
+                              else {}), "teacher_test_acc": accuracy(teacher, data, "test", tc.precision)}
+            if tracker is not None and resume is None:
+                tracker.log_metrics(self.static, step=0)
+        # No epoch is selected before the first finite one: a run that diverges at once tests nothing (NaN).
+        self.best_val, self.best_epoch, self.best_state, self.first = float("nan"), 0, None, 1
+        if resume is not None:
+            distiller.load_state_dict(resume["distiller"], strict=False)
+            distiller.load_method_state(resume["method"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.schedule.load_state_dict(resume["schedule"])
+            torch.set_rng_state(resume["rng"])
+            self.best_val, self.best_epoch, self.best_state, self.first = (
+                resume["best_val"], resume["best_epoch"], resume["best_state"], resume["epoch"] + 1)
 
-    def set_tags(tags: dict[str, str]) -> None:
-        if tracker is not None:
-            tracker.set_tags(tags)
+    def _context(self, teacher_ckpt: dict[str, Any] | None) -> LoopContext:
+        cfg, tc, data, splits, tracker = self.cfg, self.cfg.training, self.data, self.splits, self.tracker
+        rank = self.rank
 
-    def train_batches(epoch: int, phase: str = "student", with_index: bool = False) -> Iterator[tuple[Any, ...]]:
-        return data.train_batches(cfg.data.batch_size, seed=batch_order_seed(tc.seed, epoch, phase), rank=rank,
-                                  world=world, augment=cfg.data.augment, with_index=with_index)
+        def log_images(images: torch.Tensor, artifact_file: str) -> None:
+            if tracker is not None and rank == 0:
+                import torchvision  # its ops pull in torch._dynamo: only methods that log images pay for it
 
-    ctx = LoopContext(
-        device=device, num_classes=splits.info.num_classes,
-        image_shape=(splits.info.channels, splits.info.image_size, splits.info.image_size),
-        batch_size=cfg.data.batch_size, epochs=tc.epochs, precision=tc.precision, log=log_metrics,
-        make_optimizer=lambda params: make_optimizer(params, tc), train_batches=train_batches,
-        clean_batches=lambda batch_size: data.eval_batches("train", batch_size),
-        accuracy=lambda net, split: accuracy(net, data, split, tc.precision),
-        fingerprint=lambda: fingerprint(cfg, teacher_ckpt), log_images=log_images, set_tags=set_tags,
-        cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher is not None else None,
-        indexed_train_batches=lambda epoch: train_batches(epoch, with_index=True),
-        train_images=data.train_images, data_mean=tuple(splits.mean), data_std=tuple(splits.std))
-    if resume is not None:  # the pre-phase ran and was logged before: rerun it quietly, then overwrite its result
-        ctx = dataclasses.replace(ctx, log=lambda metrics, step: None, log_images=lambda images, name: None,
-                                  set_tags=lambda tags: None)
-    distiller.setup(ctx)  # before DDP wraps it: every rank runs the same seeded pre-phase, DDP syncs from rank 0
-    model: nn.Module = wrap(distiller) if wrap is not None else distiller
-    if tc.compile:
-        model = torch.compile(model)
-    optimizer = make_optimizer(distiller.optimized_parameters(), tc)
-    schedule = make_schedule(optimizer, tc)
+                with tempfile.TemporaryDirectory(prefix="kdo-images-") as folder:
+                    path = Path(folder) / Path(artifact_file).name
+                    torchvision.utils.save_image(images.detach().float().cpu(), path, nrow=8, normalize=True)
+                    tracker.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
-    status = "finished"
-    static: dict[str, float] = {}
-    validated = data.size("val") > 0  # else nothing is validated: no val_acc at all, never a 0 in its place
-    if teacher is not None:
-        static = {**({"teacher_val_acc": accuracy(teacher, data, "val", tc.precision)} if validated else {}),
-                  "teacher_test_acc": accuracy(teacher, data, "test", tc.precision)}
-        if tracker is not None and resume is None:
-            tracker.log_metrics(static, step=0)
-    # No epoch is selected before the first finite one: a run that diverges at once tests nothing (NaN).
-    best_val, best_epoch, best_state, first = float("nan"), 0, None, 1
-    if resume is not None:
-        distiller.load_state_dict(resume["distiller"], strict=False)
-        distiller.load_method_state(resume["method"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        torch.set_rng_state(resume["rng"])
-        best_val, best_epoch, best_state = resume["best_val"], resume["best_epoch"], resume["best_state"]
-        first = resume["epoch"] + 1
-    for epoch in range(first, tc.epochs + 1):
-        distiller.train()
-        distiller.start_epoch(epoch, ctx)
-        start = time.perf_counter()
-        sums: dict[str, float] = {}
-        batches = seen = 0
-        lr = optimizer.param_groups[0]["lr"]
-        for x, y in distiller.batches(epoch, ctx):
-            seen += x.shape[0]
-            with autocast(device, tc.precision):
-                loss, parts = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batches += 1
-            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.detach()
-            for name, value in parts.items():
-                sums[f"loss/{name}"] = sums.get(f"loss/{name}", 0.0) + value
-        schedule.step()
-        means = _mean_over_ranks({k: float(v) / max(1, batches) for k, v in sums.items()}, device, world)
-        seconds = time.perf_counter() - start
+        def train_batches(epoch: int, phase: str = "student", with_index: bool = False) -> Iterator[tuple[Any, ...]]:
+            return data.train_batches(cfg.data.batch_size, seed=batch_order_seed(tc.seed, epoch, phase), rank=rank,
+                                      world=self.world, augment=cfg.data.augment, with_index=with_index)
+
+        return LoopContext(
+            device=self.device, num_classes=splits.info.num_classes,
+            image_shape=(splits.info.channels, splits.info.image_size, splits.info.image_size),
+            batch_size=cfg.data.batch_size, epochs=tc.epochs, precision=tc.precision,
+            log=lambda metrics, step: tracker.log_metrics(metrics, step=step) if tracker is not None else None,
+            make_optimizer=lambda params: make_optimizer(params, tc), train_batches=train_batches,
+            clean_batches=lambda batch_size: data.eval_batches("train", batch_size),
+            accuracy=lambda net, split: accuracy(net, data, split, tc.precision),
+            fingerprint=lambda: fingerprint(cfg, teacher_ckpt), log_images=log_images,
+            set_tags=lambda tags: tracker.set_tags(tags) if tracker is not None else None,
+            cache_dir=Path(cfg.teacher.cache_dir) if cfg.teacher is not None else None,
+            indexed_train_batches=lambda epoch: train_batches(epoch, with_index=True),
+            train_images=data.train_images, data_mean=tuple(splits.mean), data_std=tuple(splits.std))
+
+    def start_epoch(self, epoch: int) -> None:
+        self.distiller.train()
+        self.distiller.start_epoch(epoch, self.ctx)
+        self._start, self._sums, self._batches, self._seen = time.perf_counter(), {}, 0, 0
+        self._lr = self.optimizer.param_groups[0]["lr"]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """One optimizer step on one batch."""
+        self._seen += x.shape[0]
+        with autocast(self.device, self.cfg.training.precision):
+            loss, parts = self.model(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self._batches += 1
+        sums = self._sums
+        sums["train_loss"] = sums.get("train_loss", 0.0) + loss.detach()
+        for name, value in parts.items():
+            sums[f"loss/{name}"] = sums.get(f"loss/{name}", 0.0) + value
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Step the schedule, validate, select, log and report the epoch; on the last one (the epochs are done, or
+        the run diverged) also test the selected student once and save it. The metrics carry `status` then."""
+        tc, data, distiller, ctx, tracker = self.cfg.training, self.data, self.distiller, self.ctx, self.tracker
+        self.schedule.step()
+        means = _mean_over_ranks({k: float(v) / max(1, self._batches) for k, v in self._sums.items()}, self.device,
+                                 self.world)
+        seconds = time.perf_counter() - self._start
         method_metrics = distiller.epoch_metrics()
         student = distiller.inference_student()
-        val_acc = accuracy(student, data, "val", tc.precision) if validated else None
-        val = {"val_acc": val_acc, **_named("val_acc", distiller.extra_accuracies("val", ctx))} if validated else {}
-        metrics: dict[str, Any] = {"epoch": epoch, **means, **method_metrics, **val, "lr": lr,
-                                   "epoch_seconds": seconds, "images_per_s": seen * world / seconds}
+        val_acc = accuracy(student, data, "val", tc.precision) if self.validated else None
+        val = ({"val_acc": val_acc, **_named("val_acc", distiller.extra_accuracies("val", ctx))} if self.validated
+               else {})
+        metrics: dict[str, Any] = {"epoch": epoch, **means, **method_metrics, **val, "lr": self._lr,
+                                   "epoch_seconds": seconds, "images_per_s": self._seen * self.world / seconds}
         if not all(math.isfinite(v) for v in (*means.values(), *method_metrics.values())):
-            status = "diverged"
-        elif tc.selection == "last" or best_state is None or (val_acc is not None and val_acc > best_val):
-            best_val, best_epoch = (val_acc if val_acc is not None else best_val), epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
-        last = epoch == tc.epochs or status == "diverged"
+            self.status = "diverged"
+        elif (tc.selection == "last" or self.best_state is None
+              or (val_acc is not None and val_acc > self.best_val)):
+            self.best_val, self.best_epoch = (val_acc if val_acc is not None else self.best_val), epoch
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
+        last = epoch == tc.epochs or self.status == "diverged"
         if last:
             test_acc = float("nan")
-            if best_state is not None:
-                student.load_state_dict(best_state)
+            if self.best_state is not None:
+                student.load_state_dict(self.best_state)
                 test_acc = accuracy(student, data, "test", tc.precision)
                 metrics.update(_named("test_acc", distiller.extra_accuracies("test", ctx)))
-            metrics.update(test_acc=test_acc, best_epoch=best_epoch,
-                           **({"selected_val_acc": best_val} if validated else {}), **static)
-            metrics["status"] = status
-        if rank == 0 and log is not None:
-            log(epoch_line(cfg.name, epoch, tc.epochs, metrics))
+            metrics.update(test_acc=test_acc, best_epoch=self.best_epoch,
+                           **({"selected_val_acc": self.best_val} if self.validated else {}), **self.static)
+            metrics["status"] = self.status
+        if self.rank == 0 and self.log is not None:
+            self.log(epoch_line(self.cfg.name, epoch, tc.epochs, metrics))
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         with tempfile.TemporaryDirectory(prefix="kdo-student-") as folder:  # removed once reported and logged
             checkpoint_dir = None
-            if rank == 0 and last and (report is not None or tracker is not None):
+            if self.rank == 0 and last and (self.report is not None or tracker is not None):
                 checkpoint_dir = folder
-                save_network(Path(folder) / f"{artifact_name}.pt", student, architecture=cfg.student.architecture,
-                             args=cfg.student.args, num_classes=splits.info.num_classes,
-                             in_channels=splits.info.channels, image_size=splits.info.image_size,
-                             **({"val_acc": val_acc} if val_acc is not None else {}), epoch=epoch,
-                             test_acc=metrics["test_acc"])
-                if tracker is not None:
-                    tracker.log_artifact(Path(folder) / f"{artifact_name}.pt", artifact_name)
-                    # The outcome is on record before anyone hears of it: a trial process Tune tears down right
-                    # after its last report still leaves a run whose tag says how it ended.
-                    tracker.set_tags({"kdo.status": status})
-            if report is not None:
-                report(metrics, checkpoint_dir)
-        if snapshot_every and not last and epoch % snapshot_every == 0:
-            metrics["loop_state"] = copy.deepcopy({  # a copy: training on mutates the live tensors
-                "epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state(), "best_val": best_val, "best_epoch": best_epoch, "best_state": best_state,
-                "method": distiller.method_state(),
-                "distiller": {k: v.detach().cpu() for k, v in distiller.state_dict().items()
-                              if not k.startswith("teacher.")}})
-        yield metrics
-        if last:
-            return
+                self._save_student(Path(folder), student, val_acc, epoch, metrics["test_acc"])
+            if self.report is not None:
+                self.report(metrics, checkpoint_dir)
+        if self.snapshot_every and not last and epoch % self.snapshot_every == 0:
+            metrics["loop_state"] = self.loop_state(epoch)
+        return metrics
+
+    def _save_student(self, folder: Path, student: nn.Module, val_acc: float | None, epoch: int,
+                      test_acc: float) -> None:
+        cfg, info, name = self.cfg, self.splits.info, self.artifact_name
+        save_network(folder / f"{name}.pt", student, architecture=cfg.student.architecture, args=cfg.student.args,
+                     num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size,
+                     **({"val_acc": val_acc} if val_acc is not None else {}), epoch=epoch, test_acc=test_acc)
+        if self.tracker is not None:
+            self.tracker.log_artifact(folder / f"{name}.pt", name)
+            # The outcome is on record before anyone hears of it: a trial process Tune tears down right
+            # after its last report still leaves a run whose tag says how it ended.
+            self.tracker.set_tags({"kdo.status": self.status})
+
+    def loop_state(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to continue after `epoch`, on the CPU; a copy: training on mutates the live tensors."""
+        return copy.deepcopy({
+            "epoch": epoch, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "rng": torch.get_rng_state(), "best_val": self.best_val, "best_epoch": self.best_epoch,
+            "best_state": self.best_state, "method": self.distiller.method_state(),
+            "distiller": {k: v.detach().cpu() for k, v in self.distiller.state_dict().items()
+                          if not k.startswith("teacher.")}})
