@@ -20,6 +20,8 @@ app.add_typer(export_app, name="export")
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="override a field: a.b=value (repeatable)")]
 Address = Annotated[str | None, typer.Option(help="Ray cluster address ('auto' for `ray start`); default local")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="also Tune's status tables and the Ray workers' output")]
+GROUP_HELP = "runs of one seed trained as one group on shared batches and teacher passes (0: auto, 1: alone)"
+GroupSize = Annotated[int, typer.Option(help=GROUP_HELP)]
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,7 +116,8 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
               name: Annotated[str | None, typer.Option(help="sweep name (default: config-method-time)")] = None,
               max_failures: Annotated[int, typer.Option(help="retries of a crashed trial, from its checkpoint")] = 0,
               checkpoint_seconds: Annotated[float, typer.Option(help="seconds between trial checkpoints")] = 30.0,
-              set_: Overrides = None, address: Address = None, verbose: Verbose = False) -> None:
+              group_size: GroupSize = 0, set_: Overrides = None, address: Address = None,
+              verbose: Verbose = False) -> None:
     """Search a method's hyperparameters with Ray Tune + Optuna; every run an MLflow child of the sweep."""
     if name is not None:
         check_name(name, "--name")  # before importing Ray: a typo fails at once (`sweep` checks it too)
@@ -123,7 +126,7 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
     result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
                    concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
                    max_failures=max_failures, overrides=set_ or [], checkpoint_seconds=checkpoint_seconds,
-                   verbose=verbose)
+                   group_size=group_size, verbose=verbose)
     from orchestrator.study.display import print_sweep
 
     print_sweep(result)
@@ -135,6 +138,7 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
               set_: Overrides = None, address: Address = None,
               name: Annotated[str | None, typer.Option(help="study name (default: the file's)")] = None,
               report: Annotated[str | None, typer.Option(help="report path (default ./<name>-report)")] = None,
+              group_size: Annotated[int | None, typer.Option(help=GROUP_HELP + " (default: the study's)")] = None,
               verbose: Verbose = False) -> None:
     """A robustness study: each method's space covered evenly × seeds, analysed, plotted and reported."""
     from orchestrator.study.display import print_study
@@ -143,7 +147,8 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
     if name is not None:
         check_name(name, "--name")
     spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
-    spec = (spec.replace(name=name) if name is not None else spec).claim_name()
+    changes = {k: v for k, v in (("name", name), ("group_size", group_size)) if v is not None}
+    spec = (spec.replace(**changes) if changes else spec).claim_name()
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
     done = spec.run(address=address, verbose=verbose)
     print_study(done.outcome(), done.report(report or f"{done.name}-report"))

@@ -1,6 +1,6 @@
-"""Self-describing network checkpoints: a state_dict plus what rebuilds the network, loaded safely; and the
-loop-state checkpoints Tune keeps for a trial (one `seed-N.pt` per run it trains); the fingerprint of a
-teacher and its data."""
+"""Self-describing network checkpoints: a state_dict plus what rebuilds the network, loaded safely; the
+loop-state checkpoints Tune keeps for a trial (one `seed-N.pt` per run it trains, `<setting>-seed-N.pt` in a
+group); the fingerprint of a teacher and its data."""
 
 from __future__ import annotations
 
@@ -91,11 +91,11 @@ def newest_checkpoints(folder: str | Path | None) -> list[Path]:
     return sorted(Path(folder).glob("checkpoint_*"), reverse=True)
 
 
-def load_states(folder: Path, seeds: list[int]) -> dict[int, dict[str, Any]] | None:
-    """The loop state of every seed in one checkpoint folder, or None if any is missing or cut short."""
+def load_states(folder: Path, names: list[str]) -> dict[str, dict[str, Any]] | None:
+    """The loop state of every run `names` names (`seed-N`) in one checkpoint folder, or None if any is missing
+    or cut short."""
     try:
-        return {seed: torch.load(folder / f"seed-{seed}.pt", map_location="cpu", weights_only=False)
-                for seed in seeds}
+        return {name: torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=False) for name in names}
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None
 

@@ -20,6 +20,7 @@ from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.data import DataConfig, dataset_info
 
 MAX_SEED = 2**31 - 1  # every seed torch, numpy and CUDA accept
+MAX_GROUP = 64  # the most runs one trial trains as a group (`group_size`)
 
 
 class _Strict(BaseModel):

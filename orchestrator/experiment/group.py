@@ -61,8 +61,8 @@ def iterate_group(members: list[Member], splits: Splits, teacher_ckpt: dict[str,
                   device: torch.device, snapshot_every: int = 0) -> Iterator[list[dict[str, Any] | None]]:
     """Train the members together; yields, per epoch, each member's metrics in order (`iterate_epochs`'), or None
     for one that is not training that epoch (it ended before). A member whose work raises ends with
-    `{"status": "crashed", "reason": ...}`. The members continue from one epoch (their `resume` states'), or
-    all start afresh."""
+    `{"status": "crashed", "reason": ...}`. Each member starts after its `resume` state's epoch (or at 1) and joins
+    the group's batches there."""
     first = members[0].config.training
     data = DeviceData(splits, device, channels_last=first.channels_last)
     teacher = build_from_checkpoint(teacher_ckpt).to(device) if teacher_ckpt is not None else None
@@ -102,9 +102,9 @@ def iterate_group(members: list[Member], splits: Splits, teacher_ckpt: dict[str,
                 runs[i] = None
 
     for epoch in range(start, last + 1):
-        live = [i for i, r in enumerate(runs) if r is not None and epoch <= r.cfg.training.epochs]
+        live = [i for i, r in enumerate(runs) if r is not None and r.first <= epoch <= r.cfg.training.epochs]
         if not live:
-            return
+            continue
         results = [None] * len(members)
         for i in live:
             work(i, results, "start_epoch", epoch)

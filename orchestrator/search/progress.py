@@ -52,21 +52,22 @@ def run_line(run: Any, status: str, index: int, total: int) -> str:
 class RunProgress(Callback):
     """The progress view of one Tune run, as a Tune callback; `shown()` around `Tuner.fit()` draws it.
 
-    `total` runs are expected, `runs_per_trial` per trial (an adaptive trial runs every seed of its setting);
-    when a trial ends with another number of runs (a setting refused as `invalid`, seeds replayed on resume)
+    `total` runs are expected, `runs_per_trial` per trial (an adaptive trial runs every seed of its setting; a
+    list: per group, the trial of group i being the one with config `{"group": i}`); when a trial ends with
+    another number of runs (a setting refused as `invalid`, seeds replayed on resume)
     the total follows. A trial that ends while its child is still RUNNING is counted as the finisher will
     close it: `early_stopped` if Tune ended it (`interrupted` when the driver was stopped), `crashed` if it
     errored. The ledger is read on a thread of its own: Tune warns about callbacks that hold up its loop.
     Only plain data is kept until `shown()`: Tune pickles its callbacks when the Tuner is built."""
 
-    def __init__(self, ref: LedgerRef, total: int, runs_per_trial: int, *, live: bool) -> None:
+    def __init__(self, ref: LedgerRef, total: int, runs_per_trial: int | list[int], *, live: bool) -> None:
         self.ref, self.total, self.runs_per_trial, self.live = ref, total, runs_per_trial, live
         self.counts: dict[str, int] = {}
-        self.running: set[str] = set()
+        self.running: dict[str, int] = {}  # trial id: the runs it trains
         self.best: float | None = None
         self.recent: deque[str] = deque(maxlen=RECENT)
         self.started = time.monotonic()
-        self._ended: queue.Queue[tuple[str, str] | None] | None = None
+        self._ended: queue.Queue[tuple[str, str, int] | None] | None = None
         self._lock: threading.Lock | None = None
         self._live: Live | None = None
 
@@ -94,19 +95,24 @@ class RunProgress(Callback):
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         assert self._lock is not None
         with self._lock:
-            self.running.add(trial.trial_id)
+            self.running[trial.trial_id] = self._runs_of(trial)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._end(trial.trial_id, "early_stopped")
+        self._end(trial, "early_stopped")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._end(trial.trial_id, "crashed")
+        self._end(trial, "crashed")
 
-    def _end(self, trial_id: str, unsettled: str) -> None:
+    def _runs_of(self, trial: Any) -> int:
+        if isinstance(self.runs_per_trial, int):
+            return self.runs_per_trial
+        return self.runs_per_trial[trial.config["group"]]
+
+    def _end(self, trial: Any, unsettled: str) -> None:
         assert self._lock is not None and self._ended is not None
         with self._lock:
-            self.running.discard(trial_id)
-        self._ended.put((trial_id, unsettled))
+            self.running.pop(trial.trial_id, None)
+        self._ended.put((trial.trial_id, unsettled, self._runs_of(trial)))
 
     # ---------------------------------------------------------------------------------------- the view
     def _settle_ended(self) -> None:
@@ -126,7 +132,7 @@ class RunProgress(Callback):
                 reason = "the MLflow store did not answer" if unreachable(err) else str(err).splitlines()[0][:120]
                 self._show(f"trial {ended[0]}: its runs could not be read ({reason})")
 
-    def _settle(self, client: Any, trial_id: str, unsettled: str) -> None:
+    def _settle(self, client: Any, trial_id: str, unsettled: str, expected: int) -> None:
         """Count and show the runs of a trial that ended, with their statuses from the ledger."""
         runs = [r for r in ledger.children(client, self.ref.experiment_id, self.ref.parent_run_id, trial=trial_id)
                 if ledger.status_of(r) not in HIDDEN]
@@ -135,7 +141,7 @@ class RunProgress(Callback):
                 unsettled = "interrupted"
         assert self._lock is not None
         with self._lock:
-            self.total += len(runs) - self.runs_per_trial
+            self.total += len(runs) - expected
         if not runs and unsettled == "crashed":  # no child to count: the ledger will not know of it either
             self._show(f"trial {trial_id}: crashed before its run started")
         for run in sorted(runs, key=lambda r: int(r.data.tags.get("kdo.seed", 0))):
@@ -167,7 +173,7 @@ class RunProgress(Callback):
             failed = sum(n for s, n in self.counts.items() if s in FAILED)
             stopped = sum(n for s, n in self.counts.items() if s in ("early_stopped", "interrupted"))
             done, total = self.done, max(self.total, self.done)
-            running, recent, best = len(self.running) * self.runs_per_trial, list(self.recent), self.best
+            running, recent, best = sum(self.running.values()), list(self.recent), self.best
         eta = _clock(elapsed / done * (total - done)) if done else "-"
         head = Text.assemble((f"{self.ref.name}: ", "bold"), f"{done}/{total} done, {running} running, ",
                              (f"{failed} failed", "red" if failed else ""), f", {stopped} stopped" if stopped else "",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError, Interrupted, check_name
-from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, read_yaml, require_validation
+from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, read_yaml, require_validation
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.tracking import (
@@ -105,7 +105,8 @@ def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kd
 
 
 def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int, metric: str, seeds: list[int],
-             max_failures: int, design_seed: int, checkpoint_seconds: float, cfg: ExperimentConfig) -> TrialOptions:
+             max_failures: int, design_seed: int, checkpoint_seconds: float, group_size: int,
+             cfg: ExperimentConfig) -> TrialOptions:
     if sampler not in ("tpe", "random", "sobol", "grid"):
         raise ConfigError(f"--sampler: unknown sampler '{sampler}'; allowed: tpe, random, sobol, grid")
     if scheduler not in (None, "asha", "none"):
@@ -120,6 +121,9 @@ def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
         raise ConfigError(f"--max-failures: retries of a crashed trial, 0 to 100 (got {max_failures})")
     if checkpoint_seconds < 0:
         raise ConfigError(f"--checkpoint-seconds: must be >= 0 (got {checkpoint_seconds:g})")
+    if not 0 <= group_size <= MAX_GROUP:
+        raise ConfigError(f"--group-size: runs per group, 0 (auto) to {MAX_GROUP}; 1 trains every run alone "
+                          f"(got {group_size})")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
         raise ConfigError(f"--seeds: distinct integers in 0..{MAX_SEED}, e.g. 0,1,2 (got {seeds})")
     if cfg.scaling.num_workers > 1 and sampler not in FIXED_DESIGNS and len(seeds) > 1:
@@ -127,7 +131,8 @@ def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
                           "seed; use --sampler sobol|grid, which makes one trial per (setting, seed)")
     return TrialOptions(sampler=sampler, scheduler=scheduler or ("none" if sampler in FIXED_DESIGNS else "asha"),
                         trials=trials, concurrency=concurrency, metric=metric, seeds=seeds,
-                        max_failures=max_failures, design_seed=design_seed, checkpoint_seconds=checkpoint_seconds)
+                        max_failures=max_failures, design_seed=design_seed, checkpoint_seconds=checkpoint_seconds,
+                        group_size=group_size)
 
 
 def plan_points(name: str, space: SearchSpace, base: ExperimentConfig, options: TrialOptions,
@@ -146,12 +151,14 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
           *, trials: int = 8, sampler: Sampler = "tpe", scheduler: str | None = None, concurrency: int = 2,
           metric: str = "val_acc", seeds: list[int] | tuple[int, ...] = (0,), name: str | None = None,
           address: str | None = None, max_failures: int = 0, overrides: list[str] | None = None,
-          design_seed: int = 0, checkpoint_seconds: float = 30.0, verbose: bool = False) -> SweepResult:
+          design_seed: int = 0, checkpoint_seconds: float = 30.0, group_size: int = 0,
+          verbose: bool = False) -> SweepResult:
     """Search `space` (a shipped method name, a YAML path or a dict; default: the method's own) with Tune.
 
     `trials` counts settings (a grid's size is fixed by the space). Adaptive samplers (`tpe`, `random`:
     Optuna) run each setting's seeds in one trial and ASHA stops weak settings on the seed-mean `metric`;
-    fixed designs (`sobol`, `grid`) run one trial per (setting, seed) with no early stopping. A trial that
+    fixed designs (`sobol`, `grid`) run every (setting, seed) in full, the runs of one seed in groups of up to
+    `group_size` per trial (0: auto, 1: one run per trial) on shared batches and teacher passes. A trial that
     crashes is retried `max_failures` times from its last checkpoint (taken `checkpoint_seconds` apart).
     Progress is one live panel on a terminal, else one line per run; `verbose` adds Tune's status output and
     the Ray workers' own output.
@@ -162,7 +169,7 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     cfg = check(config, overrides, checkpoints=checkpoints)
     require_validation(cfg, "sweep")
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
-                       checkpoint_seconds, cfg)
+                       checkpoint_seconds, group_size, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
     assert cfg.tracking.uri is not None
     check_store(cfg.tracking.uri)

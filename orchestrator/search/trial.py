@@ -53,6 +53,7 @@ class TrialOptions:
     max_failures: int = 0
     design_seed: int = 0
     checkpoint_seconds: float = 30.0  # a trial checkpoints its runs after the first epoch this long after the last
+    group_size: int = 0  # fixed points of one seed per trial (`grouped.plan_groups`); 0: auto, 1: one per trial
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -97,7 +98,7 @@ class AdaptiveSearch:
 
 
 @dataclass
-class _Member:
+class RunMember:
     """One (setting, seed) of a trial: a config to train (fresh, or continued from a checkpoint in the same child),
     or a finished child of the ledger to replay."""
 
@@ -109,10 +110,15 @@ class _Member:
     state: dict[str, Any] | None = None  # the loop state to continue from
     tracker: Tracker | None = None
     status: str = "running"
+    name: str = ""  # its file in a trial checkpoint; default `seed-N` (a group's members share a seed)
 
     @property
     def seed(self) -> int:
         return self.config.training.seed
+
+    @property
+    def key(self) -> str:
+        return self.name or f"seed-{self.seed}"
 
 
 def run_point(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
@@ -121,7 +127,7 @@ def run_point(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
     point = points[tune_config["point"]]
     cfg = ExperimentConfig.model_validate(point.config)
     with store_errors(ref.tracking_uri):  # the store stopped answering: one line, and Tune goes on with the others
-        _run(ref, point.setting_id, [_Member(cfg, point.setting, point.tags)], splits, teacher, use_gpu, options)
+        _run(ref, point.setting_id, [RunMember(cfg, point.setting, point.tags)], splits, teacher, use_gpu, options)
 
 
 def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
@@ -139,7 +145,7 @@ def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[st
             _invalid(ref, base, setting, sid, format_validation_error(err, "", ExperimentConfig))
         return
     with store_errors(ref.tracking_uri):
-        _run(ref, sid, [_Member(cfg, setting, {}) for cfg in configs], splits, teacher, use_gpu, options)
+        _run(ref, sid, [RunMember(cfg, setting, {}) for cfg in configs], splits, teacher, use_gpu, options)
 
 
 def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], sid: str, reason: str) -> None:
@@ -155,7 +161,7 @@ def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], si
     tune.report({"val_acc": float("nan"), "epoch": 1, "setting_id": sid, "status": "invalid"})
 
 
-def _run(ref: LedgerRef, sid: str, members: list[_Member], splits: Splits, teacher: dict[str, Any] | None,
+def _run(ref: LedgerRef, sid: str, members: list[RunMember], splits: Splits, teacher: dict[str, Any] | None,
          use_gpu: bool, options: TrialOptions) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -171,7 +177,7 @@ def _run(ref: LedgerRef, sid: str, members: list[_Member], splits: Splits, teach
         _lockstep(ref, sid, members, client, splits, teacher, use_gpu, options)
 
 
-def _start(ref: LedgerRef, m: _Member, sid: str, start_epoch: int, client: Any) -> int:
+def open_child(ref: LedgerRef, m: RunMember, sid: str, start_epoch: int, client: Any) -> int:
     """Open the member's child: the newest unfinished attempt when continuing from a checkpoint, else a new child
     (older attempts superseded). Returns the last epoch the child has logged already."""
     from ray import tune
@@ -193,7 +199,7 @@ def _start(ref: LedgerRef, m: _Member, sid: str, start_epoch: int, client: Any) 
     return logged
 
 
-def _checkpoints(members: list[_Member], client: Any) -> int:
+def find_states(members: list[RunMember], client: Any) -> int:
     """Find each trained member's loop state: Tune's checkpoint of this trial (a retry) or the newest one in the
     trial folder its newest unfinished attempt names (a resume). All of them continue from one epoch, or none
     does (0)."""
@@ -207,15 +213,15 @@ def _checkpoints(members: list[_Member], client: Any) -> int:
     else:
         tagged = trained[0].attempts[0].data.tags.get("kdo.checkpoint")
         folders = newest_checkpoints(Path(tagged).parent if tagged else None)
-    for seed_states in (load_states(folder, [m.seed for m in trained]) for folder in folders):
-        if seed_states is not None and len({s["epoch"] for s in seed_states.values()}) == 1:
+    for states in (load_states(folder, [m.key for m in trained]) for folder in folders):
+        if states is not None and len({s["epoch"] for s in states.values()}) == 1:
             for m in trained:
-                m.state = seed_states[m.seed]
+                m.state = states[m.key]
             return trained[0].state["epoch"]
     return 0
 
 
-def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, dict[str, Any]],
+def save_checkpoint(ref: LedgerRef, members: list[RunMember], states: dict[str, dict[str, Any]],
                      report: dict[str, Any], storage: str) -> None:
     """Report `report` to Tune with one checkpoint holding every trained member's state; tag each child with
     where Tune keeps it (only the newest is kept: `CheckpointConfig(num_to_keep=1)`)."""
@@ -224,8 +230,8 @@ def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, d
     scratch = None if "://" in storage else Path(storage) / ref.name / ".kdo-scratch"  # a URI: the system's tmp
     os.makedirs(scratch or tempfile.gettempdir(), exist_ok=True)  # removed with Tune's state of this sweep
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
-        for seed, state in states.items():
-            torch.save(state, Path(folder) / f"seed-{seed}.pt")
+        for key, state in states.items():
+            torch.save(state, Path(folder) / f"{key}.pt")
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
     persisted = tune.get_checkpoint()
     for m in members:
@@ -233,7 +239,7 @@ def _save_checkpoint(ref: LedgerRef, members: list[_Member], states: dict[int, d
             m.tracker.set_tags({"kdo.checkpoint": persisted.path})
 
 
-def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, splits: Splits,
+def _data_parallel(ref: LedgerRef, sid: str, member: RunMember, client: Any, splits: Splits,
                    teacher: dict[str, Any] | None, use_gpu: bool, options: TrialOptions) -> None:
     """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`. Rank 0
     checkpoints the loop state through Ray Train (`checkpoint_seconds` apart) in a folder named by the child,
@@ -250,11 +256,11 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
     storage = f"{cfg.tracking.storage_path}/{ref.name}/train"  # a path or a URI alike
     if member.attempts:
         folder = train_folder(storage, cfg, member.attempts[0].info.run_id)
-        for states in (load_states(f, [member.seed]) for f in newest_checkpoints(folder)):
+        for states in (load_states(f, [member.key]) for f in newest_checkpoints(folder)):
             if states is not None:
-                member.state = states[member.seed]
+                member.state = states[member.key]
                 break
-    logged = _start(ref, member, sid, member.state["epoch"] if member.state else 0, client)
+    logged = open_child(ref, member, sid, member.state["epoch"] if member.state else 0, client)
     assert member.tracker is not None
     run = payload(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu)
     run.update(resume=ray.put(member.state) if member.state is not None else None, logged=logged,
@@ -264,7 +270,7 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
     except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
         member.status = "crashed"
         if isinstance(exc, SystemExit):
-            member.status = "interrupted" if _driver_interrupted(client, ref) else "early_stopped"
+            member.status = "interrupted" if driver_interrupted(client, ref) else "early_stopped"
         raise
     finally:
         with unless_store_lost():  # then the next `kdo resume` or `kdo report` settles the child
@@ -274,23 +280,23 @@ def _data_parallel(ref: LedgerRef, sid: str, member: _Member, client: Any, split
                 ledger.close_child(member.tracker, member.status, member.config)
 
 
-def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, splits: Splits,
+def _lockstep(ref: LedgerRef, sid: str, members: list[RunMember], client: Any, splits: Splits,
               teacher: dict[str, Any] | None, use_gpu: bool, options: TrialOptions) -> None:
     """The members' epochs advance together; Tune hears the seed mean of each epoch."""
     from ray import tune
 
     chance = 1.0 / splits.info.num_classes
-    start_epoch = _checkpoints(members, client)
+    start_epoch = find_states(members, client)
     last_checkpoint = time.monotonic()
     try:
-        logged = {m.seed: _start(ref, m, sid, start_epoch, client) for m in members if m.replay is None}
+        logged = {m.seed: open_child(ref, m, sid, start_epoch, client) for m in members if m.replay is None}
         device = worker_device(use_gpu)  # once the children exist: a worker without CUDA is on their record
         runs: list[Iterator[dict[str, Any]]] = [
             itertools.islice(ledger.replay(client, m.replay), start_epoch, None) if m.replay is not None else
             iterate_epochs(m.config, splits, teacher, device=device, log=None, snapshot_every=1,
                            tracker=AfterEpoch(m.tracker, logged[m.seed]), resume=m.state) for m in members]
         for epoch, rows in enumerate(zip(*runs, strict=False), start=start_epoch + 1):  # seeds share their epochs
-            states = {m.seed: row.pop("loop_state") for m, row in zip(members, rows, strict=True)
+            states = {m.key: row.pop("loop_state") for m, row in zip(members, rows, strict=True)
                       if "loop_state" in row}
             diverged = [row.get("status") == "diverged" for row in rows]
             vals = [chance if d else row["val_acc"] for row, d in zip(rows, diverged, strict=True)]
@@ -304,33 +310,33 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[_Member], client: Any, spl
                 # Closed before the last report: Tune may tear this process down as soon as it has it.
                 for m, row, d in zip(members, rows, diverged, strict=True):  # a sibling's divergence stops the rest
                     m.status = "diverged" if d else ("finished" if "test_acc" in row else "early_stopped")
-                _close_all(members, None)
+                close_all(members, None)
             if not last and states and time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
-                _save_checkpoint(ref, members, states, report, members[0].config.tracking.storage_path)
+                save_checkpoint(ref, members, states, report, members[0].config.tracking.storage_path)
                 last_checkpoint = time.monotonic()
             else:
                 tune.report(report)
             if last:
                 break
     except SystemExit:  # Tune stops a trial (ASHA, or its driver was interrupted) by exiting it at a report
-        _close_all(members, "interrupted" if _driver_interrupted(client, ref) else "early_stopped")
+        close_all(members, "interrupted" if driver_interrupted(client, ref) else "early_stopped")
         raise
     except KeyboardInterrupt:  # Ctrl-C reached the trial's process too
-        _close_all(members, "interrupted")
+        close_all(members, "interrupted")
         raise
     except BaseException as exc:
-        _close_all(members, "crashed", reason=one_line(exc))
+        close_all(members, "crashed", reason=one_line(exc))
         raise
     finally:
-        _close_all(members, "early_stopped")
+        close_all(members, "early_stopped")
 
 
-def _driver_interrupted(client: Any, ref: LedgerRef) -> bool:
+def driver_interrupted(client: Any, ref: LedgerRef) -> bool:
     """Whether the driver was stopped (Ctrl-C, SIGTERM): it tags its parent before it stops the trials."""
     return client.get_run(ref.parent_run_id).data.tags.get("kdo.interrupted") == "true"
 
 
-def _close_all(members: list[_Member], status: str | None, reason: str = "") -> None:
+def close_all(members: list[RunMember], status: str | None, reason: str = "") -> None:
     """Close the members' children still open as `status` (None: each its own), with `reason` (`kdo.reason`). A
     store that stopped answering is asked once, not once per child: `kdo resume` or `kdo report` settles them."""
     with unless_store_lost():

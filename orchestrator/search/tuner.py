@@ -19,9 +19,10 @@ from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
 from orchestrator.experiment.tracking import optuna_storage
 from orchestrator.search import ledger
+from orchestrator.search.grouped import plan_groups, run_group
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.spaces import SearchSpace, max_epochs
-from orchestrator.search.trial import AdaptiveSearch, Point, TrialOptions, run_point, run_setting
+from orchestrator.search.trial import AdaptiveSearch, Point, TrialOptions, run_setting
 
 TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer (Tune needs a CPU share > 0)
 
@@ -73,7 +74,8 @@ def interruptible(on_signal: Callable[[], None]) -> Iterator[None]:
 
 def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options: TrialOptions, *,
                use_gpu: bool, verbose: bool = False) -> frozenset[str]:
-    """One trial per point the ledger does not hold as done; no scheduler (every point runs in full).
+    """The points the ledger does not hold as done, one trial per group of them (`grouped.plan_groups`); no
+    scheduler (every point runs in full).
     `verbose`: Tune's own status output, beside the plain progress lines (`_fit`)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -82,11 +84,13 @@ def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options:
     todo = [p for p in points if (p.setting_id, p.seed) not in done]
     if not todo:
         return frozenset()
-    trainable = tune.with_parameters(run_point, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
-                                     use_gpu=use_gpu, points=todo, options=options)
-    return _fit(ref, prepared.config, trainable, {"point": tune.grid_search(list(range(len(todo))))}, options,
-                use_gpu=use_gpu, search_alg=None, num_samples=1, scheduler=None, runs=(len(todo), 1),
-                verbose=verbose)
+    _, concurrency = trial_resources(prepared.config, use_gpu, options.concurrency)
+    groups = plan_groups(todo, prepared.splits, options.group_size, concurrency)
+    trainable = tune.with_parameters(run_group, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
+                                     use_gpu=use_gpu, points=todo, groups=groups, options=options)
+    return _fit(ref, prepared.config, trainable, {"group": tune.grid_search(list(range(len(groups))))}, options,
+                use_gpu=use_gpu, search_alg=None, num_samples=1, scheduler=None,
+                runs=(len(todo), [len(g) for g in groups]), verbose=verbose)
 
 
 def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: TrialOptions,
@@ -162,11 +166,11 @@ def sync_study(storage: str, ref: LedgerRef, distributions: dict[str, Any], prev
 
 
 def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dict[str, Any], options: TrialOptions,
-         *, use_gpu: bool, search_alg: Any, num_samples: int, scheduler: Any, runs: tuple[int, int],
+         *, use_gpu: bool, search_alg: Any, num_samples: int, scheduler: Any, runs: tuple[int, int | list[int]],
          verbose: bool) -> frozenset[str]:
-    """Run the trials with Tune; `runs` = (runs expected, runs per trial) for the progress view: a live panel on a
-    terminal, else one line per run that ends; `verbose` adds Tune's own status tables and result boxes (and then
-    the view prints lines, which interleave with them)."""
+    """Run the trials with Tune; `runs` = (runs expected, runs per trial or per group) for the progress view: a
+    live panel on a terminal, else one line per run that ends; `verbose` adds Tune's own status tables and result
+    boxes (and then the view prints lines, which interleave with them)."""
     from ray import tune
 
     from orchestrator.search.progress import RunProgress

@@ -68,7 +68,8 @@ class RobustnessStudy:
                  seeds: list[int] | tuple[int, ...] = (0, 1, 2), include_defaults: bool = True,
                  metric: str = "val_acc", *, references: list[str] | tuple[str, ...] = ("ce",), delta: float = 1.0,
                  compare: list[tuple[str, str]] | None = None, concurrency: int = 2, design_seed: int = 0,
-                 overrides: list[str] | None = None, max_failures: int = 0, checkpoint_seconds: float = 30.0) -> None:
+                 overrides: list[str] | None = None, max_failures: int = 0, checkpoint_seconds: float = 30.0,
+                 group_size: int = 0) -> None:
         if isinstance(base_config, ExperimentConfig):
             base_config = base_config.model_dump(mode="json")
         self.spec = build_spec(name=name, config=str(base_config) if isinstance(base_config, Path) else base_config,
@@ -76,7 +77,8 @@ class RobustnessStudy:
                                n_settings=n_settings, seeds=list(seeds), include_defaults=include_defaults,
                                references=list(references), metric=metric, delta=delta, compare=compare or [],
                                concurrency=concurrency, design_seed=design_seed, set=overrides or [],
-                               max_failures=max_failures, checkpoint_seconds=checkpoint_seconds)
+                               max_failures=max_failures, checkpoint_seconds=checkpoint_seconds,
+                               group_size=group_size)
         self._plan_points()
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
@@ -93,10 +95,7 @@ class RobustnessStudy:
     @classmethod
     def _from_spec(cls, spec: StudySpec) -> RobustnessStudy:
         return cls(spec.name, spec.config, {m: e.model_dump() if e else None for m, e in spec.methods.items()},
-                   spec.design, spec.n_settings, spec.seeds, spec.include_defaults, spec.metric,
-                   references=spec.references, delta=spec.delta, compare=[tuple(p) for p in spec.compare],
-                   concurrency=spec.concurrency, design_seed=spec.design_seed, overrides=spec.set,
-                   max_failures=spec.max_failures, checkpoint_seconds=spec.checkpoint_seconds)
+                   overrides=spec.set, **spec.model_dump(exclude={"name", "config", "methods", "set"}))
 
     def replace(self, **changes: Any) -> RobustnessStudy:
         """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew. A name
@@ -229,7 +228,7 @@ class RobustnessStudy:
                                scheduler="none", trials=self.spec.n_settings, concurrency=self.spec.concurrency,
                                metric=self.spec.metric, seeds=list(self.spec.seeds),
                                max_failures=self.spec.max_failures, design_seed=self.spec.design_seed,
-                               checkpoint_seconds=self.spec.checkpoint_seconds)
+                               checkpoint_seconds=self.spec.checkpoint_seconds, group_size=self.spec.group_size)
         status, unfinished = "FAILED", "crashed"
         try:
             parent.set_tags({"kdo.interrupted": "false"})  # a resumed parent was interrupted before

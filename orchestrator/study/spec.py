@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from methods import get_method, list_methods
 from orchestrator.errors import ConfigError, check_name
-from orchestrator.experiment.config import MAX_SEED, ExperimentConfig, format_validation_error, load_config
+from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, format_validation_error, load_config
 from orchestrator.search.spaces import SearchSpace
 
 ROLES = ("design", "defaults", "reference")
@@ -59,6 +59,8 @@ class StudySpec(BaseModel):
     concurrency: int = Field(2, ge=1, le=4096)
     max_failures: int = Field(0, ge=0, le=100, description="retries of a crashed run, from its checkpoint")
     checkpoint_seconds: float = Field(30.0, ge=0, description="seconds between a run's checkpoints")
+    group_size: int = Field(0, ge=0, le=MAX_GROUP, description="runs of one seed, data and teacher trained as one "
+                            "group on shared batches and teacher passes (0: auto, 1: every run alone)")
     design_seed: int = Field(0, ge=0)
     set: list[str] = Field([], description="overrides of the base config: a.b=value")
 

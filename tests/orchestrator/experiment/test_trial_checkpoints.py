@@ -19,6 +19,6 @@ def test_a_resumed_trial_finds_the_newest_whole_checkpoint_even_when_its_tag_nam
     (tmp_path / "checkpoint_000003" / "seed-1.pt").write_bytes(whole[: len(whole) // 2])
     folders = newest_checkpoints(tmp_path)
     assert [f.name for f in folders] == ["checkpoint_000003", "checkpoint_000002", "checkpoint_000001"]
-    found = next(states for f in folders if (states := load_states(f, [0, 1])) is not None)
-    assert found == {0: {"epoch": 3, "seed": 0}, 1: {"epoch": 3, "seed": 1}}
+    found = next(states for f in folders if (states := load_states(f, ["seed-0", "seed-1"])) is not None)
+    assert found == {"seed-0": {"epoch": 3, "seed": 0}, "seed-1": {"epoch": 3, "seed": 1}}
     assert newest_checkpoints(None) == [] and newest_checkpoints(tmp_path / "gone") == []

@@ -1,0 +1,148 @@
+"""Fixed points trained in groups: the points of a design or a study that share a seed, the data and the teacher
+(`experiment.group.group_key`) run as one Tune trial on shared batches and teacher passes.
+
+The group is an implementation detail of speed: each member is its own MLflow child with its own status, closed
+when it ends (a member that diverges or crashes leaves, the others go on); the trial's checkpoint holds one loop
+state per member (`<setting>-seed-N.pt`), and a retried or resumed member continues from its own newest state.
+Adaptive sweeps (ASHA) keep one setting per trial."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.data import Splits
+from orchestrator.experiment.group import Member, group_key, iterate_group, member_bytes
+from orchestrator.experiment.launch import one_line, worker_device
+from orchestrator.experiment.loop import AfterEpoch
+from orchestrator.experiment.tracking import store_errors
+from orchestrator.search import ledger
+from orchestrator.search.ledger import LedgerRef
+from orchestrator.search.trial import (
+    Point,
+    RunMember,
+    TrialOptions,
+    close_all,
+    driver_interrupted,
+    open_child,
+    run_point,
+    save_checkpoint,
+)
+
+AUTO_GROUP_MAX = 8  # the largest group `group_size: 0` (auto) forms
+MEMORY_SHARE = 0.25  # of the memory available when planning, what one group's members may take
+
+
+def plan_groups(points: list[Point], splits: Splits, group_size: int, concurrency: int) -> list[list[int]]:
+    """The points' indices in groups: points with one `group_key` in groups of at most `group_size` (0: enough
+    groups to keep `concurrency` trials busy, at most `AUTO_GROUP_MAX` each), bounded by a memory estimate;
+    points that train alone in groups of one. Groups of one key are of near-equal sizes."""
+    import psutil
+
+    keyed: dict[str | None, list[int]] = {}
+    for i, point in enumerate(points):
+        key = group_key(ExperimentConfig.model_validate(point.config)) if group_size != 1 else None
+        keyed.setdefault(key, []).append(i)
+    groups = [[i] for i in keyed.pop(None, [])]
+    available = psutil.virtual_memory().available
+    if torch.cuda.is_available():
+        available = min(available, torch.cuda.mem_get_info()[0])
+    for indices in keyed.values():
+        limit = group_size or min(AUTO_GROUP_MAX, math.ceil(len(indices) * len(keyed) / max(1, concurrency)))
+        largest = max(member_bytes(ExperimentConfig.model_validate(points[i].config), splits) for i in indices)
+        limit = max(1, min(limit, int(available * MEMORY_SHARE // max(1, largest))))
+        count = math.ceil(len(indices) / limit)
+        groups += [indices[k::count] for k in range(count)]
+    return sorted(groups)
+
+
+def run_group(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
+              use_gpu: bool, points: list[Point], groups: list[list[int]], options: TrialOptions) -> None:
+    """One Tune trial of a fixed design or a study: the points of group `tune_config["group"]`."""
+    chosen = groups[tune_config["group"]]
+    kwargs = {"splits": splits, "teacher": teacher, "ref": ref, "use_gpu": use_gpu, "options": options}
+    if len(chosen) == 1:
+        run_point({"point": chosen[0]}, points=points, **kwargs)
+        return
+    with store_errors(ref.tracking_uri):
+        _grouped(ref, [points[i] for i in chosen], splits, teacher, use_gpu, options)
+
+
+def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[str, Any] | None, use_gpu: bool,
+             options: TrialOptions) -> None:
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    client = MlflowClient(ref.tracking_uri)
+    members: list[tuple[Point, RunMember]] = []
+    for point in chosen:  # a retried trial: members its dead attempt finished are done
+        if point.seed in ledger.final_seeds(client, ref.experiment_id, ref.parent_run_id, point.setting_id):
+            continue
+        m = RunMember(ExperimentConfig.model_validate(point.config), point.setting, point.tags,
+                      name=f"{point.setting_id}-seed-{point.seed}")
+        m.attempts = ledger.unfinished_attempts(client, ref.experiment_id, ref.parent_run_id,
+                                                point.setting_id).get(point.seed, [])
+        m.state = _own_state(m)
+        members.append((point, m))
+    if not members:
+        return
+    runs = [m for _, m in members]
+    torch.set_num_threads(max(1, int(runs[0].config.scaling.cpus_per_worker)))
+    last_checkpoint = time.monotonic()
+    try:
+        logged = [open_child(ref, m, p.setting_id, m.state["epoch"] if m.state else 0, client) for p, m in members]
+        device = worker_device(use_gpu)  # once the children exist: a worker without CUDA is on their record
+        group = [Member(m.config, AfterEpoch(m.tracker, n), m.state) for m, n in zip(runs, logged, strict=True)]
+        for rows in iterate_group(group, splits, teacher, device=device, snapshot_every=1):
+            states = {m.key: row.pop("loop_state") for m, row in zip(runs, rows, strict=True)
+                      if row is not None and "loop_state" in row}
+            for m, row in zip(runs, rows, strict=True):
+                if row is not None and "status" in row:  # this member is done: its child closes now
+                    m.status = row["status"]
+                    close_all([m], None, reason=row.get("reason", ""))
+            epochs = [row["epoch"] for row in rows if row is not None and "epoch" in row]
+            if not epochs:
+                continue
+            vals = [row["val_acc"] for row in rows if row is not None and "val_acc" in row]
+            report = {"epoch": max(epochs), "val_acc": sum(vals) / len(vals) if vals else float("nan"),
+                      "members_training": len(states)}
+            if states and time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
+                save_checkpoint(ref, runs, states, report, runs[0].config.tracking.storage_path)
+                last_checkpoint = time.monotonic()
+            else:
+                tune.report(report)
+    except SystemExit:  # Tune stopped the trial (its driver was interrupted) at a report
+        close_all(runs, "interrupted" if driver_interrupted(client, ref) else "early_stopped")
+        raise
+    except KeyboardInterrupt:
+        close_all(runs, "interrupted")
+        raise
+    except BaseException as exc:
+        close_all(runs, "crashed", reason=one_line(exc))
+        raise
+    finally:
+        close_all(runs, "early_stopped")
+
+
+def _own_state(m: RunMember) -> dict[str, Any] | None:
+    """The member's newest loop state: in this trial's checkpoint (a retry), else in the trial folder its newest
+    unfinished attempt names (a resume, whatever group it ran in then); None: it starts afresh."""
+    from ray import tune
+
+    if not m.attempts:
+        return None
+    if (ckpt := tune.get_checkpoint()) is not None:
+        folders = [Path(ckpt.path)]
+    else:
+        tagged = m.attempts[0].data.tags.get("kdo.checkpoint")
+        folders = newest_checkpoints(Path(tagged).parent if tagged else None)
+    for states in (load_states(folder, [m.key]) for folder in folders):
+        if states is not None:
+            return states[m.key]
+    return None
