@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench browser data clean
+.PHONY: demo test test-slow lint bench browser data gpu-wheels clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,14 @@ browser: $(STAMP)
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 data:
 	test -f $(FASHION) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+# cp312 wheels of what benchmarks/gpu_check.sh needs beyond torch, at the pinned versions, for a GPU machine
+# without network (carry .gpu-wheels with the working tree).
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions PyYAML
+gpu-wheels: $(STAMP)
+	$(VENV)/bin/python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	  --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels \
+	  $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" requirements.lock; done)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -226,11 +226,11 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
 def load_splits(cfg: DataConfig) -> Splits:
     """Load a dataset and split train/val (stratified, `split_seed`); the test split is kept whole.
     `val_fraction` 0 trains on the whole training set and leaves the validation split empty."""
-    from sklearn.model_selection import train_test_split
-
     info = dataset_info(cfg)
     tr_x, tr_y, te_x, te_y = _LOADERS[cfg.name](cfg)
     if cfg.val_fraction > 0:
+        from sklearn.model_selection import train_test_split
+
         tr_x, va_x, tr_y, va_y = train_test_split(
             tr_x, tr_y, test_size=cfg.val_fraction, stratify=tr_y, random_state=cfg.split_seed
         )

@@ -35,13 +35,13 @@ from orchestrator.search.trial import (
     save_checkpoint,
 )
 
-AUTO_GROUP_MAX = 8  # the largest group `group_size: 0` (auto) forms
+AUTO_GROUP_MAX = 16  # the largest group `group_size: 0` (auto) forms
 MEMORY_SHARE = 0.25  # of the memory available when planning, what one group's members may take
 
 
 def plan_groups(points: list[Point], splits: Splits, group_size: int, concurrency: int) -> list[list[int]]:
-    """The points' indices in groups: points with one `group_key` in groups of at most `group_size` (0: enough
-    groups to keep `concurrency` trials busy, at most `AUTO_GROUP_MAX` each), bounded by a memory estimate;
+    """The points' indices in groups: points with one `group_key` in groups of at most `group_size` (0: auto, each
+    key's share of the `concurrency` trial slots, at most `AUTO_GROUP_MAX` a group), bounded by a memory estimate;
     points that train alone in groups of one. Groups of one key are of near-equal sizes."""
     import psutil
 
@@ -53,8 +53,10 @@ def plan_groups(points: list[Point], splits: Splits, group_size: int, concurrenc
     available = psutil.virtual_memory().available
     if torch.cuda.is_available():
         available = min(available, torch.cuda.mem_get_info()[0])
+    total = sum(len(indices) for indices in keyed.values())
     for indices in keyed.values():
-        limit = group_size or min(AUTO_GROUP_MAX, math.ceil(len(indices) * len(keyed) / max(1, concurrency)))
+        slots = max(1, round(concurrency * len(indices) / total))
+        limit = group_size or min(AUTO_GROUP_MAX, math.ceil(len(indices) / slots))
         largest = max(member_bytes(ExperimentConfig.model_validate(points[i].config), splits) for i in indices)
         limit = max(1, min(limit, int(available * MEMORY_SHARE // max(1, largest))))
         count = math.ceil(len(indices) / limit)

@@ -18,6 +18,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.loop import train_loop
 from orchestrator.experiment.tracking import start_run
 from orchestrator.search import ledger
 from orchestrator.search.sweep import _finish, load_sweep, sweep
@@ -184,7 +187,7 @@ def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Pat
     cfg = digits_config(student={"architecture": "mlp", "args": {}},
                         training={"epochs": 2, "lr": 0.05, "momentum": 0.99})
     space = {"parameters": {"training.lr": {"type": "choice", "values": [0.01, 0.05, 10.0]}}}
-    result = sweep(cfg, space, sampler="grid", concurrency=2, name="grid-nan")
+    result = sweep(cfg, space, sampler="grid", concurrency=2, name="grid-nan", group_size=3)
     # The base config, then each (setting, seed) once, all before the one provision that starts Ray.
     assert [kind for kind, _ in events] == ["check"] * 4 + ["provision"], events
     assert sorted(name for _, name in events[1:4]) == sorted(f"grid-nan-{sid[:6]}-s0"
@@ -203,6 +206,13 @@ def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Pat
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_run(frame.loc[10.0, "run_id"]).info.status == "FAILED"
     assert result.best()["training.lr"] != 10.0
+    # One grouped trial trained the three; each child equals its run alone, the diverged one's included.
+    assert len({client.get_run(run_id).data.tags["kdo.trial_id"] for run_id in frame["run_id"]}) == 1
+    for lr, run_id in frame["run_id"].items():
+        alone = load_config(cfg, [f"training.lr={lr}"])
+        history = train_loop(alone, load_splits(alone.data), log=None).history
+        logged = sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)
+        assert [m.value for m in logged] == pytest.approx([row["val_acc"] for row in history], abs=1e-9)
 
 
 @pytest.mark.slow
