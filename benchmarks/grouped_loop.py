@@ -27,7 +27,8 @@ TEACHER, STUDENT = "resnet32x4", "resnet8x4"
 
 
 def configs(args: argparse.Namespace) -> list[ExperimentConfig]:
-    synthetic = {"num_train": args.size, "num_test": 256, "channels": 3, "image_size": 32, "num_classes": 100}
+    synthetic = {"num_train": args.size, "num_test": args.test_size, "channels": 3, "image_size": 32,
+                 "num_classes": 100}
     raw = {"name": "grouped-loop",
            "data": {"name": "synthetic", "synthetic": synthetic, "val_fraction": 0.0, "batch_size": args.batch_size},
            "student": {"architecture": STUDENT},
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--students", type=int, default=8)
     parser.add_argument("--size", type=int, default=512, help="synthetic training images")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--test-size", type=int, default=256, help="synthetic num_test (evaluation only)")
     parser.add_argument("--epochs", type=int, default=1)
     on = argparse.BooleanOptionalAction
     parser.add_argument("--bf16", action=on, default=False, help="training.precision=bf16")

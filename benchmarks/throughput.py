@@ -33,7 +33,8 @@ def steady_rate(rates: list[float]) -> float:
 
 
 def kdo_config(args: argparse.Namespace) -> ExperimentConfig:
-    synthetic = {"num_train": args.size, "num_test": 512, "channels": 3, "image_size": 32, "num_classes": 100}
+    synthetic = {"num_train": args.size, "num_test": args.test_size, "channels": 3, "image_size": 32,
+                 "num_classes": 100}
     raw = {"name": "throughput",
            "data": {"name": "synthetic", "synthetic": synthetic, "val_fraction": 0.0, "batch_size": args.batch_size},
            "student": {"architecture": STUDENT},
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="synthetic num_train; default 2048 on cpu, "
                                                  "50000 on cuda")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--test-size", type=int, default=512, help="synthetic num_test (evaluation only)")
     parser.add_argument("--epochs", type=int, default=2, help="per side; the first is warm-up when > 1")
     parser.add_argument("--workers", type=int, help="anchor DataLoader workers; default 2 on cpu, 8 on cuda")
     on = argparse.BooleanOptionalAction

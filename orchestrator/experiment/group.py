@@ -70,10 +70,13 @@ def iterate_group(members: list[Member], splits: Splits, teacher_ckpt: dict[str,
     runs: list[Training | None] = []
     rngs: list[Any] = []
     results: list[dict[str, Any] | None] = [None] * len(members)
+    scores: dict[str, float] = {}
     for i, m in enumerate(members):
         try:
             run = Training(m.config, splits, teacher_ckpt, device=device, tracker=m.tracker, log=None,
-                           snapshot_every=snapshot_every, resume=m.resume, data=data, teacher=teacher)
+                           snapshot_every=snapshot_every, resume=m.resume, data=data, teacher=teacher,
+                           teacher_scores=scores)
+            scores = scores or run.static  # the teacher's val and test accuracy, computed once
         except Exception as exc:  # e.g. its pre-phase failed: this member alone
             run, results[i] = None, _crashed(exc)
         if run is not None and run.distiller.teacher is not None:

@@ -184,11 +184,10 @@ class Training:
                  wrap: Callable[[nn.Module], nn.Module] | None = None, artifact_name: str = "student",
                  log: Callable[[str], None] | None = print, snapshot_every: int = 0,
                  resume: dict[str, Any] | None = None, data: DeviceData | None = None,
-                 teacher: nn.Module | None = None) -> None:
+                 teacher: nn.Module | None = None, teacher_scores: dict[str, float] | None = None) -> None:
         tc = cfg.training
         self.cfg, self.splits, self.rank, self.world, self.report = cfg, splits, rank, world, report
-        self.tracker = tracker
-        self.artifact_name, self.log, self.snapshot_every = artifact_name, log, snapshot_every
+        self.tracker, self.artifact_name, self.log, self.snapshot_every = tracker, artifact_name, log, snapshot_every
         self.device = device = device or torch.device("cpu")
         if teacher is None and teacher_ckpt is not None:  # before the seed: a group hands its members a built one
             teacher = build_from_checkpoint(teacher_ckpt).to(device)
@@ -212,11 +211,12 @@ class Training:
         self.optimizer = make_optimizer(distiller.optimized_parameters(), tc)
         self.schedule = make_schedule(self.optimizer, tc)
         self.status = "finished"
-        self.static: dict[str, float] = {}
         self.validated = data.size("val") > 0  # else nothing is validated: no val_acc at all, never a 0 in its place
+        self.static: dict[str, float] = dict(teacher_scores or {})  # a group's members share their teacher's
         if teacher is not None:
-            self.static = {**({"teacher_val_acc": accuracy(teacher, data, "val", tc.precision)} if self.validated
-                              else {}), "teacher_test_acc": accuracy(teacher, data, "test", tc.precision)}
+            self.static = self.static or {
+                **({"teacher_val_acc": accuracy(teacher, data, "val", tc.precision)} if self.validated else {}),
+                "teacher_test_acc": accuracy(teacher, data, "test", tc.precision)}
             if tracker is not None and resume is None:
                 tracker.log_metrics(self.static, step=0)
         # No epoch is selected before the first finite one: a run that diverges at once tests nothing (NaN).
