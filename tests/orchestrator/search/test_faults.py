@@ -162,7 +162,9 @@ def unfaulted(tmp_path_factory: pytest.TempPathFactory, teacher_checkpoint: Path
 
 
 def _sweep(teacher: Path) -> list[str]:
+    """A sobol sweep of one run per trial (`--group-size 1`): its faults hit one run; the study below is grouped."""
     return ["sweep", "digits_kd", "--sampler", "sobol", "--trials", "4", "--scheduler", "none", "--concurrency", "1",
+            "--group-size", "1",
             "--checkpoint-seconds", "0", "--set", f"training.epochs={EPOCHS}", "--set", "teacher.architecture=null",
             "--set", f"teacher.checkpoint={teacher}", "--name", "faulty"]
 
@@ -225,8 +227,10 @@ def test_a_stopped_driver_closes_its_runs_interrupted_and_resume_finishes(workdi
     driver = Driver(workdir, args)
     try:
         db = workdir / "mlflow.db"
-        driver.wait_for(lambda: any(s == "FINISHED" for _, s, _, _ in _trial_progress(db)) and bool(_half_way(db)),
-                        "one run done and one half way")
+        # The sweep's runs train one per trial: one ends before the next is half way. The study's four train as one
+        # group: all of them are half way, and the interrupted ones continue from their own checkpoints on resume.
+        driver.wait_for(lambda: (kind == "study" or any(s == "FINISHED" for _, s, _, _ in _trial_progress(db)))
+                        and bool(_half_way(db)), "one run done and one half way")
         if sig == signal.SIGINT:
             os.killpg(driver.proc.pid, sig)  # as a terminal's Ctrl-C does: the whole foreground process group
         else:

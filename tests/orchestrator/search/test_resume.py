@@ -91,7 +91,7 @@ def test_sigkilled_sweep_resumes_without_loss_or_repeat(workdir: Path, sampler: 
     driver = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "sweep", "digits_kd", "--sampler", sampler, "--trials", "4",
          "--seeds", ",".join(seeds), "--scheduler", "none", "--concurrency", "1", "--set", "training.epochs=3",
-         "--name", "killed"],
+         "--name", "killed", *(["--group-size", "2"] if sampler == "sobol" else [])],  # sobol: 2 groups of 2 runs
         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     kill_when_finished(driver, workdir / "mlflow.db", 1, before)
     done_before = _finished_trials(workdir / "mlflow.db")
