@@ -21,7 +21,7 @@ from methods.registry import TeacherPass
 from orchestrator.experiment.checkpoints import build_from_checkpoint
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import DeviceData, Splits
-from orchestrator.experiment.loop import RunLog, Training
+from orchestrator.experiment.loop import RunLog, Training, build_student
 
 # What a group keeps per member besides its network: weights, gradients, two optimizer moments, the selected
 # student and a loop-state copy (activations are freed after each member's step, so only one is alive at once).
@@ -41,8 +41,6 @@ def group_key(cfg: ExperimentConfig) -> str | None:
 
 def member_bytes(cfg: ExperimentConfig, splits: Splits) -> int:
     """A member's memory beyond the shared data and teacher: its student's parameters `STATE_COPIES` times."""
-    from orchestrator.experiment.loop import build_student
-
     with torch.device("meta"):
         params = sum(p.numel() * p.element_size() for p in build_student(cfg, splits).parameters())
     return params * STATE_COPIES

@@ -19,7 +19,7 @@ from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.group import Member, group_key, iterate_group, member_bytes
-from orchestrator.experiment.launch import one_line, worker_device
+from orchestrator.experiment.launch import worker_device
 from orchestrator.experiment.loop import AfterEpoch
 from orchestrator.experiment.tracking import store_errors
 from orchestrator.search import ledger
@@ -28,8 +28,7 @@ from orchestrator.search.trial import (
     Point,
     RunMember,
     TrialOptions,
-    close_all,
-    driver_interrupted,
+    closed_on_exit,
     open_child,
     run_point,
     save_checkpoint,
@@ -45,10 +44,10 @@ def plan_groups(points: list[Point], splits: Splits, group_size: int, concurrenc
     points that train alone in groups of one. Groups of one key are of near-equal sizes."""
     import psutil
 
+    configs = [ExperimentConfig.model_validate(point.config) for point in points]
     keyed: dict[str | None, list[int]] = {}
-    for i, point in enumerate(points):
-        key = group_key(ExperimentConfig.model_validate(point.config)) if group_size != 1 else None
-        keyed.setdefault(key, []).append(i)
+    for i, cfg in enumerate(configs):
+        keyed.setdefault(group_key(cfg) if group_size != 1 else None, []).append(i)
     groups = [[i] for i in keyed.pop(None, [])]
     available = psutil.virtual_memory().available
     if torch.cuda.is_available():
@@ -57,7 +56,7 @@ def plan_groups(points: list[Point], splits: Splits, group_size: int, concurrenc
     for indices in keyed.values():
         slots = max(1, round(concurrency * len(indices) / total))
         limit = group_size or min(AUTO_GROUP_MAX, math.ceil(len(indices) / slots))
-        largest = max(member_bytes(ExperimentConfig.model_validate(points[i].config), splits) for i in indices)
+        largest = max(member_bytes(configs[i], splits) for i in indices)
         limit = max(1, min(limit, int(available * MEMORY_SHARE // max(1, largest))))
         count = math.ceil(len(indices) / limit)
         groups += [indices[k::count] for k in range(count)]
@@ -83,8 +82,9 @@ def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[
 
     client = MlflowClient(ref.tracking_uri)
     members: list[tuple[Point, RunMember]] = []
-    for point in chosen:  # a retried trial: members its dead attempt finished are done
-        if point.seed in ledger.final_seeds(client, ref.experiment_id, ref.parent_run_id, point.setting_id):
+    done = ledger.final_points(client, ref.experiment_id, ref.parent_run_id)
+    for point in chosen:
+        if (point.setting_id, point.seed) in done:  # a retried trial: its dead attempt finished this member
             continue
         m = RunMember(ExperimentConfig.model_validate(point.config), point.setting, point.tags,
                       name=f"{point.setting_id}-seed-{point.seed}")
@@ -97,7 +97,7 @@ def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[
     runs = [m for _, m in members]
     torch.set_num_threads(max(1, int(runs[0].config.scaling.cpus_per_worker)))
     last_checkpoint = time.monotonic()
-    try:
+    with closed_on_exit(runs, client, ref):
         logged = [open_child(ref, m, p.setting_id, m.state["epoch"] if m.state else 0, client) for p, m in members]
         device = worker_device(use_gpu)  # once the children exist: a worker without CUDA is on their record
         group = [Member(m.config, AfterEpoch(m.tracker, n), m.state) for m, n in zip(runs, logged, strict=True)]
@@ -107,7 +107,7 @@ def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[
             for m, row in zip(runs, rows, strict=True):
                 if row is not None and "status" in row:  # this member is done: its child closes now
                     m.status = row["status"]
-                    close_all([m], None, reason=row.get("reason", ""))
+                    ledger.close_members([m], None, reason=row.get("reason", ""))
             epochs = [row["epoch"] for row in rows if row is not None and "epoch" in row]
             if not epochs:
                 continue
@@ -119,17 +119,6 @@ def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[
                 last_checkpoint = time.monotonic()
             else:
                 tune.report(report)
-    except SystemExit:  # Tune stopped the trial (its driver was interrupted) at a report
-        close_all(runs, "interrupted" if driver_interrupted(client, ref) else "early_stopped")
-        raise
-    except KeyboardInterrupt:
-        close_all(runs, "interrupted")
-        raise
-    except BaseException as exc:
-        close_all(runs, "crashed", reason=one_line(exc))
-        raise
-    finally:
-        close_all(runs, "early_stopped")
 
 
 def _own_state(m: RunMember) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from orchestrator.experiment.tracking import (
     run_tags,
     source_tags,
     start_run,
+    unless_store_lost,
 )
 from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
 
@@ -270,3 +271,22 @@ class LedgerRef:
     experiment_id: str
     source: tuple[tuple[str, str], ...] = field(default_factory=lambda: tuple(source_tags().items()))
     datasets: tuple[dict[str, str], ...] = ()  # `tracking.dataset_inputs` of the data every child trains on
+
+
+def driver_interrupted(client: Any, ref: LedgerRef) -> bool:
+    """Whether the driver was stopped (Ctrl-C, SIGTERM): it tags its parent before it stops the trials."""
+    return client.get_run(ref.parent_run_id).data.tags.get("kdo.interrupted") == "true"
+
+
+def close_members(members: list[Any], status: str | None, reason: str = "") -> None:
+    """Close the members' children still open as `status` (None: each its own), with `reason` (`kdo.reason`). A
+    store that stopped answering is asked once, not once per child: `kdo resume` or `kdo report` settles them."""
+    with unless_store_lost():
+        for m in members:
+            tracker, m.tracker = m.tracker, None
+            if tracker is not None:
+                if reason:
+                    tracker.set_tags({"kdo.reason": reason})
+                close_child(tracker, status or m.status, m.config)
+    for m in members:
+        m.tracker = None

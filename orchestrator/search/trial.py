@@ -19,6 +19,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -222,7 +223,7 @@ def find_states(members: list[RunMember], client: Any) -> int:
 
 
 def save_checkpoint(ref: LedgerRef, members: list[RunMember], states: dict[str, dict[str, Any]],
-                     report: dict[str, Any], storage: str) -> None:
+                    report: dict[str, Any], storage: str) -> None:
     """Report `report` to Tune with one checkpoint holding every trained member's state; tag each child with
     where Tune keeps it (only the newest is kept: `CheckpointConfig(num_to_keep=1)`)."""
     from ray import tune
@@ -270,7 +271,7 @@ def _data_parallel(ref: LedgerRef, sid: str, member: RunMember, client: Any, spl
     except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
         member.status = "crashed"
         if isinstance(exc, SystemExit):
-            member.status = "interrupted" if driver_interrupted(client, ref) else "early_stopped"
+            member.status = "interrupted" if ledger.driver_interrupted(client, ref) else "early_stopped"
         raise
     finally:
         with unless_store_lost():  # then the next `kdo resume` or `kdo report` settles the child
@@ -288,7 +289,7 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[RunMember], client: Any, s
     chance = 1.0 / splits.info.num_classes
     start_epoch = find_states(members, client)
     last_checkpoint = time.monotonic()
-    try:
+    with closed_on_exit(members, client, ref):
         logged = {m.seed: open_child(ref, m, sid, start_epoch, client) for m in members if m.replay is None}
         device = worker_device(use_gpu)  # once the children exist: a worker without CUDA is on their record
         runs: list[Iterator[dict[str, Any]]] = [
@@ -310,7 +311,7 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[RunMember], client: Any, s
                 # Closed before the last report: Tune may tear this process down as soon as it has it.
                 for m, row, d in zip(members, rows, diverged, strict=True):  # a sibling's divergence stops the rest
                     m.status = "diverged" if d else ("finished" if "test_acc" in row else "early_stopped")
-                close_all(members, None)
+                ledger.close_members(members, None)
             if not last and states and time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
                 save_checkpoint(ref, members, states, report, members[0].config.tracking.storage_path)
                 last_checkpoint = time.monotonic()
@@ -318,33 +319,23 @@ def _lockstep(ref: LedgerRef, sid: str, members: list[RunMember], client: Any, s
                 tune.report(report)
             if last:
                 break
-    except SystemExit:  # Tune stops a trial (ASHA, or its driver was interrupted) by exiting it at a report
-        close_all(members, "interrupted" if driver_interrupted(client, ref) else "early_stopped")
+
+
+@contextmanager
+def closed_on_exit(members: list[RunMember], client: Any, ref: LedgerRef) -> Iterator[None]:
+    """However the trial's body ends, each member's child still open is closed with how it ended: `interrupted` or
+    `early_stopped` when Tune stops the trial (it exits it at a report; ASHA, or its driver was interrupted),
+    `interrupted` on Ctrl-C, `crashed` with the reason on an error, else `early_stopped`."""
+    try:
+        yield
+    except SystemExit:
+        ledger.close_members(members, "interrupted" if ledger.driver_interrupted(client, ref) else "early_stopped")
         raise
     except KeyboardInterrupt:  # Ctrl-C reached the trial's process too
-        close_all(members, "interrupted")
+        ledger.close_members(members, "interrupted")
         raise
     except BaseException as exc:
-        close_all(members, "crashed", reason=one_line(exc))
+        ledger.close_members(members, "crashed", reason=one_line(exc))
         raise
     finally:
-        close_all(members, "early_stopped")
-
-
-def driver_interrupted(client: Any, ref: LedgerRef) -> bool:
-    """Whether the driver was stopped (Ctrl-C, SIGTERM): it tags its parent before it stops the trials."""
-    return client.get_run(ref.parent_run_id).data.tags.get("kdo.interrupted") == "true"
-
-
-def close_all(members: list[RunMember], status: str | None, reason: str = "") -> None:
-    """Close the members' children still open as `status` (None: each its own), with `reason` (`kdo.reason`). A
-    store that stopped answering is asked once, not once per child: `kdo resume` or `kdo report` settles them."""
-    with unless_store_lost():
-        for m in members:
-            tracker, m.tracker = m.tracker, None
-            if tracker is not None:
-                if reason:
-                    tracker.set_tags({"kdo.reason": reason})
-                ledger.close_child(tracker, status or m.status, m.config)
-    for m in members:
-        m.tracker = None
+        ledger.close_members(members, "early_stopped")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from methods import get_method, list_methods
 from methods.registry import Distiller, TeacherPass
@@ -16,6 +17,7 @@ from orchestrator.experiment.loop import iterate_epochs
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.timeout(300)
+CPU = torch.device("cpu")
 
 
 def _kd(teacher: Path, method: str = "kd", **params: float) -> dict:
@@ -38,7 +40,7 @@ def test_a_group_of_three_kd_settings_equals_the_three_solo_runs(teacher_checkpo
     real = TeacherPass.__call__
     monkeypatch.setattr(TeacherPass, "__call__", lambda self, x: (calls.append(self._key is None or
                                                                              self._key[0] is not x), real(self, x))[1])
-    grouped = list(iterate_group([Member(c) for c in configs], splits, ckpt, device=_cpu()))
+    grouped = list(iterate_group([Member(c) for c in configs], splits, ckpt, device=CPU))
     batches = len(calls) // len(configs)  # each member asks once per step
     assert sum(calls) == batches  # one teacher forward per batch, for the whole group
     monkeypatch.undo()
@@ -56,7 +58,7 @@ def test_a_diverging_member_leaves_the_group_and_the_others_equal_their_solo_run
                        "training": {"epochs": 3, "lr": 10.0, "momentum": 0.99, "seed": 1}})
     assert group_key(bad) == group_key(good)  # the student and its optimizer are the member's own
     splits, ckpt = load_splits(good.data), load_checkpoint(teacher_checkpoint)
-    rows = list(iterate_group([Member(bad), Member(good)], splits, ckpt, device=_cpu()))
+    rows = list(iterate_group([Member(bad), Member(good)], splits, ckpt, device=CPU))
     ended = [r[0] for r in rows if r[0] is not None]
     assert ended[-1]["status"] == "diverged" and len(ended) < 3 and rows[-1][0] is None
     assert [r[1]["val_acc"] for r in rows] == pytest.approx([r["val_acc"] for r in _solo(good, splits, ckpt)],
@@ -66,10 +68,10 @@ def test_a_diverging_member_leaves_the_group_and_the_others_equal_their_solo_run
 def test_a_group_continues_from_its_members_loop_states(teacher_checkpoint: Path) -> None:
     configs = [load_config(_kd(teacher_checkpoint, temperature=t)) for t in (2.0, 6.0)]
     splits, ckpt = load_splits(configs[0].data), load_checkpoint(teacher_checkpoint)
-    straight = list(iterate_group([Member(c) for c in configs], splits, ckpt, device=_cpu(), snapshot_every=1))
+    straight = list(iterate_group([Member(c) for c in configs], splits, ckpt, device=CPU, snapshot_every=1))
     states = [straight[0][i].pop("loop_state") for i in range(2)]
     resumed = list(iterate_group([Member(c, resume=s) for c, s in zip(configs, states, strict=True)], splits, ckpt,
-                                 device=_cpu()))
+                                 device=CPU))
     assert len(resumed) == 2
     for i in range(2):
         assert [r[i]["val_acc"] for r in resumed] == pytest.approx([r[i]["val_acc"] for r in straight[1:]],
@@ -83,9 +85,3 @@ def test_methods_that_make_their_own_batches_train_alone(teacher_checkpoint: Pat
     assert group_key(load_config(_kd(teacher_checkpoint, "tcs"))) is None
     assert group_key(load_config({**_kd(teacher_checkpoint), "training": {"seed": 2}})) != group_key(
         load_config(_kd(teacher_checkpoint)))
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
