@@ -82,14 +82,15 @@ def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[
 
     client = MlflowClient(ref.tracking_uri)
     members: list[tuple[Point, RunMember]] = []
-    done = ledger.final_points(client, ref.experiment_id, ref.parent_run_id)
+    listed = ledger.children(client, ref.experiment_id, ref.parent_run_id)  # one query for the whole group
+    done = ledger.final_points(client, ref.experiment_id, ref.parent_run_id, runs=listed)
+    redo = ledger.redo_attempts(listed)
     for point in chosen:
         if (point.setting_id, point.seed) in done:  # a retried trial: its dead attempt finished this member
             continue
         m = RunMember(ExperimentConfig.model_validate(point.config), point.setting, point.tags,
                       name=f"{point.setting_id}-seed-{point.seed}")
-        m.attempts = ledger.unfinished_attempts(client, ref.experiment_id, ref.parent_run_id,
-                                                point.setting_id).get(point.seed, [])
+        m.attempts = redo.get((point.setting_id, point.seed), [])
         m.state = _own_state(m)
         members.append((point, m))
     if not members:

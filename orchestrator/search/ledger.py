@@ -133,20 +133,32 @@ def final_seeds(client: MlflowClient, experiment_id: str, parent_run_id: str, si
 
 def unfinished_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str, sid: str,
                         ) -> dict[int, list[Run]]:
-    """Per seed of setting `sid`, the attempts still to be redone (crashed, interrupted, or left RUNNING by a
-    process that died), newest first."""
-    out: dict[int, list[Run]] = {}
-    for r in children(client, experiment_id, parent_run_id, setting=sid):
+    """Per seed of setting `sid`, the attempts still to be redone (see `redo_attempts`)."""
+    runs = children(client, experiment_id, parent_run_id, setting=sid)
+    return {seed: attempts for (_, seed), attempts in redo_attempts(runs).items()}
+
+
+def point_of(run: Run) -> tuple[str | None, int]:
+    """A child's (setting id, seed)."""
+    return run.data.tags.get("kdo.setting_id"), int(run.data.tags.get("kdo.seed", -1))
+
+
+def redo_attempts(runs: list[Run]) -> dict[tuple[str | None, int], list[Run]]:
+    """Per (setting id, seed), the attempts among `runs` still to be redone (crashed, interrupted, or left RUNNING
+    by a process that died), newest first."""
+    out: dict[tuple[str | None, int], list[Run]] = {}
+    for r in runs:
         if status_of(r) in (*REDO, "running"):
-            out.setdefault(int(r.data.tags["kdo.seed"]), []).append(r)
-    return {seed: sorted(runs, key=lambda r: r.info.start_time, reverse=True) for seed, runs in out.items()}
+            out.setdefault(point_of(r), []).append(r)
+    return {point: sorted(found, key=lambda r: r.info.start_time, reverse=True) for point, found in out.items()}
 
 
-def final_points(client: MlflowClient, experiment_id: str, parent_run_id: str) -> set[tuple[str | None, int]]:
-    """(setting id, seed) of every child that ended for good: what a resumed fixed design skips."""
-    return {(r.data.tags.get("kdo.setting_id"), int(r.data.tags.get("kdo.seed", -1)))
-            for r in children(client, experiment_id, parent_run_id)
-            if status_of(r) in FINAL}
+def final_points(client: MlflowClient, experiment_id: str, parent_run_id: str, *,
+                 runs: list[Run] | None = None) -> set[tuple[str | None, int]]:
+    """(setting id, seed) of every child that ended for good: what a resumed fixed design skips (among `runs`, the
+    parent's children listed already, when given)."""
+    listed = children(client, experiment_id, parent_run_id) if runs is None else runs
+    return {point_of(r) for r in listed if status_of(r) in FINAL}
 
 
 def logged_epochs(client: MlflowClient, run_id: str) -> int:

@@ -3,9 +3,13 @@ it, in accuracy points; what the report, the plots and the console tables read."
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -24,6 +28,24 @@ from orchestrator.study.spec import StudySpec
 # rank noise, and the report marks them "not meaningful".
 IMPORTANCE_MIN_SHARE = 0.1
 
+T = TypeVar("T")
+
+
+def _memoized(method: Callable[..., T]) -> Callable[..., T]:
+    """A statistic computed once per `StudyResults` and arguments (the report, the plots and the console each ask
+    for the same ones; the importances and the bootstrap take seconds); callers get their own copy."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(self: StudyResults, *args: Any, **kwargs: Any) -> T:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        key = (method.__name__, *list(bound.arguments.values())[1:])
+        if key not in self._memo:
+            self._memo[key] = method(self, *args, **kwargs)
+        return copy.deepcopy(self._memo[key])
+    return wrapper
+
 
 @dataclass
 class StudyResults:
@@ -37,6 +59,7 @@ class StudyResults:
     tracking_uri: str = ""
     experiment_id: str = ""
     parent_run_id: str = ""
+    _memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -69,10 +92,12 @@ class StudyResults:
         frame["test_acc"] *= 100.0
         return frame
 
+    @_memoized
     def setting_means(self, metric: str = "val_acc", failures: analysis.Failures = "chance") -> pd.DataFrame:
         params = sorted({p for ps in self.parameters().values() for p in ps})
         return analysis.setting_means(self._points_frame(), metric, self.chance, failures, params)
 
+    @_memoized
     def summary(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
         """One row per method (accuracy points): the distribution of per-setting seed means over the
         design, the variance split, the defaults' and the tuned (best-on-val) setting's val/test
@@ -113,6 +138,7 @@ class StudyResults:
         """The shared teacher's val/test accuracy in points (a reference row), from the children's metrics."""
         return dict(self.teacher_acc)
 
+    @_memoized
     def sensitivity(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
         """Per (method, parameter): fANOVA and PED-ANOVA importance, the parameter's tunability gain, the method's
         `hparam_share` and `meaningful`: False when that share is below `IMPORTANCE_MIN_SHARE` (unknown shares,
@@ -135,10 +161,12 @@ class StudyResults:
             table["meaningful"] = ~(shares < IMPORTANCE_MIN_SHARE)
         return table
 
+    @_memoized
     def expected_best(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
         means = self.setting_means("val_acc", failures)
         return analysis.expected_best_curve(means[means["method"].isin(self.spec.methods)])
 
+    @_memoized
     def compare(self, a: str, b: str, failures: analysis.Failures = "chance") -> dict[str, Any]:
         """Is `a` more robust than `b`? See `analysis.compare` for the rule."""
         for m in (a, b):

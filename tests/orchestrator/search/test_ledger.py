@@ -46,3 +46,25 @@ def test_filter_values_are_quoted_by_a_quote_they_lack() -> None:
     assert ledger._quote("it's") == '"it\'s"'
     with pytest.raises(ValueError, match="both quote characters"):
         ledger._quote("'\"")
+
+
+def test_the_attempts_to_redo_are_keyed_by_point_newest_first(workdir: Path) -> None:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    parent, experiment_id = start_run(uri, "kdo", "p", tags={"kdo.kind": "sweep", "kdo.sweep": "p"})
+    client = parent.client
+    made: dict[tuple[str, int, str], str] = {}
+    for i, (sid, seed, status) in enumerate([("a", 0, "crashed"), ("a", 0, "interrupted"), ("a", 1, "finished"),
+                                             ("b", 0, "running"), ("b", 1, "superseded"), ("b", 1, "diverged")]):
+        run = client.create_run(experiment_id, start_time=1000 + i, tags={"mlflow.parentRunId": parent.run_id})
+        client.log_batch(run.info.run_id, tags=[RunTag("kdo.setting_id", sid), RunTag("kdo.seed", str(seed)),
+                                                RunTag("kdo.status", status)])
+        if status != "running":  # left RUNNING by a process that died
+            client.set_terminated(run.info.run_id, "FAILED")
+        made[(sid, seed, status)] = run.info.run_id
+    listed = ledger.children(client, experiment_id, parent.run_id)
+    redo = {point: [r.info.run_id for r in runs] for point, runs in ledger.redo_attempts(listed).items()}
+    assert redo == {("a", 0): [made["a", 0, "interrupted"], made["a", 0, "crashed"]],
+                    ("b", 0): [made["b", 0, "running"]]}
+    assert ledger.final_points(client, experiment_id, parent.run_id, runs=listed) == {("a", 1), ("b", 1)}
+    one_setting = ledger.unfinished_attempts(client, experiment_id, parent.run_id, "a")
+    assert {seed: [r.info.run_id for r in runs] for seed, runs in one_setting.items()} == {0: redo["a", 0]}

@@ -229,7 +229,7 @@ def test_a_data_parallel_trial_whose_worker_is_killed_continues_from_its_checkpo
     from orchestrator.experiment.runner import run
     from tests.orchestrator.search.test_faults import _half_way
 
-    epochs = 6
+    epochs = 16  # epochs take a fraction of a second: a window wide enough to kill rank 0 past epoch 3
     cfg = digits_config(method=KD, teacher={"checkpoint": str(teacher_checkpoint)},
                         training={"epochs": epochs, "lr": 0.05}, scaling={"num_workers": 2, "cpus_per_worker": 0.25})
     space = {"parameters": {"temperature": {"type": "choice", "values": [2.0]}}}
@@ -243,8 +243,13 @@ def test_a_data_parallel_trial_whose_worker_is_killed_continues_from_its_checkpo
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-    threads = [threading.Thread(target=kill_rank_0_half_way, daemon=True),
-               threading.Thread(target=lambda: unfaulted.append(run(cfg, ["method.params.temperature=2.0"])))]
+    def reference() -> None:
+        try:
+            unfaulted.append(run(cfg, ["method.params.temperature=2.0"]))
+        except BaseException as err:  # shown by the assertion below, not lost in the thread
+            unfaulted.append(err)
+
+    threads = [threading.Thread(target=kill_rank_0_half_way, daemon=True), threading.Thread(target=reference)]
     for thread in threads:
         thread.start()
     try:
@@ -263,6 +268,7 @@ def test_a_data_parallel_trial_whose_worker_is_killed_continues_from_its_checkpo
                                   f"tags.mlflow.parentRunId = '{child.data.tags['mlflow.parentRunId']}'")
     assert len(children) == 1, "the retried trial continued its own child"
     [clean] = unfaulted
+    assert not isinstance(clean, BaseException), f"the reference run raised {clean!r}"
     for result in (child.info.run_id, clean.run_id):
         assert [m.step for m in client.get_metric_history(result, "val_acc")] == list(range(1, epochs + 1))
     # The reference is `kdo run`'s own data-parallel path (this was a test of its own): it trains and reads back.

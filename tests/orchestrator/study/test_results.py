@@ -68,3 +68,20 @@ def test_partial_runs_never_enter_a_statistic_and_are_named_in_a_warning() -> No
     assert results.summary().loc["kd", "best"] == 90.5, "the half-trained 99s are not a result"
     warnings = " ".join(results.warnings())
     assert "1 run(s) interrupted" in warnings and "1 run(s) early_stopped" in warnings
+
+
+def test_statistics_are_computed_once_and_every_caller_gets_its_own_copy(monkeypatch) -> None:
+    from orchestrator.study import analysis
+
+    results = _results(_ledger())
+    calls = []
+    real = analysis.importances
+    monkeypatch.setattr(analysis, "importances", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = results.sensitivity()
+    first.iloc[:, :] = -1.0  # a caller that writes into its table
+    again = results.sensitivity("chance")  # the default, spelled out: the same statistic
+    assert len(calls) == 1
+    assert not (again.select_dtypes("number") == -1.0).any().any()
+    verdict = results.compare("kd", "fitnets")
+    verdict["verdict"] = "edited"
+    assert results.compare("kd", "fitnets", failures="chance")["verdict"] not in ("edited", None)
