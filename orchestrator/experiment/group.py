@@ -40,8 +40,10 @@ def group_key(cfg: ExperimentConfig) -> str | None:
 
 
 def member_bytes(cfg: ExperimentConfig, splits: Splits) -> int:
-    """A member's memory beyond the shared data and teacher: its student's parameters `STATE_COPIES` times."""
-    with torch.device("meta"):
+    """A member's memory beyond the shared data and teacher: its student's parameters `STATE_COPIES` times.
+    The student is built on the CPU (the meta device's first use imports torch's reference kernels: 3-5 s of a
+    driver's start-up), in a forked RNG so the caller's draws are untouched."""
+    with torch.random.fork_rng(devices=[]):
         params = sum(p.numel() * p.element_size() for p in build_student(cfg, splits).parameters())
     return params * STATE_COPIES
 

@@ -12,8 +12,10 @@ from methods.registry import Distiller, TeacherPass
 from orchestrator.experiment.checkpoints import load_checkpoint
 from orchestrator.experiment.config import load_config
 from orchestrator.experiment.data import load_splits
-from orchestrator.experiment.group import Member, group_key, iterate_group
-from orchestrator.experiment.loop import iterate_epochs
+from orchestrator.experiment.group import STATE_COPIES, Member, group_key, iterate_group, member_bytes
+from orchestrator.experiment.loop import build_student, iterate_epochs
+from orchestrator.search.grouped import plan_groups
+from orchestrator.search.trial import Point
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -85,3 +87,20 @@ def test_methods_that_make_their_own_batches_train_alone(teacher_checkpoint: Pat
     assert group_key(load_config(_kd(teacher_checkpoint, "tcs"))) is None
     assert group_key(load_config({**_kd(teacher_checkpoint), "training": {"seed": 2}})) != group_key(
         load_config(_kd(teacher_checkpoint)))
+
+
+def test_groups_are_planned_by_seed_with_a_memory_estimate_that_draws_nothing(teacher_checkpoint: Path) -> None:
+    points = [Point({"t": t}, seed, f"s{t}", load_config({**_kd(teacher_checkpoint, temperature=t),
+                                                       "training": {"seed": seed}}).model_dump(mode="json"))
+              for t in (2.0, 4.0, 8.0) for seed in (0, 1)]
+    cfg = load_config(points[0].config)
+    splits = load_splits(cfg.data)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    size = member_bytes(cfg, splits)
+    assert torch.equal(torch.rand(3), expected), "the estimate left the caller's RNG stream as it was"
+    assert size == STATE_COPIES * sum(4 * p.numel() for p in build_student(cfg, splits).parameters())
+    assert plan_groups(points, splits, 0, 2) == [[0, 2, 4], [1, 3, 5]]  # one group per seed fills the 2 slots
+    assert plan_groups(points, splits, 2, 2) == [[0, 4], [1, 5], [2], [3]]  # at most 2 a group, sizes near-equal
+    assert plan_groups(points, splits, 1, 2) == [[i] for i in range(6)]
