@@ -53,13 +53,13 @@ def plan_groups(points: list[Point], splits: Splits, group_size: int, concurrenc
     if torch.cuda.is_available():
         available = min(available, torch.cuda.mem_get_info()[0])
     total = sum(len(indices) for indices in keyed.values())
-    # Member bytes by student: one build per distinct architecture and args.
-    students = {configs[i].student.model_dump_json(): i for indices in keyed.values() for i in indices}
-    sizes = {student: member_bytes(configs[i], splits) for student, i in students.items()}
+    students = {i: configs[i].student.model_dump_json() for indices in keyed.values() for i in indices}
+    one_each = {student: i for i, student in students.items()}  # a point per distinct student: one build each
+    sizes = {student: member_bytes(configs[i], splits) for student, i in one_each.items()}
     for indices in keyed.values():
         slots = max(1, round(concurrency * len(indices) / total))
         limit = group_size or min(AUTO_GROUP_MAX, math.ceil(len(indices) / slots))
-        largest = max(sizes[configs[i].student.model_dump_json()] for i in indices)
+        largest = max(sizes[students[i]] for i in indices)
         limit = max(1, min(limit, int(available * MEMORY_SHARE // max(1, largest))))
         count = math.ceil(len(indices) / limit)
         groups += [indices[k::count] for k in range(count)]
