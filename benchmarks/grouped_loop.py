@@ -20,8 +20,9 @@ from methods.networks import build_network
 from orchestrator.experiment.checkpoints import build_from_checkpoint, load_checkpoint, save_network
 from orchestrator.experiment.config import ExperimentConfig, load_config
 from orchestrator.experiment.data import Splits, load_splits
+from orchestrator.experiment.factories import build_student
 from orchestrator.experiment.group import Member, iterate_group
-from orchestrator.experiment.loop import build_student, iterate_epochs
+from orchestrator.experiment.loop import iterate_epochs
 
 TEACHER, STUDENT = "resnet32x4", "resnet8x4"
 

@@ -127,7 +127,7 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
                    concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
                    max_failures=max_failures, overrides=set_ or [], checkpoint_seconds=checkpoint_seconds,
                    group_size=group_size, verbose=verbose)
-    from orchestrator.study.display import print_sweep
+    from orchestrator.search.display import print_sweep
 
     print_sweep(result)
 
@@ -183,8 +183,9 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
     """Rebuild a sweep's results table, or a study's analysis and report, from MLflow alone."""
     check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
     check_name(experiment, "--experiment")
+    from orchestrator.search.display import print_sweep
     from orchestrator.search.sweep import load_sweep
-    from orchestrator.study.display import print_study, print_sweep
+    from orchestrator.study.display import print_study
     from orchestrator.study.robustness import RobustnessStudy
 
     if _is_study(name, tracking_uri, experiment):
@@ -218,8 +219,9 @@ def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
     """Finish a sweep or study whose driver died: skip what is done, close and redo what was running."""
     check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
     check_name(experiment, "--experiment")
+    from orchestrator.search.display import print_sweep
     from orchestrator.search.sweep import resume
-    from orchestrator.study.display import print_study, print_sweep
+    from orchestrator.study.display import print_study
     from orchestrator.study.robustness import RobustnessStudy
 
     if _is_study(name, tracking_uri, experiment):
@@ -241,7 +243,7 @@ def _seed_list(seeds: str) -> list[int]:
 @app.command("configs")
 def configs_cmd() -> None:
     """List the example configs shipped with the package (run them by name)."""
-    from orchestrator.experiment.config import shipped_configs
+    from orchestrator.experiment.config_files import shipped_configs
 
     for name in shipped_configs():
         typer.echo(name)

@@ -12,7 +12,8 @@ import time
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.study.display import print_study, wide_console
+from orchestrator.search.display import wide_console
+from orchestrator.study.display import print_study
 from orchestrator.study.robustness import RobustnessStudy
 
 

@@ -1,9 +1,14 @@
-"""Errors a user can cause (one line naming the field and the allowed values; the CLI exits 2), the one rule for
-the names a user gives (sweeps, studies, MLflow experiments), the stop signal of a driver (the CLI exits 130 or
-143), and a tracking store that stopped answering (the CLI exits 1)."""
+"""Errors a user can cause (one line naming the field and the allowed values; the CLI exits 2) and a pydantic
+error turned into that line, the one rule for the names a user gives (sweeps, studies, MLflow experiments), the
+stop signal of a driver (the CLI exits 130 or 143), and a tracking store that stopped answering (the CLI exits 1)."""
 
 import re
 import signal
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 NAME_RULE = "letters, digits, '_', '.', '-' (up to 100, starting with a letter or digit, no '..')"
@@ -41,3 +46,45 @@ class StoreUnreachable(RuntimeError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.resume_hint = ""
+
+
+def _annotation_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _annotation_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        sub = _annotation_model(field.annotation) if field else None
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def format_validation_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+    """One line for the first error: the dotted field path, what is wrong, what is allowed."""
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see the docs"
+        return f"{path}: unknown field; allowed: {allowed}{more}"
+    if first["type"] == "missing":
+        return f"{path}: required field is missing{more}"
+    if not loc or msg.startswith((f"{path}.", f"{path}:")):  # the check's message names its field already
+        return f"{msg}{more}"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    return f"{path}: {msg}{shown}{more}"
+

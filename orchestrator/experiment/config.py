@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import types
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from methods import get_method, list_methods
 from methods.networks import build_network, list_networks
-from orchestrator.errors import ConfigError, check_name
+from orchestrator.errors import ConfigError, check_name, format_validation_error
+from orchestrator.experiment.config_files import absolute_uri, apply_overrides, default_tracking_uri, read_yaml
 from orchestrator.experiment.data import DataConfig, dataset_info
 
 MAX_SEED = 2**31 - 1  # every seed torch, numpy and CUDA accept
@@ -205,104 +203,6 @@ def teacher_label(cfg: ExperimentConfig) -> str:
     return cfg.teacher.checkpoint or f"{cfg.teacher.architecture} (trained, key {teacher_key(cfg)})"
 
 
-# --------------------------------------------------------------------------------------- errors
-def _annotation_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            found = _annotation_model(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        sub = _annotation_model(field.annotation) if field else None
-        if sub is None:
-            return None
-        model = sub
-    return model
-
-
-def format_validation_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
-    """One line for the first error: the dotted field path, what is wrong, what is allowed."""
-    first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    path = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        parent = _model_at(model, loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "see the docs"
-        return f"{path}: unknown field; allowed: {allowed}{more}"
-    if first["type"] == "missing":
-        return f"{path}: required field is missing{more}"
-    if not loc or msg.startswith((f"{path}.", f"{path}:")):  # the check's message names its field already
-        return f"{msg}{more}"
-    got = first.get("input")
-    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-    return f"{path}: {msg}{shown}{more}"
-
-
-# --------------------------------------------------------------------------------------- loading
-def shipped_configs() -> list[str]:
-    """Names of the example configs that ship inside the package (`kdo run NAME`)."""
-    folder = resources.files("orchestrator") / "configs"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def read_yaml(source: str | Path) -> dict[str, Any]:
-    """A config file by path or a shipped config by name, as a dict; ConfigError if unreadable."""
-    path = Path(source)
-    if not path.is_file():
-        shipped = resources.files("orchestrator") / "configs" / f"{source}.yaml"
-        if not shipped.is_file():
-            raise ConfigError(f"config: '{source}' is neither a file nor a shipped config; "
-                              f"shipped: {', '.join(shipped_configs())}")
-        text, label = shipped.read_text(), f"{source}.yaml"
-    else:
-        text, label = path.read_text(), str(path)
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "unparseable"
-        raise ConfigError(f"{label}: malformed YAML{where}: {problem}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{label}: the top level must be a mapping of sections (data, student, ...)")
-    return loaded
-
-
-def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    """Set `a.b.c` in a nested config dict, creating missing (or null) sections on the way."""
-    node = raw
-    *parents, leaf = path.split(".")
-    for part in parents:
-        if node.get(part) is None:
-            node[part] = {}
-        if not isinstance(node[part], dict):
-            raise ConfigError(f"{path}: '{part}' is not a section")
-        node = node[part]
-    node[leaf] = value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, in order."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set: expected key=value (e.g. training.lr=0.1), got '{item}'")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-        set_path(raw, key.strip(), parsed)
-    return raw
-
 
 def load_config(source: str | Path | dict[str, Any] | ExperimentConfig,
                 overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
@@ -319,19 +219,6 @@ def load_config(source: str | Path | dict[str, Any] | ExperimentConfig,
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "", ExperimentConfig)) from None
 
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def absolute_uri(uri: str) -> str:
-    """Make a sqlite URI or a bare path absolute: Ray runs code in other working directories."""
-    if uri.startswith("sqlite:///"):
-        path = uri.removeprefix("sqlite:///")
-        return uri if path.startswith("/") else f"sqlite:///{Path(path).resolve()}"
-    if "://" in uri or uri.startswith(("runs:/", "models:/")):
-        return uri
-    return str(Path(uri).resolve())
 
 
 def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:

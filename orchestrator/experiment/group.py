@@ -20,8 +20,11 @@ from methods import get_method
 from methods.registry import TeacherPass
 from orchestrator.experiment.checkpoints import build_from_checkpoint
 from orchestrator.experiment.config import ExperimentConfig
-from orchestrator.experiment.data import DeviceData, Splits
-from orchestrator.experiment.loop import RunLog, Training, build_student
+from orchestrator.experiment.data import Splits
+from orchestrator.experiment.device_data import DeviceData
+from orchestrator.experiment.factories import build_student
+from orchestrator.experiment.loop import Training
+from orchestrator.experiment.tracking import RunLog
 
 # What a group keeps per member besides its network: weights, gradients, two optimizer moments, the selected
 # student and a loop-state copy (activations are freed after each member's step, so only one is alive at once).

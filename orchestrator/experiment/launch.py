@@ -1,41 +1,35 @@
-"""Launching one run on Ray: a direct Ray task for one worker, Ray Train's TorchTrainer for several (DDP),
-and `execute`, which logs the run in MLflow around the launch and returns its `RunResult`. Ray is imported
-inside the functions that use it: importing this module (every command does) costs no Ray start-up."""
+"""Launching one run on Ray: what a Ray process needs to train it (`Launch`), a direct Ray task for one worker or
+Ray Train's TorchTrainer for several (`experiment.data_parallel`), and `execute`, which logs the run in MLflow
+around the launch and returns its `RunResult`. Ray is imported inside the functions that use it: importing this
+module (every command does) costs no Ray start-up."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
-from orchestrator.experiment.loop import AfterEpoch, LoopOutput, iterate_epochs, train_loop
+from orchestrator.experiment.loop import LoopOutput
+from orchestrator.experiment.model_registry import register_student
 from orchestrator.experiment.progress import watch_epochs
+from orchestrator.experiment.store import store_errors, ui_hint
 from orchestrator.experiment.tracking import (
-    Tracker,
     dataset_inputs,
     flatten,
     log_datasets,
-    register_student,
     run_tags,
     start_run,
-    store_errors,
-    ui_hint,
 )
+from orchestrator.experiment.workers import Launch, fit_data_parallel, launch_for, train_direct
 
 if TYPE_CHECKING:
     import pandas as pd
 
-TRAIN_POLL_SECONDS = "0.1"  # Ray Train's controller poll (its default 2 s is a floor on every epoch); a user's wins
 
 
 @dataclass
@@ -109,158 +103,27 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
-def worker_device(gpu: bool) -> torch.device:
-    """The device this Ray worker trains on. A GPU Ray granted that torch cannot see (a logical GPU, a CPU build
-    of torch, a broken driver) is one line naming what Ray gave the worker."""
-    if not gpu:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    import ray
-
-    granted = ", ".join(f"{k} {v:g}" for k, v in sorted(ray.get_runtime_context().get_assigned_resources().items()))
-    raise RuntimeError(f"scaling.use_gpu: Ray gave the worker on {socket.gethostname()} {granted or 'nothing'} "
-                       f"(GPU ids {ray.get_gpu_ids()}), but torch {torch.__version__} finds no CUDA device there")
-
-
 def one_line(err: BaseException) -> str:
     """An error as one short line, for a run's `kdo.reason` tag: its type and its first line."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}"[:300] if text else type(err).__name__
 
 
-def _train_direct(payload: dict[str, Any]) -> LoopOutput:
-    """One worker: the loop runs in this Ray process itself (no TorchTrainer start-up cost)."""
+def _launch(launch: Launch) -> LoopOutput:
     import ray
 
-    cfg = ExperimentConfig.model_validate(payload["config"])
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    device = worker_device(payload["use_gpu"])
-    tracker = Tracker(cfg.tracking.uri, payload["run_id"])
-    teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
-    return train_loop(cfg, ray.get(payload["data"]), teacher, device=device, tracker=tracker,
-                      artifact_name=payload["artifact_name"], log=None)  # the driver shows the epochs
-
-
-def _train_worker(payload: dict[str, Any]) -> None:
-    """One Ray Train worker of a data-parallel run. Rank 0 logs to MLflow (the epochs after `logged`) and, given
-    `checkpoint_seconds`, reports the loop state as a checkpoint that far apart; every rank continues from
-    `resume` when given."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = ExperimentConfig.model_validate(payload["config"])
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tracker, every = None, payload.get("checkpoint_seconds")
-    if rank == 0:
-        tracker = AfterEpoch(Tracker(cfg.tracking.uri, payload["run_id"]), payload.get("logged", 0))
-        tracker.set_tags({"kdo.host": socket.gethostname(), "kdo.pid": str(os.getpid())})  # the process training
-    teacher = ray.get(payload["teacher"]) if payload["teacher"] is not None else None
-    resume = ray.get(payload["resume"]) if payload.get("resume") is not None else None
-    epochs = iterate_epochs(cfg, ray.get(payload["data"]), teacher, rank=rank, world=world,
-                            device=ray.train.torch.get_device(), tracker=tracker, wrap=ray.train.torch.prepare_model,
-                            artifact_name=payload["artifact_name"], log=None, resume=resume,
-                            snapshot_every=1 if rank == 0 and every is not None else 0)
-    if rank == 0 and payload.get("scratch"):
-        os.makedirs(payload["scratch"], exist_ok=True)
-    saved = time.monotonic()
-    for metrics in epochs:
-        state = metrics.pop("loop_state", None)
-        if state is None or time.monotonic() - saved < every:
-            ray.train.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory(dir=payload.get("scratch")) as folder:  # Train copies it to its storage
-            torch.save(state, Path(folder) / f"seed-{cfg.training.seed}.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        saved = time.monotonic()
-
-
-def _launch(cfg: ExperimentConfig, payload: dict[str, Any]) -> LoopOutput:
-    import ray
-
-    gpu = payload["use_gpu"]
-    sc = cfg.scaling
+    sc = launch.config.scaling
     if sc.trainer == "direct" or (sc.trainer == "auto" and sc.num_workers == 1):
         if sc.num_workers > 1:
             raise ConfigError("scaling.trainer: 'direct' runs one worker; use 'ray_train' or 'auto' for "
                               f"num_workers={sc.num_workers}")
         # No silent re-execution: a retried task would train from epoch 0 again into the same MLflow run.
-        task = ray.remote(_train_direct).options(num_cpus=sc.cpus_per_worker, max_retries=0,
-                                                  num_gpus=sc.gpus_per_worker if gpu else 0)
-        return ray.get(task.remote(payload))
-
-    return fit_data_parallel(cfg, payload)
-
-
-def train_folder(storage: str, cfg: ExperimentConfig, run_id: str) -> str:
-    """Where Ray Train keeps the state and checkpoints of the data-parallel run logged as MLflow run `run_id`."""
-    return f"{storage}/{cfg.name}-{run_id[:8]}"
+        task = ray.remote(train_direct).options(num_cpus=sc.cpus_per_worker, max_retries=0,
+                                                  num_gpus=sc.gpus_per_worker if launch.use_gpu else 0)
+        return ray.get(task.remote(launch))
+    return fit_data_parallel(launch)
 
 
-def fit_data_parallel(cfg: ExperimentConfig, payload: dict[str, Any], *, storage: str | None = None,
-                      callbacks: list[Any] | None = None) -> LoopOutput:
-    """The loop on `scaling.num_workers` DDP workers through Ray Train's TorchTrainer.
-
-    In a sweep the trial passes Tune's `TuneReportCallback`, which forwards rank 0's per-epoch reports
-    to Tune (ASHA sees every epoch), and the `storage` its checkpoints stay in until the sweep ends; Tune does
-    not count these workers' CPUs, so the sweep budgets them. Without `storage` (`kdo run`) the run's folder
-    is removed once it ends: a run that is never retried needs nothing of it.
-    """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    # Train's controller polls its workers every 2 s by default, and a worker's `ray.train.report` blocks until
-    # the poll takes it (a queue of one): every epoch took at least 2 s. fit() hands the variable to the controller.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_SECONDS)
-    sc, gpu = cfg.scaling, payload["use_gpu"]
-    base = storage or cfg.tracking.storage_path
-    folder = train_folder(base, cfg, payload["run_id"])
-    local = "://" not in folder
-    if local:
-        payload = {**payload, "scratch": str(Path(folder) / ".kdo-scratch")}  # a killed worker leaves nothing in /tmp
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if gpu else {})}
-    trainer = TorchTrainer(
-        _train_worker, train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=Path(folder).name, storage_path=base, callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    try:
-        trainer.fit()
-    finally:
-        if storage is None and local:
-            shutil.rmtree(folder, ignore_errors=True)
-    history = _history(cfg.tracking.uri or "", payload["run_id"])
-    return LoopOutput(status=history[-1]["status"], history=history, final=history[-1])
-
-
-def _history(uri: str, run_id: str) -> list[dict[str, Any]]:
-    """The epochs rank 0 logged to the run, one row per epoch (Ray Train's own table holds only the reports
-    that came with a checkpoint)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    run = client.get_run(run_id)
-    rows: dict[int, dict[str, Any]] = {}
-    for key in (k for k in run.data.metrics if not k.startswith("system/")):  # MLflow's own steps are not epochs
-        for m in client.get_metric_history(run_id, key):
-            if m.step >= 1:
-                rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
-    history = [rows[step] for step in sorted(rows)] or [{"epoch": 0}]
-    history[-1]["status"] = run.data.tags.get("kdo.status", "crashed")
-    return history
-
-
-def payload(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, run_id: str, *,
-            gpu: bool, artifact_name: str = "student") -> dict[str, Any]:
-    """What a Ray process needs to train one run: the config, data and teacher in the object store, the run id."""
-    import ray
-
-    return {"config": cfg.model_dump(mode="json"), "data": ray.put(splits),
-            "teacher": ray.put(teacher) if teacher is not None else None,
-            "run_id": run_id, "artifact_name": artifact_name, "use_gpu": gpu}
 
 
 def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | None, *,
@@ -284,8 +147,8 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
             try:
                 with watch_epochs(cfg.tracking.uri, tracker.run_id, cfg.name, cfg.training.epochs,
                                   every_epoch=every_epoch):
-                    out = _launch(cfg, payload(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
-                                               artifact_name=artifact_name))
+                    out = _launch(launch_for(cfg, splits, teacher, tracker.run_id, gpu=use_gpu(cfg),
+                                             artifact_name=artifact_name))
             except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
                     ray.exceptions.ActorDiedError) as err:  # the worker or its node died (killed, OOM): the run crashed
                 out = LoopOutput(status="crashed", history=[], final={"reason": one_line(err)})

@@ -8,52 +8,26 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from methods import get_method
-from methods.networks import FeatureNet, build_network
 from methods.registry import LoopContext, batch_order_seed
 from orchestrator.experiment.checkpoints import build_from_checkpoint, fingerprint, save_network
-from orchestrator.experiment.config import ExperimentConfig, TrainingConfig
-from orchestrator.experiment.data import DeviceData, Splits
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.data import Splits
+from orchestrator.experiment.device_data import DeviceData
+from orchestrator.experiment.factories import autocast, build_student, make_optimizer, make_schedule
+from orchestrator.experiment.progress import epoch_line
+from orchestrator.experiment.tracking import RunLog
 
 # report(metrics, checkpoint_dir): called by every rank once per epoch; checkpoint_dir only on rank 0.
 Reporter = Callable[[dict[str, Any], str | None], None]
-
-
-class RunLog(Protocol):
-    """Where the loop writes a run's metrics, tags and files (an MLflow `Tracker`; no MLflow import here)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, Any]) -> None: ...
-
-
-class AfterEpoch:
-    """A run log that drops the metrics of epochs its run has logged already (a continued attempt re-trains the
-    epochs after its checkpoint; the dead attempt logged some of them)."""
-
-    def __init__(self, tracker: RunLog | None, logged: int) -> None:
-        self.tracker, self.logged = tracker, logged
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.tracker is not None and not 0 < step <= self.logged:
-            self.tracker.log_metrics(metrics, step)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.tracker is not None:
-            self.tracker.log_artifact(path, artifact_path)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.tracker is not None:
-            self.tracker.set_tags(tags)
 
 
 @dataclass
@@ -61,39 +35,6 @@ class LoopOutput:
     status: str  # "finished" or "diverged"
     history: list[dict[str, Any]]
     final: dict[str, Any]
-
-
-SHOWN = ("train_loss", "val_acc", "test_acc", "epoch_seconds")  # what an epoch's line shows, in this order
-
-
-def epoch_line(name: str, epoch: int, epochs: int, metrics: dict[str, Any]) -> str:
-    """`[name] epoch 3/20 train_loss=0.81 val_acc=0.83 epoch_seconds=0.9`: the plain line of one epoch."""
-    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
-    return f"[{name}] epoch {epoch}/{epochs} {shown}"
-
-
-def make_optimizer(params: Any, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def make_schedule(opt: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch."""
-    sched = torch.optim.lr_scheduler
-    if cfg.schedule == "cosine":
-        return sched.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if cfg.schedule == "step":
-        return sched.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    if cfg.schedule == "multistep":
-        return sched.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
-    return sched.LambdaLR(opt, lambda _: 1.0)
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.inference_mode()
@@ -106,12 +47,6 @@ def accuracy(model: nn.Module, data: DeviceData, split: str, precision: str = "f
             correct += int((model(x).argmax(dim=1) == y).sum())
     model.train(was_training)
     return correct / max(1, data.size(split))
-
-
-def build_student(cfg: ExperimentConfig, splits: Splits) -> FeatureNet:
-    info = splits.info
-    return build_network(cfg.student.architecture, num_classes=info.num_classes, in_channels=info.channels,
-                         image_size=info.image_size, **cfg.student.args)
 
 
 def _named(prefix: str, values: dict[str, float]) -> dict[str, float]:

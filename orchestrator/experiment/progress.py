@@ -1,6 +1,7 @@
-"""What the user sees of one run while it trains on Ray: its epochs, read by the driver from the run's MLflow
-metrics (Ray workers' output is not forwarded to the driver). A rich progress bar on a terminal; plain lines
-otherwise (CI, a pipe): one per epoch, or only a first and a last line (`every_epoch=False`, a teacher)."""
+"""What the user sees of one run: the plain line of an epoch (`epoch_line`, which the loop prints too), and the
+epochs of a run on Ray, read by the driver from the run's MLflow metrics (Ray workers' output is not forwarded
+to the driver). A rich progress bar on a terminal; plain lines otherwise (CI, a pipe): one per epoch, or only a
+first and a last line (`every_epoch=False`, a teacher)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from orchestrator.experiment.store import client as mlflow_client
 
-from orchestrator.experiment.loop import SHOWN, epoch_line
+if TYPE_CHECKING:
+    from rich.console import Console
 
 POLL_SECONDS = 1.0
+SHOWN = ("train_loss", "val_acc", "test_acc", "epoch_seconds")  # what an epoch's line shows, in this order
+
+
+def epoch_line(name: str, epoch: int, epochs: int, metrics: dict[str, Any]) -> str:
+    """`[name] epoch 3/20 train_loss=0.81 val_acc=0.83 epoch_seconds=0.9`: the plain line of one epoch."""
+    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
+    return f"[{name}] epoch {epoch}/{epochs} {shown}"
 
 
 def logged_epochs(client: Any, run_id: str, after: int) -> list[dict[str, Any]]:
@@ -35,10 +42,12 @@ def logged_epochs(client: Any, run_id: str, after: int) -> list[dict[str, Any]]:
 def watch_epochs(uri: str, run_id: str, name: str, epochs: int, *, every_epoch: bool = True,
                  console: Console | None = None) -> Iterator[None]:
     """Show the epochs of run `run_id` while the body trains it; every epoch is shown before this returns."""
-    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     seen: list[dict[str, Any]] = []
     started = time.monotonic()
     bar = (Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -10,8 +10,8 @@ from typing import Any
 from orchestrator.experiment.config import ExperimentConfig, load_config, resolve_paths
 from orchestrator.experiment.data import Splits, load_splits
 from orchestrator.experiment.launch import RunResult, check_resources, execute, init_ray
+from orchestrator.experiment.store import check_store
 from orchestrator.experiment.teachers import check_teacher_checkpoint, ensure_teacher
-from orchestrator.experiment.tracking import check_store
 
 ConfigSource = str | Path | dict[str, Any] | ExperimentConfig
 

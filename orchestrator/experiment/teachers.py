@@ -16,7 +16,9 @@ from orchestrator.experiment.checkpoints import build_from_checkpoint, check_com
 from orchestrator.experiment.config import ExperimentConfig, NetworkConfig, check_method_setup, teacher_key
 from orchestrator.experiment.data import Splits, dataset_info
 from orchestrator.experiment.launch import execute
-from orchestrator.experiment.tracking import mask_uri, register_checkpoint
+from orchestrator.experiment.model_registry import register_checkpoint
+from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.experiment.store import mask_uri
 
 
 def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -85,9 +87,7 @@ def _download_teacher(cfg: ExperimentConfig, uri: str) -> Path:
 def _model_source(tracking: str, uri: str) -> str:
     """The `runs:/` source of a registered model version, `models:/<name>/<version>` or `models:/<name>@<alias>`."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking, registry_uri=tracking)
+    client = mlflow_client(tracking, registry=True)
     ref = uri.removeprefix("models:/")
     try:
         if "@" in ref:
@@ -109,19 +109,15 @@ def register_teacher(tracking: str, run_id: str, key: str) -> str:
     files are kdo's own checkpoint, the run's `teacher/` artifact (state_dict plus config; it loads back as kdo's
     class, feature outputs included). Tags the run with the version's URI and returns it: `teacher.checkpoint:
     models:/kdo-teacher-<key>/<version>` works wherever a path does."""
-    from mlflow.tracking import MlflowClient
-
     model = register_checkpoint(tracking, run_id, f"kdo-teacher-{key}", "teacher",
                                 f"kdo teacher checkpoints of cache key {key}")
-    MlflowClient(tracking).set_tag(run_id, "kdo.model", model)
+    mlflow_client(tracking).set_tag(run_id, "kdo.model", model)
     return model
 
 
 def registered_teacher(tracking: str, key: str) -> str | None:
     """The newest registered version of the teacher with cache key `key`, as a `models:/` URI (None if none)."""
-    from mlflow.tracking import MlflowClient
-
-    versions = MlflowClient(tracking, registry_uri=tracking).search_model_versions(f"name = 'kdo-teacher-{key}'")
+    versions = mlflow_client(tracking, registry=True).search_model_versions(f"name = 'kdo-teacher-{key}'")
     return f"models:/kdo-teacher-{key}/{max(int(v.version) for v in versions)}" if versions else None
 
 

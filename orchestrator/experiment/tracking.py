@@ -6,20 +6,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
-import os
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from methods import get_method
-from orchestrator.errors import ConfigError, StoreUnreachable
 from orchestrator.experiment.config import ExperimentConfig, teacher_label
+from orchestrator.experiment.store import client, mask_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -27,90 +22,6 @@ if TYPE_CHECKING:
     from orchestrator.experiment.data import DataConfig, Splits
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-DATABASE_STORES = ("sqlite:", "postgresql:", "mysql:")  # stores `mlflow ui` serves (no server of their own)
-# Terminal output is the epoch lines and the results table: no download bars, no schema-migration chatter.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-logging.getLogger("alembic").setLevel(logging.WARNING)
-logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "Started monitoring system metrics." per run
-# MLflow's HTTP client retries a server that does not answer 7 times, backoff factor 2 (about 4 minutes a call),
-# and waits 120 s for each answer. kdo's bound (about 30 s a call), unless MLflow's own variables are set: every
-# Ray worker imports this module before it writes a run.
-for _variable, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                          ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
-    os.environ.setdefault(_variable, _value)
-
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/?#@:\s]*)(?P<secret>:[^/?#\s]*)?@")
-
-
-def mask_uri(text: str) -> str:
-    """`text` with the credentials of every URI in it masked, `http://user:token@host` -> `http://user:***@host`
-    (a user part alone, often a token, is masked whole): what params, artifacts and printed lines show."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@" if m["secret"] else f"{m['scheme']}***@", text)
-
-
-@functools.cache  # a store that answered once in this process (the driver asks before naming and provisioning)
-def check_store(uri: str, timeout: float = 5.0, field: str = "tracking.uri") -> None:
-    """Refuse (one line) an MLflow server that does not answer, before Ray starts or any run is written; any HTTP
-    answer counts (a server behind a login answers 401). File and database stores are checked when opened."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    if not uri.startswith(("http://", "https://")):
-        return
-    parts = urllib.parse.urlsplit(uri)
-    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
-    bare = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else str(host))  # credentials left out
-    try:
-        urllib.request.urlopen(f"{urllib.parse.urlunsplit(bare).rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise ConfigError(f"{field}: no MLflow server answers at {mask_uri(uri)} ({reason})") from None
-
-
-def unreachable(err: BaseException) -> bool:
-    """Whether `err` is the MLflow client giving up on a store that does not answer (refused, timed out, dropped),
-    raised here or in a Ray worker (whose error reaches the driver as text)."""
-    for _ in range(8):  # the exception and what it was raised from
-        text = str(err)
-        if "API request to" in text and "failed with exception" in text:  # MLflow's words for a transport failure
-            return True
-        if type(err).__module__.startswith(("requests", "urllib3")) and "Error" in type(err).__name__:
-            return True
-        nxt = err.__cause__ or err.__context__
-        if nxt is None:
-            return False
-        err = nxt
-    return False
-
-
-@contextmanager
-def store_errors(uri: str, resume_hint: str = "") -> Iterator[None]:
-    """The MLflow client giving up on `uri` becomes one line (`StoreUnreachable`, carrying `resume_hint`)."""
-    try:
-        yield
-    except Exception as err:
-        if not unreachable(err):
-            raise
-        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
-        lost = StoreUnreachable(f"the MLflow store at {mask_uri(uri)} stopped answering ({retries} retries spent)")
-        lost.resume_hint = resume_hint
-        raise lost from None
-
-
-@contextmanager
-def unless_store_lost() -> Iterator[None]:
-    """Go on past a store that stopped answering: what it could not record is settled once it answers again."""
-    try:
-        yield
-    except Exception as err:
-        if not unreachable(err):
-            raise
-
 
 @functools.cache
 def source_tags() -> dict[str, str]:
@@ -209,10 +120,8 @@ class Tracker:
     """Writes metrics and artifacts to one existing MLflow run."""
 
     def __init__(self, uri: str, run_id: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri
-        self.client = MlflowClient(uri)
+        self.client = client(uri)
         self.run_id = run_id
         self._monitor: Any = None
 
@@ -267,69 +176,39 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any],
               parent_run_id: str | None = None, source: dict[str, str] | None = None) -> tuple[Tracker, str]:
     """Create a RUNNING run (a child when `parent_run_id` is given) with the source tags given (a driver's), else
     this process's; returns it and its experiment id."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, experiment, uri)
+    store = client(uri)
+    experiment_id = ensure_experiment(store, experiment, uri)
     all_tags = {**(source if source is not None else source_tags()), "kdo.version": kdo_version(),
                 **{k: str(v) for k, v in tags.items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run = store.create_run(experiment_id, run_name=run_name, tags=all_tags)
     return Tracker(uri, run.info.run_id), experiment_id
 
 
-def register_student(tracker: Tracker, run_name: str) -> str:
-    """`tracking.log_models`: a finished run's `student/` checkpoint as a version of `kdo-student-<run name>`."""
-    return register_checkpoint(tracker.uri, tracker.run_id, f"kdo-student-{run_name}", "student",
-                               f"the student of run {run_name}")
+class RunLog(Protocol):
+    """Where the loop writes a run's metrics, tags and files (an MLflow `Tracker`; no MLflow import here)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
 
 
-def register_checkpoint(tracking: str, run_id: str, name: str, folder: str, description: str) -> str:
-    """Register a run's checkpoint folder (`teacher/`, `student/`: kdo's own state_dict plus config, not an MLflow
-    flavour) as a version of model `name` in MLflow's model registry; returns `models:/<name>/<version>`. The
-    newest version reused when it is that run's folder already (a resumed sweep finishing again)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+class AfterEpoch:
+    """A run log that drops the metrics of epochs its run has logged already (a continued attempt re-trains the
+    epochs after its checkpoint; the dead attempt logged some of them)."""
 
-    client = MlflowClient(tracking, registry_uri=tracking)
-    source = f"runs:/{run_id}/{folder}"
-    try:
-        client.create_registered_model(name, description=description)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        versions = client.search_model_versions(f"name = '{name}'")
-        newest = max(versions, key=lambda v: int(v.version), default=None)
-        if newest is not None and newest.source == source:
-            return f"models:/{name}/{newest.version}"
-    return f"models:/{name}/{client.create_model_version(name, source=source, run_id=run_id).version}"
+    def __init__(self, tracker: RunLog | None, logged: int) -> None:
+        self.tracker, self.logged = tracker, logged
 
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None and not 0 < step <= self.logged:
+            self.tracker.log_metrics(metrics, step)
 
-def optuna_storage(uri: str, storage_path: str) -> str:
-    """Where kdo keeps Optuna studies (an adaptive sweep's, a study's export): `optuna.db` beside an SQLite MLflow
-    store, else in `storage_path`; `optuna-dashboard <this>` opens them."""
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(storage_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder.resolve() / 'optuna.db'}"
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.tracker is not None:
+            self.tracker.log_artifact(path, artifact_path)
 
-
-def run_link(uri: str, experiment_id: str, run_id: str) -> str:
-    """The address of a run's page in the MLflow UI: on the server itself, or on `mlflow ui` (`ui_hint`) for a
-    database store."""
-    uri = mask_uri(uri)
-    base = "http://127.0.0.1:5000" if uri.startswith(DATABASE_STORES) else uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def ui_hint(uri: str, experiment_id: str) -> str:
-    """The command that opens the MLflow UI on this store, and the direct link to the runs table.
-
-    The MLflow 3 UI opens experiments in its GenAI view; the `/runs` link shows the training runs.
-    """
-    uri = mask_uri(uri)
-    store = uri if uri.startswith(DATABASE_STORES) else None
-    if store is None:
-        return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return (f"mlflow ui --backend-store-uri {store} --port 5000   then open "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.set_tags(tags)

@@ -19,20 +19,14 @@ from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.group import Member, group_key, iterate_group, member_bytes
-from orchestrator.experiment.launch import worker_device
-from orchestrator.experiment.loop import AfterEpoch
-from orchestrator.experiment.tracking import store_errors
+from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.experiment.store import store_errors
+from orchestrator.experiment.tracking import AfterEpoch
+from orchestrator.experiment.workers import worker_device
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
-from orchestrator.search.trial import (
-    Point,
-    RunMember,
-    TrialOptions,
-    closed_on_exit,
-    open_child,
-    run_point,
-    save_checkpoint,
-)
+from orchestrator.search.points import Point, TrialOptions
+from orchestrator.search.trial import RunMember, closed_on_exit, open_child, run_point, save_checkpoint
 
 AUTO_GROUP_MAX = 16  # the largest group `group_size: 0` (auto) forms
 MEMORY_SHARE = 0.25  # of the memory available when planning, what one group's members may take
@@ -80,10 +74,9 @@ def run_group(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
 
 def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[str, Any] | None, use_gpu: bool,
              options: TrialOptions) -> None:
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    client = MlflowClient(ref.tracking_uri)
+    client = mlflow_client(ref.tracking_uri)
     members: list[tuple[Point, RunMember]] = []
     listed = ledger.children(client, ref.experiment_id, ref.parent_run_id)  # one query for the whole group
     done = ledger.final_points(client, ref.experiment_id, ref.parent_run_id, runs=listed)

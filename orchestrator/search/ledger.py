@@ -17,26 +17,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError, check_name
-from orchestrator.experiment.config import ExperimentConfig, absolute_uri, default_tracking_uri
-from orchestrator.experiment.tracking import (
-    Tracker,
-    check_store,
-    flatten,
-    log_datasets,
-    mask_uri,
-    register_student,
-    run_tags,
-    source_tags,
-    start_run,
-    unless_store_lost,
-)
+from orchestrator.experiment.config import ExperimentConfig
+from orchestrator.experiment.config_files import absolute_uri, default_tracking_uri
+from orchestrator.experiment.model_registry import register_student
+from orchestrator.experiment.store import check_store, mask_uri, unless_store_lost
+from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.experiment.tracking import Tracker, flatten, log_datasets, run_tags, source_tags, start_run
 from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
 
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
-
 PAGE_SIZE = 1000  # MLflow's own page size; `children` follows its page tokens
 
 
@@ -84,15 +76,13 @@ def _search(client: MlflowClient, experiment_id: str, query: str, page_size: int
 
 def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str) -> tuple[str, MlflowClient, Run]:
     """The newest parent run of the sweep or study (`kind`) named `name`: its store URI, a client and the run."""
-    from mlflow.tracking import MlflowClient
-
     check_name(name, "NAME")
     check_name(experiment, "--experiment")
     uri = absolute_uri(tracking_uri or default_tracking_uri())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"--tracking-uri: no MLflow store at {mask_uri(uri)}")
     check_store(uri, field="--tracking-uri")  # one line now, not a traceback after the client's retries
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"--experiment: no experiment '{experiment}' in {mask_uri(uri)}")
@@ -106,11 +96,9 @@ def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str)
 
 def parent_names(kind: str, uri: str, experiment: str) -> set[str]:
     """The names of every sweep or study (`kind`) in the store (none if the store or experiment is new)."""
-    from mlflow.tracking import MlflowClient
-
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return set()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return set()
@@ -265,9 +253,7 @@ def close_running(uri: str, experiment_id: str, parent_run_id: str, unfinished: 
     """Settle every child still RUNNING when a driver ends (or before a resume): the outcome its loop recorded,
     else `early_stopped` if its Tune trial was stopped by the scheduler (`stopped_trials`), else `unfinished`
     (`crashed` when its process died, `interrupted` when the driver was stopped or died)."""
-    from mlflow.tracking import MlflowClient
-
-    for run in children(MlflowClient(uri), experiment_id, parent_run_id, running=True):
+    for run in children(mlflow_client(uri), experiment_id, parent_run_id, running=True):
         stopped = run.data.tags.get("kdo.trial_id") in stopped_trials
         settle_child(uri, run, "early_stopped" if stopped else unfinished)
 

@@ -20,7 +20,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from orchestrator.experiment.tracking import unreachable
+from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.experiment.store import unreachable
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.status import FAILED, HIDDEN
@@ -116,10 +117,8 @@ class RunProgress(Callback):
 
     # ---------------------------------------------------------------------------------------- the view
     def _settle_ended(self) -> None:
-        from mlflow.tracking import MlflowClient
-
         assert self._ended is not None
-        client = MlflowClient(self.ref.tracking_uri)
+        client = mlflow_client(self.ref.tracking_uri)
         lost = -STORE_PAUSE  # when the store last failed to answer: not asked again for STORE_PAUSE seconds
         while (ended := self._ended.get()) is not None:
             if time.monotonic() - lost < STORE_PAUSE:

@@ -13,8 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import ExperimentConfig, format_validation_error, require_validation, set_path
+from orchestrator.errors import ConfigError, format_validation_error
+from orchestrator.experiment.config import ExperimentConfig, require_validation
+from orchestrator.experiment.config_files import set_path
 
 
 class ParamSpec(BaseModel):

@@ -15,28 +15,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import ConfigError, Interrupted, check_name
-from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, read_yaml, require_validation
+from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, require_validation
+from orchestrator.experiment.config_files import read_yaml
 from orchestrator.experiment.launch import use_gpu
+from orchestrator.experiment.model_registry import register_checkpoint
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
-from orchestrator.experiment.tracking import (
-    Tracker,
-    check_store,
-    dataset_inputs,
-    flatten,
-    log_datasets,
-    register_checkpoint,
-    start_run,
-    store_errors,
-    ui_hint,
-    unreachable,
-)
+from orchestrator.experiment.store import check_store, store_errors, ui_hint, unreachable
+from orchestrator.experiment.tracking import Tracker, dataset_inputs, flatten, log_datasets, start_run
 from orchestrator.search import ledger
 from orchestrator.search.design import build_design
 from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
 from orchestrator.search.ledger import LedgerRef
+from orchestrator.search.points import FIXED_DESIGNS, Point, Sampler, TrialOptions, point_config
 from orchestrator.search.spaces import SearchSpace, load_space
 from orchestrator.search.status import FAILED, REDO
-from orchestrator.search.trial import FIXED_DESIGNS, Point, Sampler, TrialOptions, point_config
 from orchestrator.search.tuner import (
     forget_experiment,
     interruptible,

@@ -12,77 +12,35 @@ yet; attempts that cannot continue are `superseded` by a fresh child.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
 import os
 import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
+from orchestrator.errors import format_validation_error
 from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
-from orchestrator.experiment.config import ExperimentConfig, format_validation_error
+from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
-from orchestrator.experiment.launch import fit_data_parallel, one_line, payload, train_folder, worker_device
-from orchestrator.experiment.loop import AfterEpoch, iterate_epochs
-from orchestrator.experiment.tracking import Tracker, store_errors, unless_store_lost
+from orchestrator.experiment.launch import one_line
+from orchestrator.experiment.loop import iterate_epochs
+from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.experiment.store import store_errors, unless_store_lost
+from orchestrator.experiment.tracking import AfterEpoch, Tracker
+from orchestrator.experiment.workers import fit_data_parallel, launch_for, train_folder, worker_device
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
+from orchestrator.search.points import Point, TrialOptions, point_config
 from orchestrator.search.spaces import SearchSpace
-
-Sampler = Literal["tpe", "random", "sobol", "grid"]
-FIXED_DESIGNS = ("sobol", "grid")
-
-
-@dataclass(frozen=True)
-class TrialOptions:
-    """How a sweep or study runs its trials; stored on the parent as the `kdo.options` tag (JSON) for resume."""
-
-    sampler: Sampler = "tpe"
-    scheduler: Literal["asha", "none"] = "none"
-    trials: int = 8  # settings to draw (a grid's size is fixed by its space)
-    concurrency: int = 2
-    metric: str = "val_acc"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    max_failures: int = 0
-    design_seed: int = 0
-    checkpoint_seconds: float = 30.0  # a trial checkpoints its runs after the first epoch this long after the last
-    group_size: int = 0  # fixed points of one seed per trial (`grouped.plan_groups`); 0: auto, 1: one per trial
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrialOptions:
-        """From the `kdo.options` tag; keys an older ledger lacks take their defaults."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
-
-
-@dataclass(frozen=True)
-class Point:
-    """One fixed run: its setting, seed, setting id, the checked config that runs it and its ledger tags."""
-
-    setting: dict[str, Any]
-    seed: int
-    setting_id: str
-    config: dict[str, Any]  # ExperimentConfig as JSON, seed and run name applied
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def point_config(cfg: ExperimentConfig, name: str, sid: str, seed: int) -> dict[str, Any]:
-    """A point's config: `cfg` with its seed and the child's run name `<name>-<setting id>-s<seed>`."""
-    raw = cfg.model_dump(mode="json")
-    raw["name"] = f"{name}-{sid[:6]}-s{seed}"
-    raw["training"]["seed"] = seed
-    return raw
 
 
 @dataclass(frozen=True)
@@ -152,10 +110,9 @@ def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[st
 def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], sid: str, reason: str) -> None:
     """A child with status `invalid` and the reason (once per setting; the base config's params, the setting in
     `kdo.setting`); Tune hears NaN, which Optuna records as a failed trial."""
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    if not ledger.final_seeds(MlflowClient(ref.tracking_uri), ref.experiment_id, ref.parent_run_id, sid):
+    if not ledger.final_seeds(mlflow_client(ref.tracking_uri), ref.experiment_id, ref.parent_run_id, sid):
         cfg = ExperimentConfig.model_validate(point_config(base, ref.name, sid, base.training.seed))
         tracker = ledger.start_child(ref, cfg, setting, sid, {"kdo.reason": reason[:5000]})
         ledger.close_child(tracker, "invalid")
@@ -164,9 +121,7 @@ def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], si
 
 def _run(ref: LedgerRef, sid: str, members: list[RunMember], splits: Splits, teacher: dict[str, Any] | None,
          use_gpu: bool, options: TrialOptions) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(ref.tracking_uri)
+    client = mlflow_client(ref.tracking_uri)
     final = ledger.final_seeds(client, ref.experiment_id, ref.parent_run_id, sid)
     unfinished = ledger.unfinished_attempts(client, ref.experiment_id, ref.parent_run_id, sid)
     for m in members:
@@ -263,11 +218,11 @@ def _data_parallel(ref: LedgerRef, sid: str, member: RunMember, client: Any, spl
                 break
     logged = open_child(ref, member, sid, member.state["epoch"] if member.state else 0, client)
     assert member.tracker is not None
-    run = payload(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu)
-    run.update(resume=ray.put(member.state) if member.state is not None else None, logged=logged,
-               checkpoint_seconds=options.checkpoint_seconds)
+    launch = dataclasses.replace(launch_for(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu), logged=logged,
+                                 resume=ray.put(member.state) if member.state is not None else None,
+                                 checkpoint_seconds=options.checkpoint_seconds)
     try:
-        member.status = fit_data_parallel(cfg, run, storage=storage, callbacks=[TuneReportCallback()]).status
+        member.status = fit_data_parallel(launch, storage=storage, callbacks=[TuneReportCallback()]).status
     except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
         member.status = "crashed"
         if isinstance(exc, SystemExit):

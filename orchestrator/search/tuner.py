@@ -17,12 +17,14 @@ from typing import Any
 from orchestrator.errors import ConfigError, Interrupted
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
-from orchestrator.experiment.tracking import optuna_storage
+from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.experiment.store import optuna_storage
 from orchestrator.search import ledger
 from orchestrator.search.grouped import plan_groups, run_group
 from orchestrator.search.ledger import LedgerRef
+from orchestrator.search.points import Point, TrialOptions
 from orchestrator.search.spaces import SearchSpace, max_epochs
-from orchestrator.search.trial import AdaptiveSearch, Point, TrialOptions, run_setting
+from orchestrator.search.trial import AdaptiveSearch, run_setting
 
 TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer (Tune needs a CPU share > 0)
 
@@ -77,10 +79,9 @@ def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options:
     """The points the ledger does not hold as done, one trial per group of them (`grouped.plan_groups`); no
     scheduler (every point runs in full).
     `verbose`: Tune's own status output, beside the plain progress lines (`_fit`)."""
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    done = ledger.final_points(MlflowClient(ref.tracking_uri), ref.experiment_id, ref.parent_run_id)
+    done = ledger.final_points(mlflow_client(ref.tracking_uri), ref.experiment_id, ref.parent_run_id)
     todo = [p for p in points if (p.setting_id, p.seed) not in done]
     if not todo:
         return frozenset()
@@ -135,7 +136,6 @@ def sync_study(storage: str, ref: LedgerRef, distributions: dict[str, Any], prev
     val_acc, PRUNED if ASHA stopped it, FAIL if a seed diverged). Returns the other settings (Tune keys), to be
     enqueued."""
     import optuna
-    from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -148,7 +148,7 @@ def sync_study(storage: str, ref: LedgerRef, distributions: dict[str, Any], prev
                                                                          TrialState.PRUNED))]
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    client, replays = MlflowClient(ref.tracking_uri), []
+    client, replays = mlflow_client(ref.tracking_uri), []
     for setting in previous:
         params = {AdaptiveSearch.tune_key(k): v for k, v in setting.items()}
         final = ledger.final_seeds(client, ref.experiment_id, ref.parent_run_id, ledger.setting_id(setting))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orchestrator.experiment.tracking import optuna_storage
+from orchestrator.experiment.store import optuna_storage
 from orchestrator.study.analysis import optuna_distribution, optuna_value
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.experiment.tracking import mask_uri, run_link
+from orchestrator.experiment.store import mask_uri, run_link
 from orchestrator.study import analysis
 from orchestrator.study.plots import NOT_MEANINGFUL, caption, draw_plots, short
 

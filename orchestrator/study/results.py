@@ -16,7 +16,8 @@ import pandas as pd
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import dataset_info
-from orchestrator.experiment.tracking import ui_hint
+from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.experiment.store import ui_hint
 from orchestrator.search import ledger
 from orchestrator.search.spaces import SearchSpace
 from orchestrator.search.status import FAILED, NOT_OUTCOMES, normalize
@@ -190,7 +191,7 @@ class StudyResults:
     def register_best(self) -> dict[str, str]:
         """Each studied entry's best run (highest validation accuracy among its finished runs) registered as a
         version of `kdo-student-<study>.<entry>`; returns the parent's tags `best_model.<entry>`."""
-        from orchestrator.experiment.tracking import register_checkpoint
+        from orchestrator.experiment.model_registry import register_checkpoint
 
         finished = self.frame[(self.frame["status"] == "finished") & self.frame["method"].isin(self.spec.methods)]
         best = finished.sort_values("val_acc", ascending=False).drop_duplicates("method")
@@ -231,9 +232,7 @@ def read_results(spec: StudySpec, base: ExperimentConfig, spaces: dict[str, Sear
                  experiment_id: str, parent_run_id: str) -> StudyResults:
     """A study's results from its MLflow children (the ledger), ordered by entry as the study lists them; the
     `method` column holds each entry's label (the `kdo.entry` tag; the method itself is `kdo.method`)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     params = sorted({p for s in spaces.values() for p in s.parameters})
     frame = ledger.children_frame(client, experiment_id, parent_run_id, params,
                                   tag_columns={"method": "kdo.entry", "role": "kdo.role", "run_method": "kdo.method"})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from methods import get_method, list_methods
 from orchestrator.errors import ConfigError, Interrupted
-from orchestrator.experiment import tracking
+from orchestrator.experiment import store, tracking
 from orchestrator.experiment.config import ExperimentConfig, load_config, require_validation, resolve_paths
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import check, provision
@@ -27,9 +27,9 @@ from orchestrator.search import ledger
 from orchestrator.search.design import build_design
 from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
 from orchestrator.search.ledger import LedgerRef
+from orchestrator.search.points import Point, TrialOptions, point_config
 from orchestrator.search.spaces import SearchSpace, load_space
 from orchestrator.search.status import REDO
-from orchestrator.search.trial import Point, TrialOptions, point_config
 from orchestrator.search.tuner import forget_experiment, interruptible, run_points, stop_trials
 from orchestrator.study import analysis
 from orchestrator.study.results import StudyResults, read_results
@@ -174,10 +174,10 @@ class RobustnessStudy:
     def claim_name(self) -> RobustnessStudy:
         """Take the first free name in the store: a study file that ran before runs as `<name>-2`, ...; a name
         given by `replace(name=...)` (`--name`) that is taken is refused."""
-        store = resolve_paths(self.base).tracking
-        assert store.uri is not None
-        tracking.check_store(store.uri)
-        name = free_name("study", self.name, store.uri, store.experiment, explicit=self._explicit_name)
+        where = resolve_paths(self.base).tracking
+        assert where.uri is not None
+        store.check_store(where.uri)
+        name = free_name("study", self.name, where.uri, where.experiment, explicit=self._explicit_name)
         if name != self.name:
             self.spec = self.spec.model_copy(update={"name": name})
             self._plan_points()
@@ -241,7 +241,7 @@ class RobustnessStudy:
             exc.resume_hint = f"kdo resume {self.name}"
             raise
         finally:
-            with tracking.store_errors(parent.uri, resume_hint=f"kdo resume {self.name}"):
+            with store.store_errors(parent.uri, resume_hint=f"kdo resume {self.name}"):
                 self._finish(parent, experiment_id, status, unfinished, cfg.tracking.storage_path)
         return self
 
@@ -257,7 +257,7 @@ class RobustnessStudy:
             if not set(self.results()["status"]) & set(REDO):
                 forget_experiment(storage, self.name)
         except Exception as err:
-            lost, status = tracking.unreachable(err), "FAILED"
+            lost, status = store.unreachable(err), "FAILED"
             raise
         finally:
             if not lost:

@@ -12,11 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from methods import get_method, list_methods
-from orchestrator.errors import ConfigError, check_name
-from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, format_validation_error, load_config
+from orchestrator.errors import ConfigError, check_name, format_validation_error
+from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, load_config
 from orchestrator.search.spaces import SearchSpace
 
-ROLES = ("design", "defaults", "reference")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -23,8 +23,10 @@ from methods.rdskd import RDSKDGeneratorLoss, RDSKDParams
 from orchestrator.cli import app
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.checkpoints import load_checkpoint
-from orchestrator.experiment.config import load_config, read_yaml
-from orchestrator.experiment.data import DeviceData, load_splits
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.config_files import read_yaml
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.device_data import DeviceData
 from orchestrator.experiment.loop import train_loop
 
 DIGITS32 = {"name": "digits", "val_fraction": 0.2, "batch_size": 64, "image_size": 32}

@@ -21,7 +21,7 @@ from methods.dkd import DKDParams, warmup_factor
 from methods.losses import decoupled_kd_terms
 from methods.networks import build_network
 from orchestrator.cli import app
-from orchestrator.experiment.config import read_yaml
+from orchestrator.experiment.config_files import read_yaml
 from tests.methods.test_kd import Fixed
 
 LN3 = math.log(3.0)

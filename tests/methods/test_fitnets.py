@@ -21,8 +21,10 @@ from methods.networks import build_network
 from methods.registry import LoopContext, batch_order_seed
 from orchestrator.cli import app
 from orchestrator.experiment.config import load_config
-from orchestrator.experiment.data import DeviceData, load_splits
-from orchestrator.experiment.loop import accuracy, make_optimizer
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.device_data import DeviceData
+from orchestrator.experiment.factories import make_optimizer
+from orchestrator.experiment.loop import accuracy
 from tests.conftest import digits_config
 
 

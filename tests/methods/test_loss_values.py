@@ -27,7 +27,8 @@ from methods.networks import FeatureNet, build_network
 from methods.rdskd import RDSKDGeneratorLoss, RDSKDParams
 from methods.registry import LoopContext, batch_order_seed
 from methods.tcs import TCSParams
-from orchestrator.experiment.data import DataConfig, DeviceData, load_splits
+from orchestrator.experiment.data import DataConfig, load_splits
+from orchestrator.experiment.device_data import DeviceData
 
 TOL = {"rel": 1e-5, "abs": 1e-6}
 

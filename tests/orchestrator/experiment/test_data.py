@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import DataConfig, load_config, shipped_configs, teacher_key
-from orchestrator.experiment.data import DatasetInfo, DeviceData, augment_batch, load_splits
+from orchestrator.experiment.config import DataConfig, load_config, teacher_key
+from orchestrator.experiment.config_files import shipped_configs
+from orchestrator.experiment.data import DatasetInfo, load_splits
+from orchestrator.experiment.device_data import DeviceData, augment_batch
 from orchestrator.experiment.idx import fashion_mnist_files, read_idx
 from tests.conftest import needs_fashion_mnist
 

@@ -12,10 +12,11 @@ from methods.registry import Distiller, TeacherPass
 from orchestrator.experiment.checkpoints import load_checkpoint
 from orchestrator.experiment.config import load_config
 from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.factories import build_student
 from orchestrator.experiment.group import STATE_COPIES, Member, group_key, iterate_group, member_bytes
-from orchestrator.experiment.loop import build_student, iterate_epochs
+from orchestrator.experiment.loop import iterate_epochs
 from orchestrator.search.grouped import plan_groups
-from orchestrator.search.trial import Point
+from orchestrator.search.points import Point
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.experiment.config import load_config
-from orchestrator.experiment.tracking import flatten, kdo_version, mask_uri, run_tags, start_run, ui_hint
+from orchestrator.experiment.store import mask_uri, ui_hint
+from orchestrator.experiment.tracking import flatten, kdo_version, run_tags, start_run
 from tests.conftest import digits_config
 
 VERSION = "0.1.0"  # pyproject.toml's [project] version
@@ -63,7 +64,7 @@ def test_a_store_that_stopped_answering_is_one_line_and_other_errors_pass_throug
     from mlflow.exceptions import MlflowException
 
     from orchestrator.errors import StoreUnreachable
-    from orchestrator.experiment.tracking import store_errors, unless_store_lost, unreachable
+    from orchestrator.experiment.store import store_errors, unless_store_lost, unreachable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as closed:

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.experiment.config import load_config, shipped_configs
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.config_files import shipped_configs
 from orchestrator.search.spaces import load_space, max_epochs, shipped_spaces
 
 BASE = load_config("digits_kd")

@@ -7,8 +7,8 @@ import io
 import pandas as pd
 from rich.console import Console
 
+from orchestrator.search.display import print_sweep
 from orchestrator.search.sweep import SweepResult
-from orchestrator.study.display import print_sweep
 
 
 def test_markup_in_a_name_or_a_setting_is_printed_not_rendered() -> None:

@@ -1,0 +1,34 @@
+"""Terminal tables for sweeps (rich): the top settings and how to open them in MLflow."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from orchestrator.search.sweep import SweepResult
+
+
+def wide_console() -> Console:
+    """A console that does not squeeze tables to 80 columns when output is piped to a file or CI log."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def print_sweep(result: SweepResult, top: int = 10, console: Console | None = None) -> None:
+    """The top settings by seed-mean validation accuracy, then how to open them in MLflow."""
+    settings = result.settings()
+    table = Table(title=f"sweep {escape(result.name)}: top settings by mean val_acc ({len(result.frame)} runs)")
+    for col in ("setting", *[p.removeprefix("method.params.") for p in result.parameters], "seeds", "failed",
+                "stopped", "val_acc", "test_acc"):
+        table.add_column(escape(col), justify="left" if col == "setting" else "right")
+    for sid, row in settings.head(top).iterrows():
+        values = [f"{row[p]:.4g}" if isinstance(row[p], float) else escape(str(row[p])) for p in result.parameters]
+        table.add_row(escape(str(sid)), *values, str(int(row["seeds"])), str(int(row["failed"])),
+                      str(int(row["early_stopped"])),
+                      f"{100 * row['val_acc_mean']:.2f} ± {100 * (row['val_acc_std'] if row['seeds'] > 1 else 0):.2f}",
+                      f"{100 * row['test_acc_mean']:.2f}")
+    console = console or wide_console()
+    console.print(table)
+    console.print(f"MLflow: {escape(result.ui_hint())}")
