@@ -10,33 +10,26 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import ConfigError, Interrupted, check_name
+from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, require_validation
 from orchestrator.experiment.config_files import read_yaml
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.model_registry import register_checkpoint
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
-from orchestrator.experiment.store import check_store, store_errors, ui_hint, unreachable
-from orchestrator.experiment.tracking import Tracker, dataset_inputs, flatten, log_datasets, start_run
-from orchestrator.search import ledger
+from orchestrator.experiment.store import ui_hint
+from orchestrator.experiment.tracking import flatten
+from orchestrator.search import ledger, parent
 from orchestrator.search.design import build_design
-from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.points import FIXED_DESIGNS, Point, Sampler, TrialOptions, point_config
 from orchestrator.search.spaces import SearchSpace, load_space
-from orchestrator.search.status import FAILED, REDO
-from orchestrator.search.tuner import (
-    forget_experiment,
-    interruptible,
-    run_points,
-    run_search,
-    stop_trials,
-    trial_resources,
-)
+from orchestrator.search.status import FAILED
+from orchestrator.search.tuner import run_points, run_search, trial_resources
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,11 +82,10 @@ class SweepResult:
 def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kdo") -> SweepResult:
     """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`. Runs a driver that is gone left
     RUNNING (killed, or it lost its store) are settled `crashed` first, the parent FAILED."""
-    uri, client, parent = ledger.find_parent("sweep", name, tracking_uri, experiment)
-    settle_abandoned(uri, parent)  # a driver that is gone left runs open: they crashed
-    parameters = json.loads(parent.data.tags.get("kdo.parameters", "[]"))
-    frame = ledger.children_frame(client, parent.info.experiment_id, parent.info.run_id, parameters)
-    return SweepResult(name, parent.info.run_id, parent.info.experiment_id, uri, parameters, frame)
+    uri, client, run = parent.find("sweep", name, tracking_uri, experiment)
+    parameters = json.loads(run.data.tags.get("kdo.parameters", "[]"))
+    frame = ledger.children_frame(client, run.info.experiment_id, run.info.run_id, parameters)
+    return SweepResult(name, run.info.run_id, run.info.experiment_id, uri, parameters, frame)
 
 
 def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int, metric: str, seeds: list[int],
@@ -163,30 +155,19 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
                        checkpoint_seconds, group_size, cfg)
     space_obj = load_space(space if space is not None else cfg.method.name, cfg)
-    assert cfg.tracking.uri is not None
-    check_store(cfg.tracking.uri)
     wanted = check_name(name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", "--name")
-    name = free_name("sweep", wanted, cfg.tracking.uri, cfg.tracking.experiment, explicit=name is not None)
+    name = parent.claim_name("sweep", wanted, cfg, explicit=name is not None)
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
 
     # data and teacher once, before any trial
     prepared = provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose)
-    gpu = use_gpu(cfg)
-    trial_resources(cfg, gpu, concurrency)  # a trial that cannot fit fails before the parent run exists
-    parent, experiment_id = start_run(
-        cfg.tracking.uri, cfg.tracking.experiment, name,
-        tags={"kdo.kind": "sweep", "kdo.sweep": name, "kdo.method": cfg.method.name, "kdo.space": space_obj.source,
-              "kdo.sampler": options.sampler, "kdo.scheduler": options.scheduler,
-              "kdo.seeds": ",".join(map(str, options.seeds)),
-              "kdo.parameters": json.dumps(list(space_obj.parameters)), "kdo.options": options.to_json()})
-    parent.log_params(flatten(cfg.model_dump(mode="json")))
-    parent.log_text(cfg.to_yaml(), "config.yaml")
-    parent.log_text(space_obj.model_dump_json(indent=2), "space.json")
-    ref = LedgerRef(name, parent.run_id, cfg.tracking.uri, cfg.tracking.experiment, experiment_id,
-                    datasets=dataset_inputs(cfg.data, prepared.splits))
-    log_datasets(parent, ref.datasets)
-    with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
-        return _execute(ref, parent, prepared, space_obj, options, points, previous=[], gpu=gpu, verbose=verbose)
+    trial_resources(cfg, use_gpu(cfg), concurrency)  # a trial that cannot fit fails before the parent run exists
+    run = parent.start("sweep", name, prepared, params=flatten(cfg.model_dump(mode="json")), tags={
+        "kdo.method": cfg.method.name, "kdo.space": space_obj.source, "kdo.sampler": options.sampler,
+        "kdo.scheduler": options.scheduler, "kdo.seeds": ",".join(map(str, options.seeds)),
+        "kdo.parameters": json.dumps(list(space_obj.parameters)), "kdo.options": options.to_json()},
+        files={"config.yaml": cfg.to_yaml(), "space.json": space_obj.model_dump_json(indent=2)})
+    return _drive(run, lambda: prepared, space_obj, options, points, resumed=False, verbose=verbose)
 
 
 def resume(name: str, *, address: str | None = None, tracking_uri: str | None = None,
@@ -199,13 +180,9 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     every setting seen (finished seeds are replayed from MLflow, not trained) and draw the rest anew.
     Refused while the sweep's driver is alive (`force` resumes regardless).
     """
-    found = load_sweep(name, tracking_uri, experiment)
-    uri, exp_id, parent_id = found.tracking_uri, found.experiment_id, found.parent_run_id
-    client = Tracker(uri, parent_id).client
-    parent_run = client.get_run(parent_id)
-    if not force:
-        check_not_running(parent_run)
-    options = TrialOptions.from_json(parent_run.data.tags["kdo.options"])
+    uri, client, found = parent.find("sweep", name, tracking_uri, experiment, to_resume=True, force=force)
+    parent_id = found.info.run_id
+    options = TrialOptions.from_json(found.data.tags["kdo.options"])
     checkpoints: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="kdo-resume-") as local:
         raw = read_yaml(client.download_artifacts(parent_id, "config.yaml", local))
@@ -213,76 +190,52 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
         cfg = check(raw, checkpoints=checkpoints)
         space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
                                                                                    local)).read_text())
+    run = parent.reopen("sweep", found, uri, cfg)
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None
-    parent = Tracker(uri, parent_id)
-    with live_driver(parent, lock_path(cfg.tracking.storage_path, name)):
-        ledger.close_running(uri, exp_id, parent_id, "crashed")  # its driver is gone (or --force): redone
-        prepared = provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose)
-        client.update_run(parent_id, status="RUNNING")
-        ref = LedgerRef(name, parent_id, uri, cfg.tracking.experiment, exp_id,
-                        datasets=dataset_inputs(cfg.data, prepared.splits))
-        previous = ledger.seen_settings(client, exp_id, parent_id) if points is None else []
-        return _execute(ref, parent, prepared, space_obj, options, points, previous=previous, gpu=use_gpu(cfg),
-                        verbose=verbose)
+    return _drive(run, lambda: provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose), space_obj,
+                  options, points, resumed=True, verbose=verbose)
 
 
-def _execute(ref: LedgerRef, parent: Tracker, prepared: Prepared, space: SearchSpace, options: TrialOptions,
-             points: list[Point] | None, previous: list[dict[str, Any]], gpu: bool, verbose: bool) -> SweepResult:
-    """Run the trials still to do under `parent` with Tune, then summarise onto the parent (never left RUNNING)."""
-    status, stopped, unfinished = "FAILED", frozenset[str](), "crashed"
+def _drive(run: parent.ParentRun, prepare: Callable[[], Prepared], space: SearchSpace, options: TrialOptions,
+           points: list[Point] | None, *, resumed: bool, verbose: bool) -> SweepResult:
+    """The sweep's work under its parent's lifecycle (`parent.hold`): its points, or an Optuna search (on resume,
+    re-enqueuing the settings the ledger has seen); then the results table and the best setting on the parent."""
+    parameters = list(space.parameters)
+    results: list[SweepResult] = []
+
+    def train(prepared: Prepared, ref: LedgerRef) -> frozenset[str]:
+        gpu = use_gpu(prepared.config)
+        if points is not None:
+            return run_points(ref, prepared, points, options, use_gpu=gpu, verbose=verbose)
+        previous = ledger.seen_settings(run.tracker.client, ref.experiment_id, ref.parent_run_id) if resumed else []
+        return run_search(ref, prepared, space, options, previous, use_gpu=gpu, verbose=verbose)
+
+    def summarise(status: str) -> str:
+        result = SweepResult(run.name, run.run_id, run.experiment_id, run.uri, parameters,
+                             ledger.children_frame(run.tracker.client, run.experiment_id, run.run_id, parameters))
+        results.append(result)
+        return _log_best(run, result, status)
+
+    parent.hold(run, prepare, train, summarise, resumed=resumed)
+    return results[-1]
+
+
+def _log_best(run: parent.ParentRun, result: SweepResult, status: str) -> str:
+    """The results table, run counts and best setting on the parent (its student in the model registry); a sweep
+    where no setting finished all its seeds ends FAILED."""
+    tracker, frame = run.tracker, result.dataframe()
+    tracker.log_text(frame.to_csv(index=False), "results.csv")
     try:
-        parent.set_tags({"kdo.interrupted": "false"})  # a resumed parent was interrupted before
-        with interruptible(lambda: parent.set_tags({"kdo.interrupted": "true"})):
-            if points is not None:
-                stopped = run_points(ref, prepared, points, options, use_gpu=gpu, verbose=verbose)
-            else:
-                stopped = run_search(ref, prepared, space, options, previous, use_gpu=gpu, verbose=verbose)
-        status = "FINISHED"
-    except Interrupted as exc:
-        status, unfinished, stopped = "KILLED", "interrupted", frozenset()
-        stop_trials()
-        exc.resume_hint = f"kdo resume {ref.name}"
-        raise
-    finally:
-        result = _finish(parent, ref.experiment_id, ref.name, list(space.parameters), status, stopped, unfinished,
-                         storage_path=prepared.config.tracking.storage_path)
-    return result
-
-
-def _finish(parent: Tracker, experiment_id: str, name: str, parameters: list[str], status: str,
-            stopped: frozenset[str] = frozenset(), unfinished: str = "crashed", *,
-            storage_path: str | None = None) -> SweepResult:
-    """Settle the children still RUNNING (see `ledger.close_running`), summarise onto the parent, end it. A store
-    that stopped answering leaves them and the parent as they are: one line, and `kdo resume` settles them."""
-    lost = False
-    with store_errors(parent.uri, resume_hint=f"kdo resume {name}"):
-        try:
-            ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished, stopped)
-            result = SweepResult(name, parent.run_id, experiment_id, parent.uri, parameters,
-                                 ledger.children_frame(parent.client, experiment_id, parent.run_id, parameters))
-            with_results = result.dataframe()
-            parent.log_text(with_results.to_csv(index=False), "results.csv")
-            try:
-                best = result.best()
-                # Tags, not params: a resumed sweep's best may change, and MLflow params cannot.
-                best_run = with_results[with_results["setting_id"] == best.name]["run_id"].iloc[0]
-                model = register_checkpoint(parent.uri, best_run, f"kdo-student-{name}", "student",
-                                            f"the best student of sweep {name}")
-                parent.set_tags({**{f"best.{p}": best[p] for p in parameters}, "best_setting_id": best.name,
-                                 "best_run_id": best_run, "best_model": model})
-                parent.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]},
-                                   step=0)
-            except ValueError:
-                status = "FAILED" if status == "FINISHED" else status
-            counts = with_results["status"].value_counts().to_dict()
-            parent.log_metrics({f"trials_{k}": float(v) for k, v in counts.items()}, step=0)
-            if not set(with_results["status"]) & set(REDO):
-                forget_experiment(storage_path, name)
-        except Exception as err:
-            lost = unreachable(err)
-            raise
-        finally:
-            if not lost:
-                parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
-                parent.finish(status)
-    return result
+        best = result.best()
+        # Tags, not params: a resumed sweep's best may change, and MLflow params cannot.
+        best_run = frame[frame["setting_id"] == best.name]["run_id"].iloc[0]
+        model = register_checkpoint(run.uri, best_run, f"kdo-student-{run.name}", "student",
+                                    f"the best student of sweep {run.name}")
+        tracker.set_tags({**{f"best.{p}": best[p] for p in result.parameters}, "best_setting_id": best.name,
+                          "best_run_id": best_run, "best_model": model})
+        tracker.log_metrics({"best_val_acc": best["val_acc_mean"], "best_test_acc": best["test_acc_mean"]}, step=0)
+    except ValueError:
+        status = "FAILED" if status == "FINISHED" else status
+    tracker.log_metrics({f"trials_{k}": float(v) for k, v in frame["status"].value_counts().to_dict().items()},
+                        step=0)
+    return status

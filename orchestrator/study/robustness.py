@@ -14,23 +14,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from methods import get_method, list_methods
-from orchestrator.errors import ConfigError, Interrupted
-from orchestrator.experiment import store, tracking
+from orchestrator.errors import ConfigError
+from orchestrator.experiment import tracking
 from orchestrator.experiment.config import ExperimentConfig, load_config, require_validation, resolve_paths
 from orchestrator.experiment.launch import use_gpu
-from orchestrator.experiment.runner import check, provision
-from orchestrator.search import ledger
+from orchestrator.experiment.runner import Prepared, check, provision
+from orchestrator.search import ledger, parent
 from orchestrator.search.design import build_design
-from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.points import Point, TrialOptions, point_config
 from orchestrator.search.spaces import SearchSpace, load_space
-from orchestrator.search.status import REDO
-from orchestrator.search.tuner import forget_experiment, interruptible, run_points, stop_trials
+from orchestrator.search.tuner import run_points
 from orchestrator.study import analysis
 from orchestrator.study.results import StudyResults, read_results
 from orchestrator.study.spec import (
@@ -174,10 +173,7 @@ class RobustnessStudy:
     def claim_name(self) -> RobustnessStudy:
         """Take the first free name in the store: a study file that ran before runs as `<name>-2`, ...; a name
         given by `replace(name=...)` (`--name`) that is taken is refused."""
-        where = resolve_paths(self.base).tracking
-        assert where.uri is not None
-        store.check_store(where.uri)
-        name = free_name("study", self.name, where.uri, where.experiment, explicit=self._explicit_name)
+        name = parent.claim_name("study", self.name, resolve_paths(self.base), explicit=self._explicit_name)
         if name != self.name:
             self.spec = self.spec.model_copy(update={"name": name})
             self._plan_points()
@@ -190,79 +186,47 @@ class RobustnessStudy:
         points = self.claim_name()._checked_points()
         prepared = provision(self._shared_config(points), address=address, verbose=verbose)
         cfg = prepared.config
-        assert cfg.tracking.uri is not None
-        parent, experiment_id = tracking.start_run(cfg.tracking.uri, cfg.tracking.experiment, self.name, tags={
-            "kdo.kind": "study", "kdo.study": self.name, "kdo.methods": ",".join(self.methods),
-                  "kdo.design": self.spec.design, "kdo.seeds": ",".join(map(str, self.spec.seeds))})
-        parent.log_params(tracking.flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}))
-        parent.log_text(stored_spec(self.spec, self.base, self.spaces, cfg), "study.json")
-        parent.log_text(cfg.to_yaml(), "config.yaml")
-        with live_driver(parent, lock_path(cfg.tracking.storage_path, self.name)):
-            return self._execute(prepared, points, parent, experiment_id, verbose)
+        run = parent.start("study", self.name, prepared, tags={
+            "kdo.methods": ",".join(self.methods), "kdo.design": self.spec.design,
+            "kdo.seeds": ",".join(map(str, self.spec.seeds))},
+            params=tracking.flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}),
+            files={"study.json": stored_spec(self.spec, self.base, self.spaces, cfg), "config.yaml": cfg.to_yaml()})
+        return self._drive(run, lambda: prepared, points, resumed=False, verbose=verbose)
 
     @classmethod
     def resume(cls, name: str, *, address: str | None = None, tracking_uri: str | None = None,
                experiment: str = "kdo", force: bool = False, verbose: bool = False) -> RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run. Refused while
         its driver is alive (`force` resumes regardless)."""
-        study, parent_run = cls._from_mlflow(name, tracking_uri, experiment)
-        if not force:
-            check_not_running(parent_run)
-        experiment_id, parent_id = parent_run.info.experiment_id, parent_run.info.run_id
+        study, found = cls._from_mlflow(name, tracking_uri, experiment, to_resume=True, force=force)
         points = study._checked_points()
         shared = cls._shared_config(points)
-        parent = tracking.Tracker(study._uri, parent_id)
-        with live_driver(parent, lock_path(shared.tracking.storage_path, name)):
-            ledger.close_running(study._uri, experiment_id, parent_id, "crashed")  # its driver is gone (or --force)
-            prepared = provision(shared, address=address, verbose=verbose)
-            parent.client.update_run(parent_id, status="RUNNING")
-            return study._execute(prepared, points, parent, experiment_id, verbose)
+        run = parent.reopen("study", found, study._uri, shared)
+        return study._drive(run, lambda: provision(shared, address=address, verbose=verbose), points, resumed=True,
+                            verbose=verbose)
 
-    def _execute(self, prepared: Any, points: list[Point], parent: tracking.Tracker, experiment_id: str,
-                 verbose: bool) -> RobustnessStudy:
-        cfg = prepared.config
-        self.parent_run_id, self.experiment_id, self._uri = parent.run_id, experiment_id, parent.uri
-        ref = LedgerRef(self.name, parent.run_id, parent.uri, cfg.tracking.experiment, experiment_id,
-                        datasets=tracking.dataset_inputs(cfg.data, prepared.splits))
+    def _drive(self, run: parent.ParentRun, prepare: Callable[[], Prepared], points: list[Point], *, resumed: bool,
+               verbose: bool) -> RobustnessStudy:
+        """The study's work under its parent's lifecycle (`parent.hold`); a study that finished logs its outputs."""
+        self.parent_run_id, self.experiment_id, self._uri = run.run_id, run.experiment_id, run.uri
         options = TrialOptions(sampler=self.spec.design,
                                scheduler="none", trials=self.spec.n_settings, concurrency=self.spec.concurrency,
                                metric=self.spec.metric, seeds=list(self.spec.seeds),
                                max_failures=self.spec.max_failures, design_seed=self.spec.design_seed,
                                checkpoint_seconds=self.spec.checkpoint_seconds, group_size=self.spec.group_size)
-        status, unfinished = "FAILED", "crashed"
-        try:
-            parent.set_tags({"kdo.interrupted": "false"})  # a resumed parent was interrupted before
-            with interruptible(lambda: parent.set_tags({"kdo.interrupted": "true"})):
-                run_points(ref, prepared, points, options, use_gpu=use_gpu(cfg), verbose=verbose)
-            status = "FINISHED"
-        except Interrupted as exc:
-            status, unfinished = "KILLED", "interrupted"
-            stop_trials()
-            exc.resume_hint = f"kdo resume {self.name}"
-            raise
-        finally:
-            with store.store_errors(parent.uri, resume_hint=f"kdo resume {self.name}"):
-                self._finish(parent, experiment_id, status, unfinished, cfg.tracking.storage_path)
-        return self
 
-    def _finish(self, parent: tracking.Tracker, experiment_id: str, status: str, unfinished: str, storage: str) -> None:
-        """Settle what is left RUNNING (a study never stops a run early: it crashed, or its driver was stopped),
-        log the outputs, end the parent; a store that stopped answering leaves both for `kdo resume`."""
-        lost = False
-        try:
-            ledger.close_running(parent.uri, experiment_id, parent.run_id, unfinished)
+        def train(prepared: Prepared, ref: LedgerRef) -> frozenset[str]:
+            run_points(ref, prepared, points, options, use_gpu=use_gpu(prepared.config), verbose=verbose)
+            return frozenset()  # a study never stops a run early: one left RUNNING crashed, or the driver stopped
+
+        def summarise(status: str) -> str:
             self._results = None
             if status == "FINISHED":
-                self._log_outputs(parent)
-            if not set(self.results()["status"]) & set(REDO):
-                forget_experiment(storage, self.name)
-        except Exception as err:
-            lost, status = store.unreachable(err), "FAILED"
-            raise
-        finally:
-            if not lost:
-                parent.set_tags({"kdo.status": {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed")})
-                parent.finish(status)
+                self._log_outputs(run.tracker)
+            return status
+
+        parent.hold(run, prepare, train, summarise, resumed=resumed)
+        return self
 
     @classmethod
     def load(cls, name: str, *, tracking_uri: str | None = None, experiment: str = "kdo") -> RobustnessStudy:
@@ -270,16 +234,16 @@ class RobustnessStudy:
         return cls._from_mlflow(name, tracking_uri, experiment)[0]
 
     @classmethod
-    def _from_mlflow(cls, name: str, tracking_uri: str | None, experiment: str) -> tuple[RobustnessStudy, Any]:
-        uri, client, parent = ledger.find_parent("study", name, tracking_uri, experiment)
-        settle_abandoned(uri, parent)  # a driver that is gone left runs open: they crashed
+    def _from_mlflow(cls, name: str, tracking_uri: str | None, experiment: str, *, to_resume: bool = False,
+                     force: bool = False) -> tuple[RobustnessStudy, Any]:
+        uri, client, found = parent.find("study", name, tracking_uri, experiment, to_resume=to_resume, force=force)
         with tempfile.TemporaryDirectory(prefix="kdo-study-") as folder:
-            raw = json.loads(Path(client.download_artifacts(parent.info.run_id, "study.json", folder)).read_text())
+            raw = json.loads(Path(client.download_artifacts(found.info.run_id, "study.json", folder)).read_text())
         raw.pop("tracking", None)
         raw["config"]["tracking"]["uri"] = uri
         study = cls._from_spec(StudySpec.model_validate(raw))
-        study.parent_run_id, study.experiment_id, study._uri = parent.info.run_id, parent.info.experiment_id, uri
-        return study, parent
+        study.parent_run_id, study.experiment_id, study._uri = found.info.run_id, found.info.experiment_id, uri
+        return study, found
 
     # ----------------------------------------------------------------------------------- analysis
     def outcome(self) -> StudyResults:

@@ -23,7 +23,8 @@ from orchestrator.experiment.data import load_splits
 from orchestrator.experiment.loop import train_loop
 from orchestrator.experiment.tracking import start_run
 from orchestrator.search import ledger
-from orchestrator.search.sweep import _finish, load_sweep, sweep
+from orchestrator.search.parent import ParentRun, finish
+from orchestrator.search.sweep import load_sweep, sweep
 from tests.conftest import digits_config
 
 KD = {"name": "kd", "params": {"temperature": 4.0, "kd_weight": 0.9}}
@@ -154,8 +155,9 @@ def test_children_left_running_keep_the_outcome_their_loop_recorded(workdir: Pat
     cut.set_tags({"kdo.trial_id": "t-cut"})
     died, _ = start_run(uri, "kdo", "died", tags={**tags, "kdo.setting_id": "s3", "kdo.seed": 0,
                                                   "kdo.trial_id": "t-died"}, parent_run_id=parent.run_id)
-    result = _finish(parent, exp, "p", [], "FINISHED", stopped=frozenset({"t-cut"}))
-    frame = result.dataframe().set_index("setting_id")
+    finish(ParentRun("sweep", "p", parent, "kdo", exp, str(workdir / "kdo_runs")), "FINISHED",
+           frozenset({"t-cut"}), "crashed", summarise=lambda status: status)
+    frame = ledger.children_frame(MlflowClient(uri), exp, parent.run_id, []).set_index("setting_id")
     assert frame.loc["s1", "status"] == "finished" and frame.loc["s2", "status"] == "early_stopped"
     assert frame.loc["s3", "status"] == "crashed"
     client = MlflowClient(uri)
