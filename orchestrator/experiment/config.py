@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import typing
@@ -119,6 +120,21 @@ class TrackingConfig(_Strict):
         return check_name(experiment, "tracking.experiment")
 
 
+def checked_network(architecture: str, args: dict[str, Any], *, num_classes: int, in_channels: int,
+                    image_size: int) -> Any:
+    """The network a check inspects (never trains): built once per distinct architecture, arguments and data shape,
+    however many points of a design or study name it (`_built`)."""
+    return _built(architecture, json.dumps(args, sort_keys=True, default=str), num_classes, in_channels, image_size)
+
+
+# functools' memo, bounded: the last few distinct networks a driver checked (a sweep's student and teacher, a
+# study's few students), so each is built once; a check only reads a network, so sharing it is safe.
+@functools.lru_cache(maxsize=4)
+def _built(architecture: str, args: str, num_classes: int, in_channels: int, image_size: int) -> Any:
+    return build_network(architecture, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                         **json.loads(args))
+
+
 def check_method_setup(cfg: ExperimentConfig, student: Any, teacher: Any) -> None:
     """The method's own check of the networks and scaling it is given (raises ValueError, one line)."""
     method = get_method(cfg.method.name)
@@ -152,8 +168,8 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"{where}.architecture: unknown architecture '{net.architecture}'; "
                                  f"allowed: {', '.join(list_networks())}")
             try:
-                built[where] = build_network(net.architecture, num_classes=info.num_classes,
-                                             in_channels=info.channels, image_size=size, **net.args)
+                built[where] = checked_network(net.architecture, net.args, num_classes=info.num_classes,
+                                               in_channels=info.channels, image_size=size)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{where}: {err}") from None
             except (RuntimeError, MemoryError, OverflowError) as err:  # e.g. weights too large to allocate

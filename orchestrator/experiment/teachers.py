@@ -10,10 +10,15 @@ from typing import Any
 
 from filelock import FileLock
 
-from methods.networks import build_network
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.checkpoints import build_from_checkpoint, check_compatible, load_checkpoint
-from orchestrator.experiment.config import ExperimentConfig, NetworkConfig, check_method_setup, teacher_key
+from orchestrator.experiment.config import (
+    ExperimentConfig,
+    NetworkConfig,
+    check_method_setup,
+    checked_network,
+    teacher_key,
+)
 from orchestrator.experiment.data import Splits, dataset_info
 from orchestrator.experiment.launch import execute
 from orchestrator.experiment.model_registry import register_checkpoint
@@ -41,19 +46,21 @@ def check_teacher_checkpoint(cfg: ExperimentConfig, loaded: dict[str, dict[str, 
     if cfg.teacher is None or cfg.teacher.checkpoint is None:
         return None
     source = cfg.teacher.checkpoint
-    if loaded is not None and source in loaded:
+    info = dataset_info(cfg.data)
+    size = cfg.data.image_size or info.image_size
+    if loaded is not None and source in loaded:  # loaded and built once already: its architecture is what counts
         ckpt = loaded[source]
+        teacher = checked_network(ckpt["architecture"], ckpt["args"], num_classes=ckpt["num_classes"],
+                                  in_channels=ckpt["in_channels"], image_size=ckpt["image_size"])
     else:
         path = str(_download_teacher(cfg, source)) if source.startswith(("runs:/", "models:/")) else source
         ckpt = load_checkpoint(path)
+        check_compatible(ckpt, num_classes=info.num_classes, in_channels=info.channels, image_size=size)
+        teacher = build_from_checkpoint(ckpt)  # tensors that do not fit the architecture fail here, not on a worker
         if loaded is not None:
             loaded[source] = ckpt
-    info = dataset_info(cfg.data)
-    size = cfg.data.image_size or info.image_size
-    check_compatible(ckpt, num_classes=info.num_classes, in_channels=info.channels, image_size=size)
-    teacher = build_from_checkpoint(ckpt)  # tensors that do not fit the architecture fail here, not on a worker
-    student = build_network(cfg.student.architecture, num_classes=info.num_classes, in_channels=info.channels,
-                            image_size=size, **cfg.student.args)
+    student = checked_network(cfg.student.architecture, cfg.student.args, num_classes=info.num_classes,
+                              in_channels=info.channels, image_size=size)
     try:
         check_method_setup(cfg, student, teacher)
     except ValueError as err:

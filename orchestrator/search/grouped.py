@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
-from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.group import Member, group_key, iterate_group, member_bytes
 from orchestrator.experiment.store import client as mlflow_client
@@ -38,7 +37,7 @@ def plan_groups(points: list[Point], splits: Splits, group_size: int, concurrenc
     points that train alone in groups of one. Groups of one key are of near-equal sizes."""
     import psutil
 
-    configs = [ExperimentConfig.model_validate(point.config) for point in points]
+    configs = [point.config for point in points]
     keyed: dict[str | None, list[int]] = {}
     for i, cfg in enumerate(configs):
         keyed.setdefault(group_key(cfg) if group_size != 1 else None, []).append(i)
@@ -84,7 +83,7 @@ def _grouped(ref: LedgerRef, chosen: list[Point], splits: Splits, teacher: dict[
     for point in chosen:
         if (point.setting_id, point.seed) in done:  # a retried trial: its dead attempt finished this member
             continue
-        m = RunMember(ExperimentConfig.model_validate(point.config), point.setting, point.tags,
+        m = RunMember(point.config, point.setting, point.tags,
                       name=f"{point.setting_id}-seed-{point.seed}")
         m.attempts = redo.get((point.setting_id, point.seed), [])
         m.state = _own_state(m)

@@ -4,7 +4,7 @@ resume) and its fixed points, one (setting, seed) each with the checked config t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from orchestrator.experiment.config import ExperimentConfig
@@ -40,18 +40,24 @@ class TrialOptions:
 
 @dataclass(frozen=True)
 class Point:
-    """One fixed run: its setting, seed, setting id, the checked config that runs it and its ledger tags."""
+    """One fixed run: its setting, seed, setting id, its ledger tags and the config that runs it, validated and
+    checked once in the driver and never again: trials, groups and the ledger take this object (Ray pickles the
+    config as it is), and nothing mutates it."""
 
     setting: dict[str, Any]
     seed: int
     setting_id: str
-    config: dict[str, Any]  # ExperimentConfig as JSON, seed and run name applied
+    config: ExperimentConfig  # seed and run name applied
     tags: dict[str, str] = field(default_factory=dict)
 
+    def named(self, name: str) -> Point:
+        """The same point in the sweep or study named `name` (its run name and `kdo.study` tag follow it)."""
+        tags = {**self.tags, "kdo.study": name} if "kdo.study" in self.tags else self.tags
+        return replace(self, config=point_config(self.config, name, self.setting_id, self.seed), tags=tags)
 
-def point_config(cfg: ExperimentConfig, name: str, sid: str, seed: int) -> dict[str, Any]:
-    """A point's config: `cfg` with its seed and the child's run name `<name>-<setting id>-s<seed>`."""
-    raw = cfg.model_dump(mode="json")
-    raw["name"] = f"{name}-{sid[:6]}-s{seed}"
-    raw["training"]["seed"] = seed
-    return raw
+
+def point_config(cfg: ExperimentConfig, name: str, sid: str, seed: int) -> ExperimentConfig:
+    """A point's config: `cfg` (validated) with its seed and the child's run name `<name>-<setting id>-s<seed>`; a
+    copy, not validated again (neither changes what the schema checks)."""
+    return cfg.model_copy(update={"name": f"{name}-{sid[:6]}-s{seed}",
+                                  "training": cfg.training.model_copy(update={"seed": seed})})

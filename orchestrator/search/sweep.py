@@ -22,6 +22,7 @@ from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.model_registry import register_checkpoint
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.store import ui_hint
+from orchestrator.experiment.teachers import check_teacher_checkpoint
 from orchestrator.experiment.tracking import flatten
 from orchestrator.search import ledger, parent
 from orchestrator.search.design import build_design
@@ -121,13 +122,16 @@ def _options(sampler: str, scheduler: str | None, trials: int, concurrency: int,
 
 def plan_points(name: str, space: SearchSpace, base: ExperimentConfig, options: TrialOptions,
                 checkpoints: dict[str, dict[str, Any]] | None = None) -> list[Point]:
-    """Every (setting, seed) of a fixed design, each config checked now, before Ray starts."""
+    """Every (setting, seed) of a fixed design, before Ray starts: each setting's config validated once
+    (`space.apply`; `base` is checked already, `runner.check`), each point's teacher checkpoint checked against it
+    (read once per source, each distinct network built once)."""
     points = []
     for setting in build_design(space, options.sampler, options.trials, seed=options.design_seed):  # type: ignore[arg-type]
         sid = ledger.setting_id(setting)
+        cfg = space.apply(base, setting)
         for seed in options.seeds:
-            cfg = check(point_config(space.apply(base, setting), name, sid, seed), checkpoints=checkpoints)
-            points.append(Point(setting, seed, sid, cfg.model_dump(mode="json")))
+            points.append(Point(setting, seed, sid, point_config(cfg, name, sid, seed)))
+            check_teacher_checkpoint(points[-1].config, checkpoints)
     return points
 
 

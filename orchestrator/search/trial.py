@@ -48,7 +48,7 @@ class AdaptiveSearch:
     """What an adaptive trial needs to turn a proposal into configs: the space, the base config, the seeds."""
 
     space: SearchSpace
-    base: dict[str, Any]
+    base: ExperimentConfig  # checked in the driver
     seeds: list[int]
 
     @staticmethod
@@ -84,25 +84,24 @@ def run_point(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str,
               use_gpu: bool, points: list[Point], options: TrialOptions) -> None:
     """One Tune trial of a fixed design or a study: the point `tune_config["point"]`."""
     point = points[tune_config["point"]]
-    cfg = ExperimentConfig.model_validate(point.config)
     with store_errors(ref.tracking_uri):  # the store stopped answering: one line, and Tune goes on with the others
-        _run(ref, point.setting_id, [RunMember(cfg, point.setting, point.tags)], splits, teacher, use_gpu, options)
+        _run(ref, point.setting_id, [RunMember(point.config, point.setting, point.tags)], splits, teacher, use_gpu,
+             options)
 
 
 def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
                 use_gpu: bool, search: AdaptiveSearch, options: TrialOptions) -> None:
-    """One Tune trial of an adaptive sweep: the proposed setting, validated here, over every seed."""
+    """One Tune trial of an adaptive sweep: the proposed setting, validated here (once), over every seed."""
     keys = {search.tune_key(p): p for p in search.space.parameters}
     setting = {keys[k]: v for k, v in tune_config.items() if k in keys}
     sid = ledger.setting_id(setting)
-    base = ExperimentConfig.model_validate(search.base)
     try:
-        configs = [ExperimentConfig.model_validate(point_config(search.space.apply(base, setting), ref.name, sid,
-                                                                seed)) for seed in search.seeds]
+        cfg = search.space.apply(search.base, setting)
     except ValidationError as err:  # a point inside the ranges the schema rejects: recorded, and Optuna moves on
         with store_errors(ref.tracking_uri):
-            _invalid(ref, base, setting, sid, format_validation_error(err, "", ExperimentConfig))
+            _invalid(ref, search.base, setting, sid, format_validation_error(err, "", ExperimentConfig))
         return
+    configs = [point_config(cfg, ref.name, sid, seed) for seed in search.seeds]
     with store_errors(ref.tracking_uri):
         _run(ref, sid, [RunMember(cfg, setting, {}) for cfg in configs], splits, teacher, use_gpu, options)
 
@@ -113,7 +112,7 @@ def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], si
     from ray import tune
 
     if not ledger.final_seeds(mlflow_client(ref.tracking_uri), ref.experiment_id, ref.parent_run_id, sid):
-        cfg = ExperimentConfig.model_validate(point_config(base, ref.name, sid, base.training.seed))
+        cfg = point_config(base, ref.name, sid, base.training.seed)
         tracker = ledger.start_child(ref, cfg, setting, sid, {"kdo.reason": reason[:5000]})
         ledger.close_child(tracker, "invalid")
     tune.report({"val_acc": float("nan"), "epoch": 1, "setting_id": sid, "status": "invalid"})

@@ -113,7 +113,7 @@ def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: 
     tune_space = _tune_space(space)
     storage = optuna_storage(cfg.tracking.uri or "", cfg.tracking.storage_path)
     replays = sync_study(storage, ref, OptunaSearch.convert_search_space(tune_space), previous, options.seeds)
-    search = AdaptiveSearch(space, cfg.model_dump(mode="json"), list(options.seeds))
+    search = AdaptiveSearch(space, cfg, list(options.seeds))
     trainable = tune.with_parameters(run_setting, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
                                      use_gpu=use_gpu, search=search, options=options)
     epochs = max_epochs(space, cfg)

@@ -11,32 +11,28 @@ draws and writes it up. `RobustnessStudy.load(name)` rebuilds everything from ML
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from methods import get_method, list_methods
 from orchestrator.errors import ConfigError
 from orchestrator.experiment import tracking
-from orchestrator.experiment.config import ExperimentConfig, load_config, require_validation, resolve_paths
+from orchestrator.experiment.config import ExperimentConfig, resolve_paths
 from orchestrator.experiment.launch import use_gpu
-from orchestrator.experiment.runner import Prepared, check, provision
-from orchestrator.search import ledger, parent
-from orchestrator.search.design import build_design
+from orchestrator.experiment.runner import Prepared, provision
+from orchestrator.search import parent
 from orchestrator.search.ledger import LedgerRef
-from orchestrator.search.points import Point, TrialOptions, point_config
-from orchestrator.search.spaces import SearchSpace, load_space
+from orchestrator.search.points import Point, TrialOptions
+from orchestrator.search.spaces import SearchSpace
 from orchestrator.search.tuner import run_points
 from orchestrator.study import analysis
+from orchestrator.study.plan import plan_study
 from orchestrator.study.results import StudyResults, read_results
 from orchestrator.study.spec import (
-    MethodEntry,
     StudySpec,
     build_spec,
-    method_config,
     method_entry,
     read_spec,
     shipped_studies,
@@ -71,37 +67,41 @@ class RobustnessStudy:
                  group_size: int = 0) -> None:
         if isinstance(base_config, ExperimentConfig):
             base_config = base_config.model_dump(mode="json")
-        self.spec = build_spec(name=name, config=str(base_config) if isinstance(base_config, Path) else base_config,
-                               methods={m: method_entry(v) for m, v in methods.items()}, design=design,
-                               n_settings=n_settings, seeds=list(seeds), include_defaults=include_defaults,
-                               references=list(references), metric=metric, delta=delta, compare=compare or [],
-                               concurrency=concurrency, design_seed=design_seed, set=overrides or [],
-                               max_failures=max_failures, checkpoint_seconds=checkpoint_seconds,
-                               group_size=group_size)
-        self._plan_points()
+        self._adopt(build_spec(
+            name=name, config=str(base_config) if isinstance(base_config, Path) else base_config,
+            methods={m: method_entry(v) for m, v in methods.items()}, design=design, n_settings=n_settings,
+            seeds=list(seeds), include_defaults=include_defaults, references=list(references), metric=metric,
+            delta=delta, compare=compare or [], concurrency=concurrency, design_seed=design_seed, set=overrides or [],
+            max_failures=max_failures, checkpoint_seconds=checkpoint_seconds, group_size=group_size))
+
+    def _adopt(self, spec: StudySpec, *, explicit_name: bool = False) -> None:
+        """Become the study `spec` describes: planned once (`plan.plan_study`), not run yet."""
+        self.spec, self.plan = spec, plan_study(spec)
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self._uri = ""
         self._results: StudyResults | None = None
-        self._explicit_name = False
+        self._explicit_name = explicit_name
+        self._claimed = False
 
     # ------------------------------------------------------------------------------- definition
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RobustnessStudy:
-        """A `STUDY.yaml` (a path, or the name of a shipped study in `search_spaces/studies/`)."""
-        return cls._from_spec(read_spec(path, overrides))
+    def from_spec(cls, spec: StudySpec, *, explicit_name: bool = False) -> RobustnessStudy:
+        """The study a validated `StudySpec` describes."""
+        study = cls.__new__(cls)
+        study._adopt(spec, explicit_name=explicit_name)
+        return study
 
     @classmethod
-    def _from_spec(cls, spec: StudySpec) -> RobustnessStudy:
-        return cls(spec.name, spec.config, {m: e.model_dump() if e else None for m, e in spec.methods.items()},
-                   overrides=spec.set, **spec.model_dump(exclude={"name", "config", "methods", "set"}))
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RobustnessStudy:
+        """A `STUDY.yaml` (a path, or the name of a shipped study in `search_spaces/studies/`)."""
+        return cls.from_spec(read_spec(path, overrides))
 
     def replace(self, **changes: Any) -> RobustnessStudy:
         """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew. A name
         given here is the study's for sure: `run` refuses it if it is taken (instead of suffixing it)."""
-        study = type(self)._from_spec(self.spec.model_copy(update=changes))
-        study._explicit_name = self._explicit_name or "name" in changes
-        return study
+        spec = build_spec(**{**self.spec.model_dump(), **changes})
+        return type(self).from_spec(spec, explicit_name=self._explicit_name or "name" in changes)
 
     @property
     def name(self) -> str:
@@ -112,86 +112,43 @@ class RobustnessStudy:
         """The studied entries' labels, then the references (which have no design)."""
         return self.spec.all_methods
 
-    def _plan_points(self) -> None:
-        """Validate every config of every point up front; the points are what Tune runs."""
-        spec = self.spec
-        self.base = base = load_config(spec.config, spec.set)
-        require_validation(base, "study")
-        self.spaces: dict[str, SearchSpace] = {}
-        self.points: list[Point] = []
-        for ref in spec.references:
-            if ref not in list_methods():
-                raise ConfigError(f"study.references: unknown method '{ref}'; allowed: {', '.join(list_methods())}")
-        for a, b in spec.compare:
-            for m in (a, b):
-                if m not in spec.methods:
-                    raise ConfigError(f"study.compare: '{m}' is not a method of this study; allowed: "
-                                      f"{', '.join(spec.methods)}")
-        for label in self.methods:  # an entry's label names its rows; `method` is what it runs
-            entry = spec.methods.get(label) or MethodEntry()
-            method = spec.method_of(label)
-            method_base = method_config(base, label, method, entry, spec.set)
-            planned: list[tuple[str, dict[str, Any], ExperimentConfig]] = []
-            if label in spec.methods:
-                space = load_space(entry.space if entry.space is not None else method, method_base)
-                self.spaces[label] = space
-                try:
-                    design = (build_design(space, spec.design, spec.n_settings, seed=spec.design_seed)
-                              if spec.n_settings or spec.design == "grid" else [])
-                except ConfigError as err:
-                    raise ConfigError(f"study.n_settings: {str(err).split(': ', 1)[-1]}") from None
-                planned += [("design", setting, space.apply(method_base, setting)) for setting in design]
-                if spec.include_defaults:
-                    planned.append(("defaults", {}, space.apply(method_base, {})))
-            else:
-                planned.append(("reference", {}, method_base))
-            seen: set[str] = set()
-            for role, setting, cfg in planned:
-                sid = ledger.setting_id({"method": label, "role": role, **setting})
-                if sid in seen:  # a design over choices can draw a setting twice: it runs (and counts) once
-                    continue
-                seen.add(sid)
-                self.points += [Point(setting, seed, sid, point_config(cfg, spec.name, sid, seed),
-                                      {"kdo.role": role, "kdo.study": spec.name, "kdo.entry": label})
-                                for seed in spec.seeds]
+    @property
+    def base(self) -> ExperimentConfig:
+        return self.plan.base
 
-    def _checked_points(self) -> list[Point]:
-        """Every point's config checked (paths made absolute, teacher checkpoints read), before Ray starts."""
-        checkpoints: dict[str, dict[str, Any]] = {}
-        return [dataclasses.replace(p, config=check(p.config, checkpoints=checkpoints).model_dump(mode="json"))
-                for p in self.points]
+    @property
+    def spaces(self) -> dict[str, SearchSpace]:
+        return self.plan.spaces
 
-    @staticmethod
-    def _shared_config(points: list[Point]) -> ExperimentConfig:
-        """The config `provision` uses: data and teacher are the same for every point."""
-        for point in points:
-            if get_method(point.config["method"]["name"]).needs_teacher:
-                return ExperimentConfig.model_validate(point.config)
-        return ExperimentConfig.model_validate(points[0].config)
+    @property
+    def points(self) -> list[Point]:
+        return self.plan.points
 
     # ------------------------------------------------------------------------------------ running
     def claim_name(self) -> RobustnessStudy:
-        """Take the first free name in the store: a study file that ran before runs as `<name>-2`, ...; a name
-        given by `replace(name=...)` (`--name`) that is taken is refused."""
+        """Take the first free name in the store, once: a study file that ran before runs as `<name>-2`, ...; a
+        name given by `replace(name=...)` (`--name`) that is taken is refused."""
+        if self._claimed:
+            return self
         name = parent.claim_name("study", self.name, resolve_paths(self.base), explicit=self._explicit_name)
         if name != self.name:
-            self.spec = self.spec.model_copy(update={"name": name})
-            self._plan_points()
+            self.spec, self.plan = self.spec.model_copy(update={"name": name}), self.plan.named(name)
+        self._claimed = True
         return self
 
     def run(self, *, address: str | None = None, verbose: bool = False) -> RobustnessStudy:
         """Run every (method, setting, seed) as a Tune trial under one MLflow parent run; then analyse.
         Progress is one live panel on a terminal, else one line per run; `verbose` adds Tune's status output and
         the Ray workers' own output."""
-        points = self.claim_name()._checked_points()
-        prepared = provision(self._shared_config(points), address=address, verbose=verbose)
+        self.claim_name().plan.checked()
+        prepared = provision(self.plan.shared_config(), address=address, verbose=verbose)
         cfg = prepared.config
         run = parent.start("study", self.name, prepared, tags={
             "kdo.methods": ",".join(self.methods), "kdo.design": self.spec.design,
             "kdo.seeds": ",".join(map(str, self.spec.seeds))},
             params=tracking.flatten({"study": self.spec.model_dump(mode="json", exclude={"config"})}),
             files={"study.json": stored_spec(self.spec, self.base, self.spaces, cfg), "config.yaml": cfg.to_yaml()})
-        return self._drive(run, lambda: prepared, points, resumed=False, verbose=verbose)
+        return self._drive(run, lambda: prepared, resumed=False, verbose=verbose)
 
     @classmethod
     def resume(cls, name: str, *, address: str | None = None, tracking_uri: str | None = None,
@@ -199,13 +156,13 @@ class RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run. Refused while
         its driver is alive (`force` resumes regardless)."""
         study, found = cls._from_mlflow(name, tracking_uri, experiment, to_resume=True, force=force)
-        points = study._checked_points()
-        shared = cls._shared_config(points)
+        study.plan.checked()
+        shared = study.plan.shared_config()
         run = parent.reopen("study", found, study._uri, shared)
-        return study._drive(run, lambda: provision(shared, address=address, verbose=verbose), points, resumed=True,
+        return study._drive(run, lambda: provision(shared, address=address, verbose=verbose), resumed=True,
                             verbose=verbose)
 
-    def _drive(self, run: parent.ParentRun, prepare: Callable[[], Prepared], points: list[Point], *, resumed: bool,
+    def _drive(self, run: parent.ParentRun, prepare: Callable[[], Prepared], *, resumed: bool,
                verbose: bool) -> RobustnessStudy:
         """The study's work under its parent's lifecycle (`parent.hold`); a study that finished logs its outputs."""
         self.parent_run_id, self.experiment_id, self._uri = run.run_id, run.experiment_id, run.uri
@@ -216,7 +173,7 @@ class RobustnessStudy:
                                checkpoint_seconds=self.spec.checkpoint_seconds, group_size=self.spec.group_size)
 
         def train(prepared: Prepared, ref: LedgerRef) -> frozenset[str]:
-            run_points(ref, prepared, points, options, use_gpu=use_gpu(prepared.config), verbose=verbose)
+            run_points(ref, prepared, self.points, options, use_gpu=use_gpu(prepared.config), verbose=verbose)
             return frozenset()  # a study never stops a run early: one left RUNNING crashed, or the driver stopped
 
         def summarise(status: str) -> str:
@@ -241,7 +198,7 @@ class RobustnessStudy:
             raw = json.loads(Path(client.download_artifacts(found.info.run_id, "study.json", folder)).read_text())
         raw.pop("tracking", None)
         raw["config"]["tracking"]["uri"] = uri
-        study = cls._from_spec(StudySpec.model_validate(raw))
+        study = cls.from_spec(StudySpec.model_validate(raw))
         study.parent_run_id, study.experiment_id, study._uri = found.info.run_id, found.info.experiment_id, uri
         return study, found
 

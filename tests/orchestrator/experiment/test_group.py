@@ -92,7 +92,7 @@ def test_methods_that_make_their_own_batches_train_alone(teacher_checkpoint: Pat
 
 def test_groups_are_planned_by_seed_with_a_memory_estimate_that_draws_nothing(teacher_checkpoint: Path) -> None:
     points = [Point({"t": t}, seed, f"s{t}", load_config({**_kd(teacher_checkpoint, temperature=t),
-                                                       "training": {"seed": seed}}).model_dump(mode="json"))
+                                                       "training": {"seed": seed}}))
               for t in (2.0, 4.0, 8.0) for seed in (0, 1)]
     cfg = load_config(points[0].config)
     splits = load_splits(cfg.data)

@@ -43,7 +43,7 @@ def test_a_study_file_run_again_gets_the_next_free_name_and_an_explicit_one_is_r
     _parent(workdir, "study", "demo-2")
     again = RobustnessStudy.from_yaml("demo").claim_name()
     assert again.name == "demo-3"
-    assert all(p.config["name"].startswith("demo-3-") for p in again.points), "the points are planned anew"
+    assert all(p.config.name.startswith("demo-3-") for p in again.points), "the points are planned anew"
     with pytest.raises(ConfigError, match="--name: a study named 'demo' exists already"):
         RobustnessStudy.from_yaml("demo").replace(name="demo").claim_name()
 

@@ -172,19 +172,27 @@ def test_grid_sweep_counts_a_diverged_setting_and_finishes_the_rest(workdir: Pat
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import orchestrator.search.sweep as sweep_module
 
-    events: list[tuple[str, str]] = []  # spies around the real check and provision: their calls, in order
-    real_check, real_provision = sweep_module.check, sweep_module.provision
+    # Spies around the real checks (the base's, then each point's teacher and method check) and provision: their
+    # calls, in order.
+    events: list[tuple[str, str]] = []
+    real_check, real_point_check = sweep_module.check, sweep_module.check_teacher_checkpoint
+    real_provision = sweep_module.provision
 
     def check(config: object, *args: object, **kwargs: object) -> object:
         cfg = real_check(config, *args, **kwargs)
         events.append(("check", cfg.name))
         return cfg
 
+    def check_point(cfg: object, *args: object, **kwargs: object) -> object:
+        events.append(("check", cfg.name))
+        return real_point_check(cfg, *args, **kwargs)
+
     def provision(cfg: object, **kwargs: object) -> object:
         events.append(("provision", cfg.name))
         return real_provision(cfg, **kwargs)
 
     monkeypatch.setattr(sweep_module, "check", check)
+    monkeypatch.setattr(sweep_module, "check_teacher_checkpoint", check_point)
     monkeypatch.setattr(sweep_module, "provision", provision)
     cfg = digits_config(student={"architecture": "mlp", "args": {}},
                         training={"epochs": 2, "lr": 0.05, "momentum": 0.99})

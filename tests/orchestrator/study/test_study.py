@@ -92,12 +92,12 @@ def test_label_entries_plan_their_method_under_their_label() -> None:
     runs = {"kd": "kd", "kd_ls": "kd", "dkd": "dkd", "ce": "ce"}
     for point in study.points:
         label = point.tags["kdo.entry"]
-        assert point.config["method"]["name"] == runs[label], label
-        assert point.config["method"]["params"].get("logit_standardization", False) == (label == "kd_ls")
+        assert point.config.method.name == runs[label], label
+        assert point.config.method.params.get("logit_standardization", False) == (label == "kd_ls")
     ls = [p for p in study.points if p.tags["kdo.entry"] == "kd_ls"]
-    defaults = next(p for p in ls if p.tags["kdo.role"] == "defaults").config["method"]["params"]
+    defaults = next(p for p in ls if p.tags["kdo.role"] == "defaults").config.method.params
     assert (defaults["temperature"], defaults["kd_weight"], defaults["ce_weight"]) == (2.0, 9.0, 0.1)  # LS paper
-    assert all(p.config["method"]["params"]["ce_weight"] == 0.1 for p in ls)  # fixed by the kd_ls space
+    assert all(p.config.method.params["ce_weight"] == 0.1 for p in ls)  # fixed by the kd_ls space
     sids = {label: {p.setting_id for p in study.points if p.tags["kdo.entry"] == label} for label in runs}
     assert not sids["kd"] & sids["kd_ls"], "the same setting of two entries is two settings"
     again = study.replace(seeds=[0])  # the spec round trip keeps the entries
@@ -152,8 +152,8 @@ def test_a_defaults_only_study_runs_each_entry_on_its_own_config_and_reports_wit
     assert [(p.tags["kdo.entry"], p.tags["kdo.role"]) for p in study.points] == [
         ("kd", "defaults")] * 2 + [("dkd", "defaults")] * 2 + [("ce", "reference")] * 2
     kd = study.points[0].config
-    assert {"temperature": 2.0, "kd_weight": 0.5}.items() <= kd["method"]["params"].items()
-    assert kd["training"]["lr"] == 0.02 and study.points[2].config["training"]["lr"] == 0.05  # dkd: the study's
+    assert {"temperature": 2.0, "kd_weight": 0.5}.items() <= kd.method.params.items()
+    assert kd.training.lr == 0.02 and study.points[2].config.training.lr == 0.05  # dkd: the study's
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     parent, experiment_id = start_run(uri, "kdo", "repro", tags={"kdo.kind": "study", "kdo.study": "repro"})
     ref = ledger.LedgerRef("repro", parent.run_id, uri, "kdo", experiment_id)
@@ -179,7 +179,7 @@ def test_shipped_studies_validate() -> None:
     real = dict.fromkeys(("logit_baselines", "fashion_mnist_reproduction", "rdskd_vs_dafl"), "fashion_mnist")
     for name in shipped_studies():
         study = RobustnessStudy.from_yaml(name)
-        assert study.points and all(p.config["data"]["name"] == real.get(name, "digits") for p in study.points)
+        assert study.points and all(p.config.data.name == real.get(name, "digits") for p in study.points)
 
 
 @pytest.mark.slow  # two minutes of real study: the fast suite's budget is the whole suite's eight
