@@ -9,7 +9,7 @@ member that diverges or raises leaves the group with its own outcome while the o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -53,37 +53,49 @@ def member_bytes(cfg: ExperimentConfig, splits: Splits) -> int:
 
 @dataclass
 class Member:
-    """One run of a group: its config, its run log, and the loop state it continues from (None: from the start)."""
+    """One run of a group: its config, its run log, the loop state it continues from (None: from the start) and its
+    name in a trial's checkpoint (`key`). `iterate_group` sets `status` (and `reason`) when the member ends."""
 
     config: ExperimentConfig
     tracker: RunLog | None = None
     resume: dict[str, Any] | None = None
+    name: str = ""
+    status: str = "running"  # then finished, diverged or crashed
+    reason: str = ""  # why it crashed
+
+    @property
+    def key(self) -> str:
+        return self.name or f"seed-{self.config.training.seed}"
 
 
 def iterate_group(members: list[Member], splits: Splits, teacher_ckpt: dict[str, Any] | None, *,
                   device: torch.device, snapshot_every: int = 0) -> Iterator[list[dict[str, Any] | None]]:
     """Train the members together; yields, per epoch, each member's metrics in order (`iterate_epochs`'), or None
-    for one that is not training that epoch (it ended before). A member whose work raises ends with
-    `{"status": "crashed", "reason": ...}`. Each member starts after its `resume` state's epoch (or at 1) and joins
-    the group's batches there."""
-    first = members[0].config.training
-    data = DeviceData(splits, device, channels_last=first.channels_last)
+    for one that is not training that epoch (it ended before). Members of one `group_key` share each batch and its
+    teacher pass; a member of no key (or the only one of its key) draws its own batches, on its own RNG. A member
+    whose work raises ends with `{"status": "crashed", "reason": ...}`. Each member starts after its `resume`
+    state's epoch (or at 1) and joins its batches there."""
     teacher = build_from_checkpoint(teacher_ckpt).to(device) if teacher_ckpt is not None else None
-    shared = TeacherPass(teacher) if teacher is not None else None
+    data: dict[bool, DeviceData] = {}  # by memory layout: one copy of the splits on the device for all
+    passes: dict[str, TeacherPass] = {}  # by group key: one teacher forward per shared batch
     runs: list[Training | None] = []
+    keys: list[str] = []
     rngs: list[Any] = []
     results: list[dict[str, Any] | None] = [None] * len(members)
     scores: dict[str, float] = {}
     for i, m in enumerate(members):
+        layout = m.config.training.channels_last
+        shared = data.setdefault(layout, DeviceData(splits, device, channels_last=layout))
+        keys.append(group_key(m.config) or f"alone-{i}")
         try:
             run = Training(m.config, splits, teacher_ckpt, device=device, tracker=m.tracker, log=None,
-                           snapshot_every=snapshot_every, resume=m.resume, data=data, teacher=teacher,
+                           snapshot_every=snapshot_every, resume=m.resume, data=shared, teacher=teacher,
                            teacher_scores=scores)
             scores = scores or run.static  # the teacher's val and test accuracy, computed once
         except Exception as exc:  # e.g. its pre-phase failed: this member alone
-            run, results[i] = None, _crashed(exc)
-        if run is not None and run.distiller.teacher is not None:
-            run.distiller.teacher_pass = shared
+            run, results[i] = None, _crashed(m, exc)
+        if run is not None and run.distiller.teacher is not None and teacher is not None:
+            run.distiller.teacher_pass = passes.setdefault(keys[i], TeacherPass(teacher))
         runs.append(run)
         rngs.append(_rng_state(device) if run is not None else None)
     start = min((r.first for r in runs if r is not None), default=1)
@@ -91,21 +103,17 @@ def iterate_group(members: list[Member], splits: Splits, teacher_ckpt: dict[str,
         yield results
     last = max(m.config.training.epochs for m in members)
 
-    def work(i: int, out: list[dict[str, Any] | None], what: str, *args: Any) -> None:
-        """Member i's `start_epoch`, `step` or `end_epoch` on its own RNG; what it raises ends it alone."""
+    def work(i: int, out: list[dict[str, Any] | None], what: Callable[..., Any], *args: Any) -> Any:
+        """`what(member i's run, *args)` on its own RNG; what it raises ends that member alone."""
         run = runs[i]
         if run is None:
-            return
+            return None
         with _own_rng(rngs, i, device):
             try:
-                metrics = getattr(run, what)(*args)
+                return what(run, *args)
             except Exception as exc:
-                runs[i], out[i] = None, _crashed(exc)
-                return
-        if what == "end_epoch":
-            out[i] = metrics
-            if "status" in metrics:
-                runs[i] = None
+                runs[i], out[i] = None, _crashed(members[i], exc)
+                return None
 
     for epoch in range(start, last + 1):
         live = [i for i, r in enumerate(runs) if r is not None and r.first <= epoch <= r.cfg.training.epochs]
@@ -113,19 +121,40 @@ def iterate_group(members: list[Member], splits: Splits, teacher_ckpt: dict[str,
             continue
         results = [None] * len(members)
         for i in live:
-            work(i, results, "start_epoch", epoch)
-        lead = next((runs[i] for i in live if runs[i] is not None), None)
-        for x, y in lead.ctx.train_batches(epoch) if lead is not None else ():  # one seed, one data config
-            for i in live:
-                work(i, results, "step", x, y)
+            work(i, results, Training.start_epoch, epoch)
+        for key in dict.fromkeys(keys[i] for i in live):  # each batch source, in the members' order
+            sharing = [i for i in live if keys[i] == key]
+
+            def lead() -> int:  # the first member of the source still training (one that crashed left it)
+                return next((i for i in sharing if runs[i] is not None), sharing[0])  # noqa: B023 - used at once
+
+            batches = work(lead(), results, _batches, epoch)
+            while batches is not None and (batch := work(lead(), results, _next_batch, batches)) is not None:
+                for i in sharing:
+                    work(i, results, Training.step, *batch)
         for i in live:
-            work(i, results, "end_epoch", epoch)
+            results[i] = work(i, results, Training.end_epoch, epoch) or results[i]
+            run = runs[i]
+            if run is not None and run.ended:
+                members[i].status, runs[i] = run.status, None
         yield results
 
 
-def _crashed(exc: BaseException) -> dict[str, Any]:
+def _batches(run: Training, epoch: int) -> Iterator[tuple[Any, ...]]:
+    return iter(run.distiller.batches(epoch, run.ctx))
+
+
+def _next_batch(run: Training, batches: Iterator[tuple[Any, ...]]) -> tuple[Any, ...] | None:
+    """The next batch of `batches` (None when the epoch's are done), drawn on the lead member's RNG: a data-free
+    method's generator draws from it."""
+    return next(batches, None)
+
+
+def _crashed(member: Member, exc: BaseException) -> dict[str, Any]:
+    """The member ends `crashed`, with the error's type and last line as its reason."""
     lines = str(exc).strip().splitlines()
-    return {"status": "crashed", "reason": f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]}
+    member.status, member.reason = "crashed", f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
+    return {"status": member.status, "reason": member.reason}
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -103,7 +103,7 @@ def iterate_epochs(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str
             run.step(x, y)
         metrics = run.end_epoch(epoch)
         yield metrics
-        if "status" in metrics:
+        if run.ended:
             return
 
 
@@ -145,7 +145,7 @@ class Training:
             self.model = torch.compile(self.model)
         self.optimizer = make_optimizer(distiller.optimized_parameters(), tc)
         self.schedule = make_schedule(self.optimizer, tc)
-        self.status = "finished"
+        self.status, self.ended = "finished", False  # `ended` after the last epoch: the epochs done, or diverged
         self.validated = data.size("val") > 0  # else nothing is validated: no val_acc at all, never a 0 in its place
         self.static: dict[str, float] = dict(teacher_scores or {})  # a group's members share their teacher's
         if teacher is not None:
@@ -237,7 +237,7 @@ class Training:
               or (val_acc is not None and val_acc > self.best_val)):
             self.best_val, self.best_epoch = (val_acc if val_acc is not None else self.best_val), epoch
             self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in student.state_dict().items()})
-        last = epoch == tc.epochs or self.status == "diverged"
+        last = self.ended = epoch == tc.epochs or self.status == "diverged"
         if last:
             test_acc = float("nan")
             if self.best_state is not None:

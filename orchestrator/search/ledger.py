@@ -20,7 +20,7 @@ from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.config_files import absolute_uri, default_tracking_uri
 from orchestrator.experiment.model_registry import register_student
-from orchestrator.experiment.store import check_store, mask_uri, unless_store_lost
+from orchestrator.experiment.store import check_store, mask_uri
 from orchestrator.experiment.store import client as mlflow_client
 from orchestrator.experiment.tracking import Tracker, flatten, log_datasets, run_tags, source_tags, start_run
 from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
@@ -274,17 +274,3 @@ class LedgerRef:
 def driver_interrupted(client: Any, ref: LedgerRef) -> bool:
     """Whether the driver was stopped (Ctrl-C, SIGTERM): it tags its parent before it stops the trials."""
     return client.get_run(ref.parent_run_id).data.tags.get("kdo.interrupted") == "true"
-
-
-def close_members(members: list[Any], status: str | None, reason: str = "") -> None:
-    """Close the members' children still open as `status` (None: each its own), with `reason` (`kdo.reason`). A
-    store that stopped answering is asked once, not once per child: `kdo resume` or `kdo report` settles them."""
-    with unless_store_lost():
-        for m in members:
-            tracker, m.tracker = m.tracker, None
-            if tracker is not None:
-                if reason:
-                    tracker.set_tags({"kdo.reason": reason})
-                close_child(tracker, status or m.status, m.config)
-    for m in members:
-        m.tracker = None

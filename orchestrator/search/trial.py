@@ -1,46 +1,43 @@
-"""The trial functions Tune runs: one fixed point (a design's or a study's (setting, seed)), or one setting an
-adaptive sampler proposed, its seeds advanced in lockstep. Each run is an MLflow child the trial logs itself.
+"""The trial functions Tune runs, one loop for all: a trial trains a list of points as the members of one group
+(`experiment.group.iterate_group`): a group of a fixed design or study (points of one seed, data and teacher
+sharing their batches), a lone point (a group of one), or the seeds of a setting an adaptive sampler proposed,
+advanced in lockstep. Each point is an MLflow child the trial logs itself; a data-parallel point trains alone
+through a TorchTrainer.
 
-A diverged seed fails the whole setting (status `diverged`, its accuracy counted at chance level in the
-reported mean), never averaged away. Seeds the ledger holds as final are replayed from MLflow, not retrained.
-A trial checkpoints every run it trains through Tune's checkpoint API (`checkpoint_seconds` apart; a
-data-parallel run through Ray Train's, in a folder its child names); a retried trial (`tune.get_checkpoint()`)
-or a resumed one (the newest checkpoint in the trial folder of the child's `kdo.checkpoint` tag) continues from
-it in the same child, logging only the epochs that child has not logged
-yet; attempts that cannot continue are `superseded` by a fresh child.
+In lockstep a diverged seed fails the whole setting (status `diverged`, its accuracy counted at chance level in
+the reported mean), never averaged away, and seeds the ledger holds as final are replayed from MLflow, not
+retrained; in a group each member ends on its own. A trial checkpoints every member it trains through Tune's
+checkpoint API (`checkpoint_seconds` apart; a data-parallel run through Ray Train's, in a folder its child names);
+a retried trial (`tune.get_checkpoint()`) or a resumed one (the newest checkpoint in the trial folder of the
+child's `kdo.checkpoint` tag) continues each member from its newest state (`newest_state`) in the same child,
+logging only the epochs that child has not logged yet; attempts that cannot continue are `superseded` by a fresh
+child.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import os
-import socket
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from orchestrator.errors import format_validation_error
-from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
-from orchestrator.experiment.launch import one_line
-from orchestrator.experiment.loop import iterate_epochs
+from orchestrator.experiment.group import Member, iterate_group
 from orchestrator.experiment.store import client as mlflow_client
 from orchestrator.experiment.store import store_errors, unless_store_lost
-from orchestrator.experiment.tracking import AfterEpoch, Tracker
+from orchestrator.experiment.tracking import AfterEpoch
 from orchestrator.experiment.workers import fit_data_parallel, launch_for, train_folder, worker_device
 from orchestrator.search import ledger
+from orchestrator.search.attempts import TrialChildren, newest_state
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.points import Point, TrialOptions, point_config
 from orchestrator.search.spaces import SearchSpace
+from orchestrator.search.status import FINAL
 
 
 @dataclass(frozen=True)
@@ -56,37 +53,12 @@ class AdaptiveSearch:
         return path.replace(".", "__")
 
 
-@dataclass
-class RunMember:
-    """One (setting, seed) of a trial: a config to train (fresh, or continued from a checkpoint in the same child),
-    or a finished child of the ledger to replay."""
-
-    config: ExperimentConfig
-    setting: dict[str, Any]
-    tags: dict[str, str]
-    replay: Any = None  # a final child
-    attempts: list[Any] = field(default_factory=list)  # unfinished attempts, newest first
-    state: dict[str, Any] | None = None  # the loop state to continue from
-    tracker: Tracker | None = None
-    status: str = "running"
-    name: str = ""  # its file in a trial checkpoint; default `seed-N` (a group's members share a seed)
-
-    @property
-    def seed(self) -> int:
-        return self.config.training.seed
-
-    @property
-    def key(self) -> str:
-        return self.name or f"seed-{self.seed}"
-
-
-def run_point(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
-              use_gpu: bool, points: list[Point], options: TrialOptions) -> None:
-    """One Tune trial of a fixed design or a study: the point `tune_config["point"]`."""
-    point = points[tune_config["point"]]
+def run_group(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
+              use_gpu: bool, points: list[Point], groups: list[list[int]], options: TrialOptions) -> None:
+    """One Tune trial of a fixed design or a study: the points of group `tune_config["group"]`."""
     with store_errors(ref.tracking_uri):  # the store stopped answering: one line, and Tune goes on with the others
-        _run(ref, point.setting_id, [RunMember(point.config, point.setting, point.tags)], splits, teacher, use_gpu,
-             options)
+        _train(ref, [points[i] for i in groups[tune_config["group"]]], splits, teacher, use_gpu, options,
+               lockstep=False)
 
 
 def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[str, Any] | None, ref: LedgerRef,
@@ -101,9 +73,9 @@ def run_setting(tune_config: dict[str, Any], *, splits: Splits, teacher: dict[st
         with store_errors(ref.tracking_uri):
             _invalid(ref, search.base, setting, sid, format_validation_error(err, "", ExperimentConfig))
         return
-    configs = [point_config(cfg, ref.name, sid, seed) for seed in search.seeds]
+    points = [Point(setting, seed, sid, point_config(cfg, ref.name, sid, seed)) for seed in search.seeds]
     with store_errors(ref.tracking_uri):
-        _run(ref, sid, [RunMember(cfg, setting, {}) for cfg in configs], splits, teacher, use_gpu, options)
+        _train(ref, points, splits, teacher, use_gpu, options, lockstep=True)
 
 
 def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], sid: str, reason: str) -> None:
@@ -118,83 +90,110 @@ def _invalid(ref: LedgerRef, base: ExperimentConfig, setting: dict[str, Any], si
     tune.report({"val_acc": float("nan"), "epoch": 1, "setting_id": sid, "status": "invalid"})
 
 
-def _run(ref: LedgerRef, sid: str, members: list[RunMember], splits: Splits, teacher: dict[str, Any] | None,
-         use_gpu: bool, options: TrialOptions) -> None:
+def _train(ref: LedgerRef, points: list[Point], splits: Splits, teacher: dict[str, Any] | None, use_gpu: bool,
+           options: TrialOptions, *, lockstep: bool) -> None:
+    """Train the trial's points the ledger does not hold as final (one query for them all); in lockstep the final
+    ones are replayed into the seed means."""
     client = mlflow_client(ref.tracking_uri)
-    final = ledger.final_seeds(client, ref.experiment_id, ref.parent_run_id, sid)
-    unfinished = ledger.unfinished_attempts(client, ref.experiment_id, ref.parent_run_id, sid)
-    for m in members:
-        m.replay, m.attempts = final.get(m.seed), unfinished.get(m.seed, [])
-    torch.set_num_threads(max(1, int(members[0].config.scaling.cpus_per_worker)))
-    if members[0].config.scaling.num_workers > 1:  # one seed per trial (checked by the sweep), DDP through Ray Train
-        _data_parallel(ref, sid, members[0], client, splits, teacher, use_gpu, options)
-    else:
-        _lockstep(ref, sid, members, client, splits, teacher, use_gpu, options)
+    listed = ledger.children(client, ref.experiment_id, ref.parent_run_id,
+                             setting=points[0].setting_id if lockstep else None)
+    final = {ledger.point_of(r): r for r in listed if ledger.status_of(r) in FINAL}
+    redo = ledger.redo_attempts(listed)
+    todo = [p for p in points if (p.setting_id, p.seed) not in final]
+    replays = [final[(p.setting_id, p.seed)] for p in points if (p.setting_id, p.seed) in final] if lockstep else []
+    torch.set_num_threads(max(1, int(points[0].config.scaling.cpus_per_worker)))
+    children = TrialChildren(ref, client)
+    if points[0].config.scaling.num_workers > 1:  # one point per trial (the planners see to it), DDP on Ray Train
+        _data_parallel(children, points[0], replays, redo.get((points[0].setting_id, points[0].seed), []), splits,
+                       teacher, use_gpu, options)
+    elif todo or replays:
+        _members(children, points[0].setting_id, todo, replays, redo, splits, teacher, use_gpu, options,
+                 lockstep=lockstep)
 
 
-def open_child(ref: LedgerRef, m: RunMember, sid: str, start_epoch: int, client: Any) -> int:
-    """Open the member's child: the newest unfinished attempt when continuing from a checkpoint, else a new child
-    (older attempts superseded). Returns the last epoch the child has logged already."""
+def _members(children: TrialChildren, sid: str, todo: list[Point], replays: list[Any], redo: dict[Any, list[Any]],
+             splits: Splits, teacher: dict[str, Any] | None, use_gpu: bool, options: TrialOptions, *,
+             lockstep: bool) -> None:
+    """Train `todo` as one group, each member from its newest state. In lockstep (an adaptive setting's seeds) the
+    seeds share their epochs: all continue from one epoch or none does, Tune hears the seed mean of each epoch
+    (`replays` folded in), and a diverged or crashed seed ends the setting; else each member ends on its own."""
     from ray import tune
 
-    # Where the attempt runs: its Tune trial (the finisher tells a stopped trial from a dead one by it) and process.
-    trial_id = {"kdo.trial_id": tune.get_context().get_trial_id() or "", "kdo.host": socket.gethostname(),
-                "kdo.pid": str(os.getpid())}
-    if m.state is not None and start_epoch > 0:
-        keep, *older = m.attempts
-        m.tracker = ledger.reopen(ref.tracking_uri, keep)
-        m.tracker.set_tags(trial_id)
-        logged = ledger.logged_epochs(client, keep.info.run_id)
-    else:
-        older, logged = m.attempts, 0
-        m.state = None
-        m.tracker = ledger.start_child(ref, m.config, m.setting, sid, {**m.tags, **trial_id})
-    for run in older:
-        ledger.supersede(ref.tracking_uri, run)
-    return logged
+    members = [Member(p.config, name=f"{p.setting_id}-seed-{p.seed}") for p in todo]
+    attempts = [redo.get((p.setting_id, p.seed), []) for p in todo]
+    for m, tried in zip(members, attempts, strict=True):
+        m.resume = newest_state(m.key, tried)
+    if lockstep and len({m.resume["epoch"] if m.resume else 0 for m in members}) > 1:
+        for m in members:
+            m.resume = None
+    start = max((m.resume["epoch"] for m in members if m.resume), default=0)
+    replayed = [{row["epoch"]: row for row in ledger.replay(children.client, run)} for run in replays]
+    chance = 1.0 / splits.info.num_classes
+    last_checkpoint = time.monotonic()
+    with children.closed_on_exit(members):
+        for p, m, tried in zip(todo, members, attempts, strict=True):
+            logged = children.start(p, m, tried)
+            m.tracker = AfterEpoch(children.open[m.key], logged)
+        device = worker_device(use_gpu)  # once the children exist: a worker without CUDA is on their record
+        epochs = (iterate_group(members, splits, teacher, device=device, snapshot_every=1) if members else
+                  ([] for _ in range(start, max(max(r, default=0) for r in replayed))))
+        for epoch, rows in enumerate(epochs, start=start + 1):
+            states = {m.key: row.pop("loop_state") for m, row in zip(members, rows, strict=False)
+                      if row is not None and "loop_state" in row}
+            ended = [m for m, row in zip(members, rows, strict=False) if row is not None and m.status != "running"]
+            if lockstep:
+                if crashed := [m for m in members if m.status == "crashed"]:  # the setting fails: Tune retries it,
+                    children.close(crashed)  # or `kdo resume` redoes it; the others end crashed too
+                    raise RuntimeError(crashed[0].reason)
+                report, last = _seed_mean(epoch, sid, members, rows, replayed, chance)
+                if last:  # closed before the last report: Tune may tear this process down as soon as it has it
+                    children.close(members, None)
+            else:
+                report, last = _group_mean(rows, states), False
+                children.close(ended)
+            if report is None:
+                continue
+            if not last and states and time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
+                children.save(states, report, members[0].config.tracking.storage_path)
+                last_checkpoint = time.monotonic()
+            else:
+                tune.report(report)
+            if last:
+                break
 
 
-def find_states(members: list[RunMember], client: Any) -> int:
-    """Find each trained member's loop state: Tune's checkpoint of this trial (a retry) or the newest one in the
-    trial folder its newest unfinished attempt names (a resume). All of them continue from one epoch, or none
-    does (0)."""
-    from ray import tune
-
-    trained = [m for m in members if m.replay is None]
-    if not trained or not all(m.attempts for m in trained):
-        return 0
-    if (ckpt := tune.get_checkpoint()) is not None:
-        folders = [Path(ckpt.path)]
-    else:
-        tagged = trained[0].attempts[0].data.tags.get("kdo.checkpoint")
-        folders = newest_checkpoints(Path(tagged).parent if tagged else None)
-    for states in (load_states(folder, [m.key for m in trained]) for folder in folders):
-        if states is not None and len({s["epoch"] for s in states.values()}) == 1:
-            for m in trained:
-                m.state = states[m.key]
-            return trained[0].state["epoch"]
-    return 0
-
-
-def save_checkpoint(ref: LedgerRef, members: list[RunMember], states: dict[str, dict[str, Any]],
-                    report: dict[str, Any], storage: str) -> None:
-    """Report `report` to Tune with one checkpoint holding every trained member's state; tag each child with
-    where Tune keeps it (only the newest is kept: `CheckpointConfig(num_to_keep=1)`)."""
-    from ray import tune
-
-    scratch = None if "://" in storage else Path(storage) / ref.name / ".kdo-scratch"  # a URI: the system's tmp
-    os.makedirs(scratch or tempfile.gettempdir(), exist_ok=True)  # removed with Tune's state of this sweep
-    with tempfile.TemporaryDirectory(dir=scratch) as folder:
-        for key, state in states.items():
-            torch.save(state, Path(folder) / f"{key}.pt")
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
-    persisted = tune.get_checkpoint()
-    for m in members:
-        if m.tracker is not None and persisted is not None:
-            m.tracker.set_tags({"kdo.checkpoint": persisted.path})
+def _seed_mean(epoch: int, sid: str, members: list[Member], rows: list[dict[str, Any] | None],
+               replayed: list[dict[int, dict[str, Any]]], chance: float) -> tuple[dict[str, Any], bool]:
+    """Lockstep's report of one epoch: the seed mean of val_acc (a diverged seed at `chance`; the replayed seeds'
+    epochs folded in), and whether the setting ends here: its epochs are done, or a seed diverged (the others
+    stop, `early_stopped` unless they ended)."""
+    trained = [(m.status, row) for m, row in zip(members, rows, strict=False) if row is not None]
+    seen = trained + [(row.get("status", "running"), row) for rows_of in replayed if (row := rows_of.get(epoch))]
+    diverged = [status == "diverged" for status, _ in seen]
+    vals = [chance if d else row["val_acc"] for (_, row), d in zip(seen, diverged, strict=True)]
+    report: dict[str, Any] = {"val_acc": sum(vals) / len(vals), "epoch": epoch, "setting_id": sid,
+                              "seeds_diverged": sum(diverged),
+                              "train_loss": sum(row["train_loss"] for _, row in seen) / len(seen)}
+    last = any(diverged) or all(status != "running" for status, _ in seen)
+    if last:
+        tests = [chance if d else row["test_acc"] for (_, row), d in zip(seen, diverged, strict=True)]
+        report.update(test_acc=sum(tests) / len(tests), status="diverged" if any(diverged) else "finished")
+        for m in members:
+            m.status = "early_stopped" if m.status == "running" else m.status
+    return report, last
 
 
-def _data_parallel(ref: LedgerRef, sid: str, member: RunMember, client: Any, splits: Splits,
+def _group_mean(rows: list[dict[str, Any] | None], states: dict[str, Any]) -> dict[str, Any] | None:
+    """A group's report of one epoch: the mean val_acc of the members that trained it (None: none did)."""
+    done = [row for row in rows if row is not None and "epoch" in row]
+    if not done:
+        return None
+    vals = [row["val_acc"] for row in done if "val_acc" in row]
+    return {"epoch": max(row["epoch"] for row in done), "val_acc": sum(vals) / len(vals) if vals else float("nan"),
+            "members_training": len(states)}
+
+
+def _data_parallel(children: TrialChildren, point: Point, replays: list[Any], attempts: list[Any], splits: Splits,
                    teacher: dict[str, Any] | None, use_gpu: bool, options: TrialOptions) -> None:
     """A trial whose run is a TorchTrainer; rank 0's epochs reach Tune through `TuneReportCallback`. Rank 0
     checkpoints the loop state through Ray Train (`checkpoint_seconds` apart) in a folder named by the child,
@@ -203,23 +202,21 @@ def _data_parallel(ref: LedgerRef, sid: str, member: RunMember, client: Any, spl
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    if member.replay is not None:  # resume: this (setting, seed) is in the ledger already
-        for row in ledger.replay(client, member.replay):
-            tune.report({**row, "setting_id": sid})
+    ref, client = children.ref, children.client
+    if replays:  # resume: this (setting, seed) is in the ledger already
+        for row in ledger.replay(client, replays[0]):
+            tune.report({**row, "setting_id": point.setting_id})
         return
-    cfg = member.config
+    cfg = point.config
+    member = Member(cfg)  # its Ray Train checkpoint file is `seed-N.pt` (`workers._train_worker`)
     storage = f"{cfg.tracking.storage_path}/{ref.name}/train"  # a path or a URI alike
-    if member.attempts:
-        folder = train_folder(storage, cfg, member.attempts[0].info.run_id)
-        for states in (load_states(f, [member.key]) for f in newest_checkpoints(folder)):
-            if states is not None:
-                member.state = states[member.key]
-                break
-    logged = open_child(ref, member, sid, member.state["epoch"] if member.state else 0, client)
-    assert member.tracker is not None
-    launch = dataclasses.replace(launch_for(cfg, splits, teacher, member.tracker.run_id, gpu=use_gpu), logged=logged,
-                                 resume=ray.put(member.state) if member.state is not None else None,
-                                 checkpoint_seconds=options.checkpoint_seconds)
+    if attempts:
+        member.resume = newest_state(member.key, attempts, train_folder(storage, cfg, attempts[0].info.run_id))
+    logged = children.start(point, member, attempts)
+    launch = dataclasses.replace(
+        launch_for(cfg, splits, teacher, children.open[member.key].run_id, gpu=use_gpu), logged=logged,
+        resume=ray.put(member.resume) if member.resume is not None else None,
+        checkpoint_seconds=options.checkpoint_seconds)
     try:
         member.status = fit_data_parallel(launch, storage=storage, callbacks=[TuneReportCallback()]).status
     except BaseException as exc:  # SystemExit: Tune stopped the trial at a report
@@ -230,66 +227,7 @@ def _data_parallel(ref: LedgerRef, sid: str, member: RunMember, client: Any, spl
     finally:
         with unless_store_lost():  # then the next `kdo resume` or `kdo report` settles the child
             if member.status == "early_stopped":  # the stop may come with the last report, after the loop recorded it
-                ledger.settle_child(ref.tracking_uri, client.get_run(member.tracker.run_id), "early_stopped")
+                tracker = children.open.pop(member.key)
+                ledger.settle_child(ref.tracking_uri, client.get_run(tracker.run_id), "early_stopped")
             else:
-                ledger.close_child(member.tracker, member.status, member.config)
-
-
-def _lockstep(ref: LedgerRef, sid: str, members: list[RunMember], client: Any, splits: Splits,
-              teacher: dict[str, Any] | None, use_gpu: bool, options: TrialOptions) -> None:
-    """The members' epochs advance together; Tune hears the seed mean of each epoch."""
-    from ray import tune
-
-    chance = 1.0 / splits.info.num_classes
-    start_epoch = find_states(members, client)
-    last_checkpoint = time.monotonic()
-    with closed_on_exit(members, client, ref):
-        logged = {m.seed: open_child(ref, m, sid, start_epoch, client) for m in members if m.replay is None}
-        device = worker_device(use_gpu)  # once the children exist: a worker without CUDA is on their record
-        runs: list[Iterator[dict[str, Any]]] = [
-            itertools.islice(ledger.replay(client, m.replay), start_epoch, None) if m.replay is not None else
-            iterate_epochs(m.config, splits, teacher, device=device, log=None, snapshot_every=1,
-                           tracker=AfterEpoch(m.tracker, logged[m.seed]), resume=m.state) for m in members]
-        for epoch, rows in enumerate(zip(*runs, strict=False), start=start_epoch + 1):  # seeds share their epochs
-            states = {m.key: row.pop("loop_state") for m, row in zip(members, rows, strict=True)
-                      if "loop_state" in row}
-            diverged = [row.get("status") == "diverged" for row in rows]
-            vals = [chance if d else row["val_acc"] for row, d in zip(rows, diverged, strict=True)]
-            report: dict[str, Any] = {"val_acc": sum(vals) / len(vals), "epoch": epoch,
-                                      "setting_id": sid, "seeds_diverged": sum(diverged),
-                                      "train_loss": sum(r["train_loss"] for r in rows) / len(rows)}
-            last = "test_acc" in rows[0] or any(diverged)
-            if last:
-                tests = [chance if d else row["test_acc"] for row, d in zip(rows, diverged, strict=True)]
-                report.update(test_acc=sum(tests) / len(tests), status="diverged" if any(diverged) else "finished")
-                # Closed before the last report: Tune may tear this process down as soon as it has it.
-                for m, row, d in zip(members, rows, diverged, strict=True):  # a sibling's divergence stops the rest
-                    m.status = "diverged" if d else ("finished" if "test_acc" in row else "early_stopped")
-                ledger.close_members(members, None)
-            if not last and states and time.monotonic() - last_checkpoint >= options.checkpoint_seconds:
-                save_checkpoint(ref, members, states, report, members[0].config.tracking.storage_path)
-                last_checkpoint = time.monotonic()
-            else:
-                tune.report(report)
-            if last:
-                break
-
-
-@contextmanager
-def closed_on_exit(members: list[RunMember], client: Any, ref: LedgerRef) -> Iterator[None]:
-    """However the trial's body ends, each member's child still open is closed with how it ended: `interrupted` or
-    `early_stopped` when Tune stops the trial (it exits it at a report; ASHA, or its driver was interrupted),
-    `interrupted` on Ctrl-C, `crashed` with the reason on an error, else `early_stopped`."""
-    try:
-        yield
-    except SystemExit:
-        ledger.close_members(members, "interrupted" if ledger.driver_interrupted(client, ref) else "early_stopped")
-        raise
-    except KeyboardInterrupt:  # Ctrl-C reached the trial's process too
-        ledger.close_members(members, "interrupted")
-        raise
-    except BaseException as exc:
-        ledger.close_members(members, "crashed", reason=one_line(exc))
-        raise
-    finally:
-        ledger.close_members(members, "early_stopped")
+                children.close([member])

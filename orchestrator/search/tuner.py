@@ -20,11 +20,11 @@ from orchestrator.experiment.runner import Prepared
 from orchestrator.experiment.store import client as mlflow_client
 from orchestrator.experiment.store import optuna_storage
 from orchestrator.search import ledger
-from orchestrator.search.grouped import plan_groups, run_group
+from orchestrator.search.grouped import plan_groups
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.points import Point, TrialOptions
 from orchestrator.search.spaces import SearchSpace, max_epochs
-from orchestrator.search.trial import AdaptiveSearch, run_setting
+from orchestrator.search.trial import AdaptiveSearch, run_group, run_setting
 
 TRIAL_DRIVER_CPU = 0.25  # a data-parallel trial only waits on its TorchTrainer (Tune needs a CPU share > 0)
 

@@ -81,6 +81,22 @@ def test_a_group_continues_from_its_members_loop_states(teacher_checkpoint: Path
                                                                    abs=1e-9)
 
 
+def test_seeds_in_lockstep_and_a_method_with_its_own_batches_equal_their_solo_runs(teacher_checkpoint: Path) -> None:
+    # One loop for every trial: members of other seeds, or of a method that makes its own batches (tcs), draw their
+    # own batches in the same group, each on its own RNG, and still equal their solo runs.
+    configs = [load_config({**_kd(teacher_checkpoint), "training": {"epochs": 2, "seed": seed}}) for seed in (0, 1)]
+    configs.append(load_config({**_kd(teacher_checkpoint, "tcs"), "training": {"epochs": 2, "seed": 0}}))
+    assert len({group_key(c) for c in configs}) == 3
+    splits, ckpt = load_splits(configs[0].data), load_checkpoint(teacher_checkpoint)
+    members = [Member(c) for c in configs]
+    grouped = list(iterate_group(members, splits, ckpt, device=CPU))
+    assert [m.status for m in members] == ["finished"] * 3
+    for i, cfg in enumerate(configs):
+        solo = _solo(cfg, splits, ckpt)
+        assert [row[i]["train_loss"] for row in grouped] == pytest.approx([r["train_loss"] for r in solo], rel=1e-6)
+        assert grouped[-1][i]["test_acc"] == pytest.approx(solo[-1]["test_acc"], abs=1e-9)
+
+
 def test_methods_that_make_their_own_batches_train_alone(teacher_checkpoint: Path) -> None:
     for name in list_methods():
         method = get_method(name)
