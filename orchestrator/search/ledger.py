@@ -107,7 +107,7 @@ def parent_names(kind: str, uri: str, experiment: str) -> set[str]:
 
 
 def status_of(run: Run) -> str:
-    """A child's status in today's words: `running` while MLflow says RUNNING, else its `kdo.status` tag."""
+    """A child's status (`status.normalize`d): `running` while MLflow says RUNNING, else its `kdo.status` tag."""
     if run.info.status == "RUNNING":
         return "running"
     return normalize(run.data.tags.get("kdo.status", run.info.status.lower()))
@@ -207,7 +207,7 @@ def start_child(ledger: LedgerRef, cfg: ExperimentConfig, setting: dict[str, Any
                 tags: dict[str, str]) -> Tracker:
     """The MLflow child of one (setting, seed) under the parent: the run tags of any run, plus the ledger's."""
     tracker, _ = start_run(ledger.tracking_uri, ledger.experiment, cfg.name, parent_run_id=ledger.parent_run_id,
-                           tags={**run_tags(cfg), "kdo.kind": "trial", "kdo.sweep": ledger.name,
+                           tags={**run_tags(cfg), "kdo.kind": "trial", f"kdo.{ledger.kind}": ledger.name,
                                  "kdo.setting_id": sid, "kdo.setting": json.dumps(setting, sort_keys=True),
                                  **tags}, source=dict(ledger.source))
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
@@ -269,6 +269,7 @@ class LedgerRef:
     experiment_id: str
     source: tuple[tuple[str, str], ...] = field(default_factory=lambda: tuple(source_tags().items()))
     datasets: tuple[dict[str, str], ...] = ()  # `tracking.dataset_inputs` of the data every child trains on
+    kind: str = "sweep"  # or "study": each child is tagged `kdo.<kind>` with the parent's name
 
 
 def driver_interrupted(client: Any, ref: LedgerRef) -> bool:

@@ -61,7 +61,7 @@ class ParentRun:
     def ledger(self, prepared: Prepared) -> LedgerRef:
         """Where the children of this parent live, and the datasets every child trains on."""
         return LedgerRef(self.name, self.run_id, self.uri, self.experiment, self.experiment_id,
-                         datasets=dataset_inputs(prepared.config.data, prepared.splits))
+                         datasets=dataset_inputs(prepared.config.data, prepared.splits), kind=self.kind)
 
 
 def start(kind: Kind, name: str, prepared: Prepared, tags: dict[str, str], params: dict[str, Any],

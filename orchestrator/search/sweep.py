@@ -151,8 +151,6 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     Progress is one live panel on a terminal, else one line per run; `verbose` adds Tune's status output and
     the Ray workers' own output.
     """
-    if name is not None:
-        check_name(name, "--name")
     checkpoints: dict[str, dict[str, Any]] = {}
     cfg = check(config, overrides, checkpoints=checkpoints)
     require_validation(cfg, "sweep")

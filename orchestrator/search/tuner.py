@@ -85,12 +85,12 @@ def run_points(ref: LedgerRef, prepared: Prepared, points: list[Point], options:
     todo = [p for p in points if (p.setting_id, p.seed) not in done]
     if not todo:
         return frozenset()
-    _, concurrency = trial_resources(prepared.config, use_gpu, options.concurrency)
-    groups = plan_groups(todo, prepared.splits, options.group_size, concurrency)
+    slots = trial_resources(prepared.config, use_gpu, options.concurrency)
+    groups = plan_groups(todo, prepared.splits, options.group_size, slots[1])
     trainable = tune.with_parameters(run_group, splits=prepared.splits, teacher=prepared.teacher, ref=ref,
                                      use_gpu=use_gpu, points=todo, groups=groups, options=options)
     return _fit(ref, prepared.config, trainable, {"group": tune.grid_search(list(range(len(groups))))}, options,
-                use_gpu=use_gpu, search_alg=None, num_samples=1, scheduler=None,
+                slots=slots, search_alg=None, num_samples=1, scheduler=None,
                 runs=(len(todo), [len(g) for g in groups]), verbose=verbose)
 
 
@@ -121,7 +121,7 @@ def run_search(ref: LedgerRef, prepared: Prepared, space: SearchSpace, options: 
     asha = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
             if options.scheduler == "asha" else None)
     samples = max(options.trials - (len(previous) - len(replays)), len(replays))
-    return _fit(ref, cfg, trainable, tune_space, options, use_gpu=use_gpu,
+    return _fit(ref, cfg, trainable, tune_space, options, slots=trial_resources(cfg, use_gpu, options.concurrency),
                 search_alg=OptunaSearch(sampler=sampler, points_to_evaluate=replays or None, study_name=ref.name,
                                         storage=optuna.storages.RDBStorage(storage)),
                 num_samples=samples, scheduler=asha, runs=(samples * len(options.seeds), len(options.seeds)),
@@ -166,8 +166,8 @@ def sync_study(storage: str, ref: LedgerRef, distributions: dict[str, Any], prev
 
 
 def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dict[str, Any], options: TrialOptions,
-         *, use_gpu: bool, search_alg: Any, num_samples: int, scheduler: Any, runs: tuple[int, int | list[int]],
-         verbose: bool) -> frozenset[str]:
+         *, slots: tuple[dict[str, float], int], search_alg: Any, num_samples: int, scheduler: Any,
+         runs: tuple[int, int | list[int]], verbose: bool) -> frozenset[str]:
     """Run the trials with Tune; `runs` = (runs expected, runs per trial or per group) for the progress view: a
     live panel on a terminal, else one line per run that ends; `verbose` adds Tune's own status tables and result
     boxes (and then the view prints lines, which interleave with them)."""
@@ -175,7 +175,7 @@ def _fit(ref: LedgerRef, cfg: ExperimentConfig, trainable: Any, param_space: dic
 
     from orchestrator.search.progress import RunProgress
 
-    resources, concurrency = trial_resources(cfg, use_gpu, options.concurrency)
+    resources, concurrency = slots  # `trial_resources`
     progress = RunProgress(ref, *runs, live=not verbose)
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources), param_space=param_space,

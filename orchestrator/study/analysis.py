@@ -4,7 +4,7 @@ The results table has one row per (method, setting, seed) with at least `method`
 `status`, the metric columns and one column per hyperparameter; `defaults` marks the method's default
 setting. Accuracies are in whatever unit the table uses (the study uses percentage points).
 
-Failed runs (`diverged`, `error`) are never dropped silently: `failures="chance"` counts them at chance
+Failed runs (`diverged`, `invalid`, `crashed`) are never dropped silently: `failures="chance"` counts them at chance
 level in every accuracy statistic, `failures="drop"` leaves them out; the failure rate is reported either way.
 Measures follow the HPO-reporting literature: variance split (Bouthillier et al., arXiv 2103.03098),
 tunability (Probst et al., arXiv 1802.09596), expected best validation accuracy vs budget (Dodge et al.,

@@ -31,13 +31,15 @@ class StudyPlan:
         """The same plan for the study named `name`: its points' run names and `kdo.study` tags, nothing revalidated."""
         return replace(self, points=[p.named(name) for p in self.points])
 
-    def checked(self) -> None:
+    def checked(self) -> dict[str, dict[str, Any]]:
         """Read and check each setting's teacher checkpoint against its config (once per source and setting) before
         Ray starts; a described teacher needs nothing here. Not at planning: a study loaded for its report must not
-        need the teacher file or store it was trained with."""
+        need the teacher file or store it was trained with. Returns the checkpoints read, by source (`provision`
+        takes them instead of reading them again)."""
         checkpoints: dict[str, dict[str, Any]] = {}
         for point in {p.setting_id: p for p in self.points}.values():
             check_teacher_checkpoint(point.config, checkpoints)
+        return checkpoints
 
     def shared_config(self) -> ExperimentConfig:
         """The config `provision` uses: data and teacher are the same for every point."""

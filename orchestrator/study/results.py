@@ -80,7 +80,7 @@ class StudyResults:
 
     def results(self) -> pd.DataFrame:
         """One row per (method, setting, seed): every parameter, seed, val/test accuracy (fractions, as in
-        MLflow), status (finished, diverged, error, ...), seconds, role and the MLflow run id."""
+        MLflow), status (finished, diverged, crashed, ...), seconds, role and the MLflow run id."""
         return self.frame.copy()
 
     def _points_frame(self) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from orchestrator.search.points import Point, TrialOptions
 from orchestrator.search.spaces import SearchSpace
 from orchestrator.search.tuner import run_points
 from orchestrator.study import analysis
+from orchestrator.study.outputs import draw, log_outputs, report
 from orchestrator.study.plan import plan_study
 from orchestrator.study.results import StudyResults, read_results
 from orchestrator.study.spec import (
@@ -140,8 +141,8 @@ class RobustnessStudy:
         """Run every (method, setting, seed) as a Tune trial under one MLflow parent run; then analyse.
         Progress is one live panel on a terminal, else one line per run; `verbose` adds Tune's status output and
         the Ray workers' own output."""
-        self.claim_name().plan.checked()
-        prepared = provision(self.plan.shared_config(), address=address, verbose=verbose)
+        checkpoints = self.claim_name().plan.checked()
+        prepared = provision(self.plan.shared_config(), address=address, checkpoints=checkpoints, verbose=verbose)
         cfg = prepared.config
         run = parent.start("study", self.name, prepared, tags={
             "kdo.methods": ",".join(self.methods), "kdo.design": self.spec.design,
@@ -156,11 +157,11 @@ class RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run. Refused while
         its driver is alive (`force` resumes regardless)."""
         study, found = cls._from_mlflow(name, tracking_uri, experiment, to_resume=True, force=force)
-        study.plan.checked()
+        checkpoints = study.plan.checked()
         shared = study.plan.shared_config()
         run = parent.reopen("study", found, study._uri, shared)
-        return study._drive(run, lambda: provision(shared, address=address, verbose=verbose), resumed=True,
-                            verbose=verbose)
+        return study._drive(run, lambda: provision(shared, address=address, checkpoints=checkpoints, verbose=verbose),
+                            resumed=True, verbose=verbose)
 
     def _drive(self, run: parent.ParentRun, prepare: Callable[[], Prepared], *, resumed: bool,
                verbose: bool) -> RobustnessStudy:
@@ -179,7 +180,7 @@ class RobustnessStudy:
         def summarise(status: str) -> str:
             self._results = None
             if status == "FINISHED":
-                self._log_outputs(run.tracker)
+                log_outputs(run.tracker, self.outcome())
             return status
 
         parent.hold(run, prepare, train, summarise, resumed=resumed)
@@ -241,29 +242,11 @@ class RobustnessStudy:
 
     def plot(self, folder: str | Path | None = None) -> list[Path]:
         """Draw every plot as PNG into `folder` (a temporary one by default); returns the files."""
-        from orchestrator.study.plots import draw_plots
-
-        return draw_plots(self.outcome(), Path(folder or tempfile.mkdtemp(prefix=f"kdo-{self.name}-plots-")))
+        return draw(self.outcome(), folder)
 
     def report(self, path: str | Path | None = None) -> Path:
         """Write `<name>.md` and a self-contained `<name>.html` (tables and plots inline); returns the HTML."""
-        from orchestrator.study.report import write_report
-
-        return write_report(self.outcome(), Path(path or f"{self.name}-report"))
-
-    def _log_outputs(self, parent: tracking.Tracker) -> None:
-        """Results table, summary, plots and report, on the parent run (they open in the MLflow UI)."""
-        parent.log_text(self.results().to_csv(index=False), "results.csv")
-        summary = self.summary()
-        parent.log_text(summary.to_csv(), "summary.csv")
-        parent.set_tags(self.outcome().register_best())  # each entry's best student, in the model registry
-        for method, row in summary.iterrows():
-            parent.log_metrics({f"{method}.{k}": v for k, v in row.items() if isinstance(v, float | int)}, step=0)
-        with tempfile.TemporaryDirectory(prefix=f"kdo-{self.name}-") as folder:  # the copies are in MLflow
-            html = self.report(Path(folder) / "report")
-            for file in sorted(html.parent.rglob("*")):
-                if file.is_file():
-                    parent.log_artifact(file, "report" if file.suffix in (".md", ".html") else "plots")
+        return report(self.outcome(), path)
 
     def ui_hint(self) -> str:
         return self.outcome().ui_hint()

@@ -257,39 +257,6 @@ def test_a_stopped_driver_closes_its_runs_interrupted_and_resume_finishes(workdi
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.usefixtures("ray_runtime")
-def test_a_ledger_in_the_old_words_resumes(workdir: Path, teacher_checkpoint: Path) -> None:
-    """Children tagged `error` (a crash, before `crashed`) are redone; `orphaned` ones stay hidden."""
-    from orchestrator.experiment.tracking import Tracker
-    from orchestrator.search.sweep import load_sweep, sweep
-    from tests.conftest import digits_config
-
-    cfg = digits_config(method={"name": "kd"}, teacher={"checkpoint": str(teacher_checkpoint)},
-                        student={"architecture": "mlp", "args": {}}, training={"epochs": 2, "lr": 0.05})
-    space = {"parameters": {"temperature": {"type": "choice", "values": [2.0, 8.0]}}}
-    first = sweep(cfg, space, sampler="grid", concurrency=2, name="old-words", checkpoint_seconds=1e6)
-    uri = first.tracking_uri
-    errored, kept = first.frame["run_id"]
-    old = Tracker(uri, errored)
-    old.set_tags({"kdo.status": "error"})  # what a crashed trial was called before
-    old.client.update_run(errored, status="FAILED")
-    orphan = old.client.create_run(first.experiment_id, run_name="orphan", tags={
-        "mlflow.parentRunId": first.parent_run_id, "kdo.setting_id": "gone", "kdo.seed": "0",
-        "kdo.status": "orphaned", "kdo.kind": "trial"})
-    old.client.set_terminated(orphan.info.run_id, "KILLED")
-    assert set(load_sweep("old-words").frame["status"]) == {"crashed", "finished"}
-
-    result = CliRunner().invoke(app, ["resume", "old-words"])
-    assert result.exit_code == 0, result.output
-    frame = load_sweep("old-words").frame
-    assert sorted(frame["status"]) == ["finished", "finished"] and "gone" not in set(frame["setting_id"])
-    client = MlflowClient(uri)
-    assert client.get_run(kept).data.tags["kdo.status"] == "finished", "the finished child was kept"
-    assert client.get_run(errored).data.tags["kdo.status"] == "superseded", "the crash was redone in a new child"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
 def test_trials_of_a_lost_node_continue_from_their_checkpoints_on_the_others(workdir: Path,
                                                                              teacher_checkpoint: Path) -> None:
     """Two nodes (a `ray start --head` and a second `ray start` joined to it); the second is SIGKILLed, raylet
