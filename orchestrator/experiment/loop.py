@@ -255,19 +255,20 @@ class Training:
             checkpoint_dir = None
             if self.rank == 0 and last and (self.report is not None or tracker is not None):
                 checkpoint_dir = folder
-                self._save_student(Path(folder), student, val_acc, epoch, metrics["test_acc"])
+                self._save_student(Path(folder), student, metrics["test_acc"])
             if self.report is not None:
                 self.report(metrics, checkpoint_dir)
         if self.snapshot_every and not last and epoch % self.snapshot_every == 0:
             metrics["loop_state"] = self.loop_state(epoch)
         return metrics
 
-    def _save_student(self, folder: Path, student: nn.Module, val_acc: float | None, epoch: int,
-                      test_acc: float) -> None:
+    def _save_student(self, folder: Path, student: nn.Module, test_acc: float) -> None:
+        """The selected student (its weights loaded), with the epoch and metrics of those weights."""
         cfg, info, name = self.cfg, self.splits.info, self.artifact_name
         save_network(folder / f"{name}.pt", student, architecture=cfg.student.architecture, args=cfg.student.args,
                      num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size,
-                     **({"val_acc": val_acc} if val_acc is not None else {}), epoch=epoch, test_acc=test_acc)
+                     **({"val_acc": self.best_val} if self.validated else {}), epoch=self.best_epoch,
+                     test_acc=test_acc)
         if self.tracker is not None:
             self.tracker.log_artifact(folder / f"{name}.pt", name)
             # The outcome is on record before anyone hears of it: a trial process Tune tears down right

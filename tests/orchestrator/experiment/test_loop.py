@@ -36,6 +36,24 @@ def test_same_config_and_seed_give_the_same_metrics() -> None:
     assert [r["train_loss"] for r in c.history] != [r["train_loss"] for r in a.history]
 
 
+def test_the_saved_student_holds_the_selected_epoch_and_says_so(tmp_path: Path) -> None:
+    # A constant, too-high learning rate: val_acc peaks at epoch 5 of 6, so the selected epoch is not the last.
+    cfg = load_config(digits_config(training={"epochs": 6, "lr": 0.2, "seed": 0, "schedule": "constant"}))
+    saved: list[dict] = []
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None:
+            saved.append(load_checkpoint(Path(checkpoint_dir) / "student.pt"))
+
+    out = train_loop(cfg, load_splits(cfg.data), log=None, report=report)
+    [ckpt] = saved
+    best = out.final["best_epoch"]
+    assert best < cfg.training.epochs, "the case must select an earlier epoch"
+    assert ckpt["metrics"] == pytest.approx({"epoch": best, "val_acc": out.history[best - 1]["val_acc"],
+                                             "test_acc": out.final["test_acc"]})
+    assert ckpt["metrics"]["val_acc"] == out.final["selected_val_acc"]
+
+
 def test_selection_last_tests_the_last_epoch() -> None:
     cfg = load_config(digits_config(), ["training.selection=last"])
     out = train_loop(cfg, load_splits(cfg.data), log=None)

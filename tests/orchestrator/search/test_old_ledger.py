@@ -50,7 +50,7 @@ def _config(workdir: Path, teacher: Path) -> dict[str, Any]:
 
 
 def _child(client: MlflowClient, exp: str, parent: str, ledger_name: str, cfg: dict[str, Any],
-           setting: dict[str, Any], sid: str, seed: int, status: str, extra: dict[str, str], workdir: Path) -> str:
+           setting: dict[str, Any], seed: int, sid: str, status: str, extra: dict[str, str], workdir: Path) -> str:
     """One child as the trials wrote it: the run tags, the ledger's tags, the config as params, and how it ended."""
     name = f"{ledger_name}-{sid[:6]}-s{seed}"
     run_cfg = {**cfg, "name": name, "training": {**cfg["training"], "seed": seed}}
