@@ -24,8 +24,10 @@ CAPTIONS = {  # how to read each plot, by the start of its file name
                     "teacher): a short box high up is an accurate, robust method.",
     "ecdf": "The share of each method's settings at or below an accuracy: a curve further right is better, a steeper "
             "one is more robust (its settings agree).",
-    "expected_best": "The best validation accuracy to expect after trying n settings at random (± std, Dodge et "
-                     "al.): where the curves cross is the budget at which the ranking changes.",
+    "expected_best": "The best validation accuracy to expect after trying n of the settings at random (Dodge et al.; "
+                     "the unbiased estimator of Tang et al.; band: 95% bootstrap CI over settings): where the curves "
+                     "cross is the budget at which the ranking changes. It treats the settings as a random sample: "
+                     "a Sobol design is more even than one.",
     "importance": "How much of each method's spread each hyperparameter explains (fANOVA and PED-ANOVA); grey, "
                   "hatched bars rank seed noise, not hyperparameters.",
     "params": "Accuracy against each hyperparameter, one point per setting (error bars: std over seeds; red line: "
@@ -117,8 +119,7 @@ def _expected_best(study: StudyResults, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method, group in curve.groupby("method", sort=False):
         ax.plot(group["budget"], group["expected_best"], marker="o", ms=3, label=method)
-        ax.fill_between(group["budget"], group["expected_best"] - group["std"],
-                        group["expected_best"] + group["std"], alpha=0.15)
+        ax.fill_between(group["budget"], group["ci_low"], group["ci_high"], alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("settings tried at random (n)")
     ax.set_ylabel("expected best val accuracy (points)")

@@ -33,6 +33,13 @@ BUDGET_RULE = ("'To decide it': for an inconclusive verdict, the settings per me
                "estimate to size the next study, not a promise: the differences themselves will move.")
 
 
+EXPECTED_BEST_RULE = ("The best seed-mean validation accuracy to expect from n distinct settings drawn at random "
+                      "from those tried (unbiased, Tang et al. 2020; n = all is the best setting), and in brackets "
+                      "its 95% bootstrap CI over settings.")
+SOBOL_NOTE = (" The settings are treated as a random sample; a Sobol design covers the space more evenly than "
+              "one, so the curve reads the design's settings, not i.i.d. draws.")
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.2f}"
@@ -128,9 +135,11 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
         curve = study.expected_best()
         if not curve.empty:
             blocks.append(("h2", "Expected best validation accuracy after n random settings"))
+            blocks.append(("p", EXPECTED_BEST_RULE + (SOBOL_NOTE if study.spec.design == "sobol" else "")))
             shown = curve[curve["budget"].isin([1, 2, 4, 8, 16, 32, 64, 128])]
-            table = shown.assign(value=shown["expected_best"].map(_fmt) + " ± " + shown["std"].map(_fmt)).pivot(
-                index="method", columns="budget", values="value")
+            table = shown.assign(value=shown["expected_best"].map(_fmt) + " [" + shown["ci_low"].map(_fmt) + ", "
+                                 + shown["ci_high"].map(_fmt) + "]").pivot(index="method", columns="budget",
+                                                                          values="value")
             blocks.append(("table", table))
     blocks.append(("h2", "Plots"))
     blocks.extend(("img", p) for p in plots)

@@ -18,6 +18,7 @@ from orchestrator.study.analysis import (
     expected_best_curve,
     expected_max,
     importances,
+    max_weights,
     setting_means,
     tunability,
     variance_split,
@@ -78,17 +79,44 @@ def test_failures_count_at_chance_or_are_dropped_but_always_counted() -> None:
     assert distribution(setting_means(all_failed, "val_acc", CHANCE)).loc["m", "worst"] == CHANCE
 
 
-def test_expected_max_equals_brute_force_enumeration() -> None:
+def test_expected_max_is_the_mean_best_of_k_distinct_settings_and_ends_at_the_best() -> None:
     values = np.array([3.0, 7.0, 7.0, 1.0, 9.5])
-    for budget in (1, 2, 3):
-        maxima = [max(draw) for draw in itertools.product(values, repeat=budget)]
-        mean, std = expected_max(values, budget)
-        assert mean == pytest.approx(np.mean(maxima)) and std == pytest.approx(np.std(maxima))
+    for budget in range(1, 6):  # every subset of k distinct settings, enumerated
+        maxima = [max(draw) for draw in itertools.combinations(values, budget)]
+        assert expected_max(values, budget) == pytest.approx(np.mean(maxima))
     curve = expected_best_curve(setting_means(_table("m", {f"s{i}": [v] for i, v in enumerate(values)}),
                                               "val_acc", CHANCE))
     assert list(curve["budget"]) == [1, 2, 3, 4, 5]
     assert curve["expected_best"].is_monotonic_increasing
     assert curve["expected_best"].iloc[0] == pytest.approx(values.mean())
+    assert curve["expected_best"].iloc[-1] == pytest.approx(values.max()), "n = N is the best setting tried"
+    assert (curve["ci_low"] <= curve["expected_best"] + 1e-9).all() and (curve["expected_best"] <= curve["ci_high"]
+                                                                          + 1e-9).all()
+    sixteen = np.arange(1.0, 17.0)  # the issue's case: the with-replacement curve ended at 15.48
+    assert expected_max(sixteen, 16) == 16.0
+
+
+@pytest.mark.parametrize("population", ["normal", "collapsing"])
+def test_expected_best_is_unbiased_for_the_population_in_simulation(population: str) -> None:
+    # A study tries N settings drawn from a population; the truth is the population's expected best of k draws.
+    rng = np.random.default_rng(7)
+
+    def draw(size: tuple[int, ...]) -> np.ndarray:
+        good = rng.normal(85.0, 2.0, size)
+        return good if population == "normal" else np.where(rng.random(size) < 0.3, CHANCE, good)
+
+    truth_draws = draw((200_000, 16))
+    for n in (8, 16):
+        studies = np.sort(draw((4000, n)), axis=1)
+        estimates = studies @ max_weights(n).T  # every study's curve at once
+        for k in (1, 2, 4, n):
+            truth = truth_draws[:, :k].max(axis=1).mean()
+            error = 4 * estimates[:, k - 1].std() / math.sqrt(len(studies)) + 0.05  # 4 simulation SEs, the truth's
+            assert abs(estimates[:, k - 1].mean() - truth) < error, (n, k)
+            if k == n or (k == 2 and population == "collapsing"):  # Dodge et al.'s with-replacement weights miss it
+                i = np.arange(1, n + 1)
+                biased = studies @ ((i / n) ** k - ((i - 1) / n) ** k)
+                assert truth - biased.mean() > 2 * error, (n, k)
 
 
 def test_bootstrap_ci_covers_a_known_difference_and_gives_each_verdict() -> None:
