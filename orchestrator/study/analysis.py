@@ -74,30 +74,59 @@ def distribution(means: pd.DataFrame, delta: float = 1.0) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("method")
 
 
-def variance_split(frame: pd.DataFrame, metric: str, chance: float, failures: Failures = "chance") -> pd.DataFrame:
-    """Per method: pooled within-setting (seed) variance vs between-setting (hyperparameter) variance.
+def variance_split(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> pd.DataFrame:
+    """Per method, over its design settings: seed variance vs hyperparameter variance, on finished runs only.
 
-    One-way random-effects ANOVA on the (setting, seed) scores: the seed variance is the pooled
-    within-setting variance; the hyperparameter variance is the variance of the setting means minus the
-    seed variance's share of it (seed variance / seeds per setting), clipped at 0.
+    A one-way random-effects ANOVA for unbalanced data, by unweighted means: the seed variance is the pooled
+    within-setting variance (MSW); the hyperparameter variance is the variance of the setting means minus
+    MSW x mean(1/n_i), which is unbiased however many seeds each setting kept (`hparam_var`, unclipped: it may
+    be negative). `hparam_std` and `hparam_share` clip it at 0 (a point estimate); `hparam_share_low/high` are a
+    percentile bootstrap CI over settings, which is what any reading of the share is gated on. Failed runs are
+    no values here: `failure_rate` (failed over outcome runs) with its bootstrap CI over settings is their column.
     """
-    data = scored(frame, metric, chance, failures)
-    if "defaults" in data:
-        data = data[~data["defaults"]]
+    data = frame[~frame["defaults"]] if "defaults" in frame else frame
+    failed = data["status"].map(normalize).isin(FAILED)
+    rng = np.random.default_rng(seed)
+    tail = (1 - level) / 2
     rows = []
-    for method, group in data.groupby("method", sort=False):
-        by_setting = group.groupby("setting_id")["score"]
-        sizes, variances, means = by_setting.size(), by_setting.var(ddof=1), by_setting.mean()
-        usable = sizes > 1
-        dof = (sizes[usable] - 1).sum()
-        seed_var = float(((sizes[usable] - 1) * variances[usable]).sum() / dof) if dof > 0 else math.nan
-        n_bar = float(sizes.mean())
-        observed = float(means.var(ddof=1)) if len(means) > 1 else math.nan
-        hp_var = max(0.0, observed - (seed_var / n_bar if not math.isnan(seed_var) else 0.0))
-        total = hp_var + seed_var
-        rows.append({"method": method, "seed_std": math.sqrt(seed_var) if not math.isnan(seed_var) else math.nan,
-                     "hparam_std": math.sqrt(hp_var), "hparam_share": hp_var / total if total > 0 else math.nan})
-    return pd.DataFrame(rows, columns=["method", "seed_std", "hparam_std", "hparam_share"]).set_index("method")
+    for method, group in data.assign(failed=failed).groupby("method", sort=False):
+        per = group.groupby("setting_id", sort=False)
+        runs, fails = per.size().to_numpy(float), per["failed"].sum().to_numpy(float)
+        done = group[~group["failed"]].groupby("setting_id", sort=False)[metric]
+        n = done.size().reindex(per.size().index, fill_value=0).to_numpy(float)
+        means = done.mean().reindex(per.size().index).to_numpy(float)
+        ss = (done.var(ddof=1) * (done.size() - 1)).reindex(per.size().index).fillna(0.0).to_numpy(float)
+        idx = np.vstack([np.arange(len(runs)), rng.integers(0, len(runs), (n_boot, len(runs)))])  # row 0: as is
+        hp, seed_var = _unweighted_means(n[idx], means[idx], ss[idx])
+        share = np.where(hp + seed_var > 0, np.clip(hp, 0, None) / (np.clip(hp, 0, None) + seed_var), np.nan)
+        rate = fails[idx].sum(axis=1) / runs[idx].sum(axis=1)
+        share_ci = np.nanquantile(share[1:], [tail, 1 - tail]) if np.isfinite(share[1:]).any() else (np.nan,) * 2
+        rate_ci = np.quantile(rate[1:], [tail, 1 - tail])
+        rows.append({"method": method, "seed_std": math.sqrt(seed_var[0]) if np.isfinite(seed_var[0]) else math.nan,
+                     "hparam_var": hp[0], "hparam_std": math.sqrt(max(0.0, hp[0])) if np.isfinite(hp[0]) else math.nan,
+                     "hparam_share": share[0], "hparam_share_low": share_ci[0], "hparam_share_high": share_ci[1],
+                     "failure_rate": rate[0], "failure_rate_low": rate_ci[0], "failure_rate_high": rate_ci[1]})
+    columns = ["method", "seed_std", "hparam_var", "hparam_std", "hparam_share", "hparam_share_low",
+               "hparam_share_high", "failure_rate", "failure_rate_low", "failure_rate_high"]
+    return pd.DataFrame(rows, columns=columns).set_index("method")
+
+
+def _unweighted_means(n: np.ndarray, means: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of settings (n seeds kept, their mean, their sum of squared deviations): the unbiased
+    hyperparameter variance var(means) - MSW x mean(1/n) and the seed variance MSW; NaN where undefined (fewer
+    than two settings with a run, no setting with two). Written out because statsmodels' ANOVA has no
+    unweighted-means estimator for unbalanced random effects, and this runs for every bootstrap resample at once."""
+    kept = n > 0
+    count = kept.sum(axis=1)
+    dof = np.where(kept, n - 1, 0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        seed_var = np.where(dof > 0, np.where(kept, ss, 0).sum(axis=1) / dof, np.nan)
+        centre = np.where(kept, means, 0).sum(axis=1) / count
+        between = np.where(kept, (means - centre[:, None]) ** 2, 0).sum(axis=1) / (count - 1)
+        inverse = np.where(kept, 1.0 / np.where(kept, n, 1), 0).sum(axis=1) / count
+        hp = np.where(count > 1, between - np.nan_to_num(seed_var) * inverse, np.nan)
+    return hp, seed_var
 
 
 def max_weights(n: int) -> np.ndarray:

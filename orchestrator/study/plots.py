@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
 
 NOT_MEANINGFUL = "not meaningful"
+UNCERTAIN = "uncertain"
 
 CAPTIONS = {  # how to read each plot, by the start of its file name
     "distribution": "Each box is one method's spread of seed-mean validation accuracy over its settings (box: the "
@@ -150,11 +151,14 @@ def importance_figure(table: pd.DataFrame) -> Any:
             ax.set_title(method)
         else:  # its own legend: the grey bars do not match the other panels' colours
             sub.plot.barh(ax=ax, legend=True, color=["0.6", "0.8"][:len(columns)], hatch="//")
-            ax.set_title(f"{method}: {NOT_MEANINGFUL}\n(hparam share {rows['hparam_share'].iloc[0]:.2f} < "
-                         f"{IMPORTANCE_MIN_SHARE:g})", color="tab:red", fontsize=9)
+            share, low, high = (rows[c].iloc[0] for c in ("hparam_share", "hparam_share_low", "hparam_share_high"))
+            reading = (f"{NOT_MEANINGFUL}\n(hparam share {share:.2f} < {IMPORTANCE_MIN_SHARE:g})"
+                       if rows["seed_noise"].iloc[0] else
+                       f"{UNCERTAIN}\n(hparam share CI [{low:.2f}, {high:.2f}] spans {IMPORTANCE_MIN_SHARE:g})")
+            ax.set_title(f"{method}: {reading}", color="tab:red", fontsize=9)
         ax.set_xlabel("importance")
     fig.suptitle("Hyperparameter importance (Optuna fANOVA, PED-ANOVA); "
-                 f"{NOT_MEANINGFUL} where hparam share < {IMPORTANCE_MIN_SHARE:g}", fontsize=10)
+                 f"{NOT_MEANINGFUL} where hparam share < {IMPORTANCE_MIN_SHARE:g} (its 95% CI)", fontsize=10)
     return fig
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from orchestrator.experiment.store import mask_uri, run_link
 from orchestrator.study import analysis
-from orchestrator.study.plots import NOT_MEANINGFUL, caption, draw_plots, short
+from orchestrator.study.plots import NOT_MEANINGFUL, UNCERTAIN, caption, draw_plots, short
 
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
@@ -154,15 +154,20 @@ def sensitivity_blocks(study: StudyResults) -> list[tuple[str, Any]]:
     blocks.append(("p", f"Importances (fANOVA, PED-ANOVA) rank a method's hyperparameters by how much of the spread "
                         f"of its accuracy over settings they explain. Where the hyperparameters explain less than "
                         f"{IMPORTANCE_MIN_SHARE:g} of the variance of its val accuracy (hparam share < "
-                        f"{IMPORTANCE_MIN_SHARE:g}; the rest is seed noise), they rank noise: such a method's "
-                        f"importances are marked '{NOT_MEANINGFUL}' in the table and on the importance plot."))
+                        f"{IMPORTANCE_MIN_SHARE:g}, its whole 95% bootstrap CI over settings; the rest is seed "
+                        f"noise), they rank noise: such a method's importances are marked '{NOT_MEANINGFUL}' in the "
+                        f"table and on the importance plot. Where the CI spans {IMPORTANCE_MIN_SHARE:g}, they are "
+                        f"marked '{UNCERTAIN}': the study cannot tell."))
     sens = study.sensitivity()
     if sens.empty:
         return blocks
-    meaningful = sens.pop("meaningful")
+    meaningful, noise = sens.pop("meaningful").to_numpy(dtype=bool), sens.pop("seed_noise").to_numpy(dtype=bool)
+    low, high = sens.pop("hparam_share_low"), sens.pop("hparam_share_high")
     shown = sens.rename(columns={"hparam_share": "hparam share"}).map(_fmt)
-    shown["importances"] = np.where(meaningful.to_numpy(dtype=bool), "",
-                                    f"{NOT_MEANINGFUL} (hparam share < {IMPORTANCE_MIN_SHARE:g})")
+    shown["hparam share"] += " [" + low.map(_fmt) + ", " + high.map(_fmt) + "]"
+    shown["importances"] = np.where(meaningful, "", np.where(
+        noise, f"{NOT_MEANINGFUL} (hparam share < {IMPORTANCE_MIN_SHARE:g})",
+        f"{UNCERTAIN} (hparam share CI spans {IMPORTANCE_MIN_SHARE:g})"))
     blocks.append(("table", shown.rename(index=short, level=1).reset_index().set_index("method")))
     return blocks
 

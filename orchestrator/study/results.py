@@ -25,8 +25,8 @@ from orchestrator.study import analysis
 from orchestrator.study.spec import StudySpec
 
 # A method's importances say which hyperparameter moves its accuracy; when the hyperparameters explain less than this
-# share of the variance of its val accuracy (the rest is seed noise: `hparam_share` of the variance split), they
-# rank noise, and the report marks them "not meaningful".
+# share of the variance of its val accuracy (the rest is seed noise: `hparam_share` of the variance split, read by
+# its CI), they rank noise, and the report marks them "not meaningful".
 IMPORTANCE_MIN_SHARE = 0.1
 
 T = TypeVar("T")
@@ -108,8 +108,7 @@ class StudyResults:
         test = self.setting_means("test_acc", failures).set_index(["method", "setting_id"])
         rows = []
         dist = analysis.distribution(val[val["method"].isin(self.spec.methods)], self.spec.delta)
-        split = analysis.variance_split(frame[frame["method"].isin(self.spec.methods)], "val_acc", self.chance,
-                                        failures)
+        split = self.variance_split()
         for method in self.methods:
             mine = val[val["method"] == method]
             row: dict[str, Any] = {"method": method}
@@ -142,8 +141,9 @@ class StudyResults:
     @_memoized
     def sensitivity(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
         """Per (method, parameter): fANOVA and PED-ANOVA importance, the parameter's tunability gain, the method's
-        `hparam_share` and `meaningful`: False when that share is below `IMPORTANCE_MIN_SHARE` (unknown shares,
-        with one seed, count as meaningful)."""
+        `hparam_share` with its CI, `meaningful` (the CI's lower bound at or above `IMPORTANCE_MIN_SHARE`; unknown
+        shares, with one seed, count as meaningful) and `seed_noise` (its upper bound below it): a CI across the
+        threshold is neither, and the importances are then uncertain."""
         means = self.setting_means("val_acc", failures)
         means = means[means["method"].isin(self.spec.methods)]
         imp = analysis.importances(means, self.spaces, seed=self.spec.design_seed)
@@ -154,13 +154,20 @@ class StudyResults:
         if gains:
             table = table.join(pd.DataFrame(gains).set_index(["method", "parameter"]), how="outer")
         if not table.empty:
-            frame = self._points_frame()
-            split = analysis.variance_split(frame[frame["method"].isin(self.spec.methods)], "val_acc", self.chance,
-                                            failures)
-            shares = split["hparam_share"].reindex(table.index.get_level_values(0)).to_numpy(dtype=float)
-            table["hparam_share"] = shares
-            table["meaningful"] = ~(shares < IMPORTANCE_MIN_SHARE)
+            split = self.variance_split().reindex(table.index.get_level_values(0))
+            table["hparam_share"] = split["hparam_share"].to_numpy(dtype=float)
+            low, high = (split[c].to_numpy(dtype=float) for c in ("hparam_share_low", "hparam_share_high"))
+            table["hparam_share_low"], table["hparam_share_high"] = low, high
+            table["meaningful"] = ~(low < IMPORTANCE_MIN_SHARE)  # shown to matter (an unknown share counts)
+            table["seed_noise"] = high < IMPORTANCE_MIN_SHARE  # shown not to: the spread is seed noise
         return table
+
+    @_memoized
+    def variance_split(self) -> pd.DataFrame:
+        """Per studied method: `analysis.variance_split` of its design settings (finished runs; failures apart)."""
+        frame = self._points_frame()
+        return analysis.variance_split(frame[frame["method"].isin(self.spec.methods)], "val_acc",
+                                       seed=self.spec.design_seed)
 
     @_memoized
     def expected_best(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
@@ -178,9 +185,7 @@ class StudyResults:
         design = means[~means["defaults"]]
         scores = [design[design["method"] == m]["score"].dropna().to_numpy() for m in (a, b)]
         result = {"a": a, "b": b, **analysis.compare(*scores, delta=self.spec.delta, seed=self.spec.design_seed)}
-        frame = self._points_frame()
-        split = analysis.variance_split(frame[frame["method"].isin([a, b])], "val_acc", self.chance,
-                                        failures).fillna(0.0)
+        split = self.variance_split().loc[[a, b]].fillna(0.0)
         variances = [float((split[col] ** 2).sum()) for col in ("seed_std", "hparam_std")]
         budget = analysis.deciding_budget(result, min(len(s) for s in scores), len(self.spec.seeds), *variances)
         if self.spec.design == "sobol":  # a Sobol design takes 2^m settings

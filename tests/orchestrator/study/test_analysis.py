@@ -11,6 +11,7 @@ import pytest
 
 from orchestrator.search.spaces import ParamSpec, SearchSpace
 from orchestrator.study.analysis import (
+    _unweighted_means,
     budget_text,
     compare,
     deciding_budget,
@@ -44,16 +45,56 @@ def test_variance_split_matches_the_anova_estimate() -> None:
     # Seed effects -1, 0, +1 in every setting: within-setting variance exactly 1.
     centres = [10.0, 12.0, 14.0, 16.0]
     frame = _table("m", {f"s{k}": [c - 1, c, c + 1] for k, c in enumerate(centres)})
-    split = variance_split(frame, "val_acc", CHANCE).loc["m"]
+    split = variance_split(frame, "val_acc").loc["m"]
     between = np.var(centres, ddof=1) - 1.0 / 3
     assert split["seed_std"] == pytest.approx(1.0)
     assert split["hparam_std"] == pytest.approx(math.sqrt(between))
     assert split["hparam_share"] == pytest.approx(between / (between + 1.0))
+    assert split["hparam_share_low"] <= split["hparam_share"] <= split["hparam_share_high"]
+    noise = variance_split(_table("m", {f"s{k}": [9.0, 10.0, 11.0] for k in range(5)}), "val_acc").loc["m"]
+    assert noise["hparam_var"] < 0 and noise["hparam_share_high"] < 0.1  # its CI, not a clipped 0, says noise
 
 
-def test_seed_noise_only_gives_no_hyperparameter_share() -> None:
-    frame = _table("m", {f"s{k}": [9.0, 10.0, 11.0] for k in range(5)})
-    assert variance_split(frame, "val_acc", CHANCE).loc["m", "hparam_share"] == 0.0
+def _simulated(studies: int, settings: int, seeds: int, hparam_var: float, missing: float,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per study and setting: seeds kept, their mean and sum of squared deviations (seed variance 1)."""
+    centre = rng.normal(0.0, math.sqrt(hparam_var), (studies, settings, 1))
+    runs = centre + rng.normal(0.0, 1.0, (studies, settings, seeds))
+    kept = rng.random(runs.shape) >= missing
+    n = kept.sum(axis=2).astype(float)
+    means = np.where(kept, runs, 0).sum(axis=2) / np.maximum(n, 1)
+    ss = np.where(kept, (runs - means[..., None]) ** 2, 0).sum(axis=2)
+    return n, means, ss
+
+
+@pytest.mark.parametrize("hparam_var", [0.0, 1.0])
+def test_the_hyperparameter_variance_is_unbiased_with_runs_missing(hparam_var: float) -> None:
+    n, means, ss = _simulated(4000, 16, 3, hparam_var, missing=0.3, rng=np.random.default_rng(3))
+    hp, seed_var = _unweighted_means(n, means, ss)
+    error = 4 * np.nanstd(hp) / math.sqrt(np.isfinite(hp).sum())
+    assert abs(np.nanmean(hp) - hparam_var) < error and abs(np.nanmean(seed_var) - 1.0) < 0.02
+    kept = n > 0  # the old correction, MSW / mean(n_i), on the same studies: biased upward
+    old = (np.nanmean(np.where(kept, means, np.nan) ** 2, axis=1) - np.nanmean(np.where(kept, means, np.nan),
+                                                                                axis=1) ** 2)
+    old = old * kept.sum(axis=1) / (kept.sum(axis=1) - 1) - seed_var / np.where(kept, n, np.nan).mean(axis=1)
+    if hparam_var == 0.0:  # the issue's case: it read 0.116 where the truth is 0
+        assert np.nanmean(old) - hparam_var > 2 * error
+
+
+def test_failures_are_their_own_column_not_values_in_the_variance() -> None:
+    # True share 0.5 (hyperparameter and seed variance 1); 5% of runs fail at random. The old split scored them at
+    # chance inside the variance (share about 0.08); here they are the failure rate.
+    rng = np.random.default_rng(5)
+    shares, rates = [], []
+    for _ in range(60):
+        centres = rng.normal(80.0, 1.0, 16)
+        scores = {f"s{k}": list(c + rng.normal(0.0, 1.0, 3)) for k, c in enumerate(centres)}
+        failed = {(f"s{k}", s): "diverged" for k in range(16) for s in range(3) if rng.random() < 0.05}
+        split = variance_split(_table("m", scores, statuses=failed), "val_acc", n_boot=50).loc["m"]
+        shares.append(split["hparam_var"] / (split["hparam_var"] + split["seed_std"] ** 2))
+        rates.append(split["failure_rate"])
+        assert split["failure_rate_low"] <= split["failure_rate"] <= split["failure_rate_high"]
+    assert np.mean(shares) == pytest.approx(0.5, abs=0.08) and np.mean(rates) == pytest.approx(0.05, abs=0.015)
 
 
 def test_distribution_and_within_delta_share() -> None:
