@@ -10,10 +10,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.search.display import wide_console
-from orchestrator.study import analysis
+from orchestrator.study import verdicts
 
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
+
+
+DEFAULTS_NOTE = ("'default': the method at its own defaults, a point of its own, not one of the design's settings "
+                 "(so 'tuned', the best of the design's settings, can lie below it).")
 
 
 def print_study(study: StudyResults, report: Path | None = None, console: Console | None = None) -> None:
@@ -45,6 +49,8 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
         table.add_row(*(r[i] for i in shown))
     console = console or wide_console()
     console.print(table)
+    if spec.has_design and spec.include_defaults:
+        console.print(escape(DEFAULTS_NOTE))
     for warning in study.warnings():
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     teacher = study.teacher()
@@ -52,12 +58,13 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
         console.print(f"teacher: val {teacher['val']:.2f}, test {teacher['test']:.2f}")
     for c in study.comparisons():
         median, iqr = c["median_diff_ci"], c["iqr_diff_ci"]
-        console.print(f"{escape(c['a'])} more robust than {escape(c['b'])}: [bold]{c['verdict']}[/bold] "
+        console.print(f"{escape(c['a'])} more robust than {escape(c['b'])}: [bold]{c['verdict']}[/bold]; "
+                      f"{escape(c['b'])} more robust than {escape(c['a'])}: [bold]{c['reverse_verdict']}[/bold] "
                       f"(median diff {c['median_diff']:.2f} [{median[0]:.2f}, {median[1]:.2f}], "
                       f"IQR diff {c['iqr_diff']:.2f} [{iqr[0]:.2f}, {iqr[1]:.2f}], "
                       f"P(a beats b) {c['p_a_beats_b']:.2f}; delta {c['delta']:g})")
         if c["deciding_budget"]:
-            console.print(f"  deciding it would take about {analysis.budget_text(c['deciding_budget'])}")
+            console.print(f"  deciding it would take about {verdicts.budget_text(c['deciding_budget'])}")
     if report is not None:
         console.print(f"report: {escape(str(report))}")
     console.print(f"MLflow: {escape(study.ui_hint())}")

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.experiment.store import mask_uri, run_link
-from orchestrator.study import analysis
+from orchestrator.study import verdicts
+from orchestrator.study.display import DEFAULTS_NOTE
 from orchestrator.study.plots import NOT_MEANINGFUL, UNCERTAIN, caption, draw_plots, short
 
 if TYPE_CHECKING:
@@ -69,11 +70,12 @@ def _summary_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _verdict_line(c: dict[str, Any]) -> str:
-    line = (f"{c['a']} more robust than {c['b']}: {c['verdict']} (median A - B "
+    line = (f"{c['a']} more robust than {c['b']}: {c['verdict']}; {c['b']} more robust than {c['a']}: "
+            f"{c['reverse_verdict']} (median A - B "
             f"{_ci(c['median_diff'], c['median_diff_ci'])}, IQR A - B {_ci(c['iqr_diff'], c['iqr_diff_ci'])}, "
             f"P(A beats B) {_ci(c['p_a_beats_b'], c['p_a_beats_b_ci'])})")
     if c["deciding_budget"]:
-        line += f"; deciding it would take about {analysis.budget_text(c['deciding_budget'])}"
+        line += f"; deciding it would take about {verdicts.budget_text(c['deciding_budget'])}"
     return line + "."
 
 
@@ -112,7 +114,8 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
                             run_link(study.tracking_uri, study.experiment_id, study.parent_run_id))))
     blocks.append(("h2", "Per method (failures at chance level)"))
     blocks.append(("table", _summary_table(study.summary("chance"))))
-    blocks.append(("p", f"Accuracies in points, mean ± std over seeds. δ = {spec.delta:g} point(s); the validation "
+    blocks.append(("p", f"Accuracies in points, mean ± std over seeds. {DEFAULTS_NOTE} δ = {spec.delta:g} point(s); "
+                        "the validation "
                         f"set has {val_size} images, so one image is {100 / max(1, val_size):.2f} points. Chance "
                         f"level {study.chance:.1f}: failed (diverged or errored) runs count at chance in this table "
                         "and are left out of the next; both count them in 'failed'."
@@ -125,7 +128,7 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
         rows = [{"A": c["a"], "B": c["b"], "P(A beats B)": _ci(c["p_a_beats_b"], c["p_a_beats_b_ci"]),
                  "median A - B": _ci(c["median_diff"], c["median_diff_ci"]),
                  "IQR A - B": _ci(c["iqr_diff"], c["iqr_diff_ci"]), "A more robust than B": c["verdict"],
-                 "to decide it": analysis.budget_text(c["deciding_budget"]) if c["deciding_budget"] else ""}
+                 "to decide it": verdicts.budget_text(c["deciding_budget"]) if c["deciding_budget"] else ""}
                 for c in comparisons]
         if rows:
             blocks.append(("table", pd.DataFrame(rows).set_index("A")))

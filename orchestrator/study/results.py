@@ -21,7 +21,7 @@ from orchestrator.experiment.store import ui_hint
 from orchestrator.search import ledger
 from orchestrator.search.spaces import SearchSpace
 from orchestrator.search.status import FAILED, NOT_OUTCOMES, normalize
-from orchestrator.study import analysis
+from orchestrator.study import analysis, verdicts
 from orchestrator.study.spec import StudySpec
 
 # A method's importances say which hyperparameter moves its accuracy; when the hyperparameters explain less than this
@@ -176,7 +176,7 @@ class StudyResults:
 
     @_memoized
     def compare(self, a: str, b: str, failures: analysis.Failures = "chance") -> dict[str, Any]:
-        """Is `a` more robust than `b`? See `analysis.compare` for the rule."""
+        """Is `a` more robust than `b`? See `verdicts.compare` for the rule."""
         for m in (a, b):
             if m not in self.spec.methods:
                 raise ConfigError(f"compare: '{m}' is not a method of this study; "
@@ -184,10 +184,10 @@ class StudyResults:
         means = self.setting_means("val_acc", failures)
         design = means[~means["defaults"]]
         scores = [design[design["method"] == m]["score"].dropna().to_numpy() for m in (a, b)]
-        result = {"a": a, "b": b, **analysis.compare(*scores, delta=self.spec.delta, seed=self.spec.design_seed)}
+        result = {"a": a, "b": b, **verdicts.compare(*scores, delta=self.spec.delta, seed=self.spec.design_seed)}
         split = self.variance_split().loc[[a, b]].fillna(0.0)
         variances = [float((split[col] ** 2).sum()) for col in ("seed_std", "hparam_std")]
-        budget = analysis.deciding_budget(result, min(len(s) for s in scores), len(self.spec.seeds), *variances)
+        budget = verdicts.deciding_budget(result, min(len(s) for s in scores), len(self.spec.seeds), *variances)
         if self.spec.design == "sobol":  # a Sobol design takes 2^m settings
             budget = [{**row, "settings": (n := 2 ** math.ceil(math.log2(row["settings"]))),
                        "runs": n * row["seeds"]} for row in budget]

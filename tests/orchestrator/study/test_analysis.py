@@ -12,9 +12,6 @@ import pytest
 from orchestrator.search.spaces import ParamSpec, SearchSpace
 from orchestrator.study.analysis import (
     _unweighted_means,
-    budget_text,
-    compare,
-    deciding_budget,
     distribution,
     expected_best_curve,
     expected_max,
@@ -24,6 +21,7 @@ from orchestrator.study.analysis import (
     tunability,
     variance_split,
 )
+from orchestrator.study.verdicts import budget_text, compare, deciding_budget
 
 CHANCE = 10.0
 X, Y = "method.params.x", "method.params.y"  # a space's bare names are method.params paths
@@ -167,7 +165,9 @@ def test_bootstrap_ci_covers_a_known_difference_and_gives_each_verdict() -> None
     low, high = out["median_diff_ci"]
     assert low < out["median_diff"] < high and low < 0.0 < high  # true median difference is 0
     assert out["iqr_diff_ci"][1] < 0 and out["verdict"] == "holds"
-    assert compare(fragile, steady, delta=1.0, n_boot=2000)["verdict"] == "does not hold"
+    reverse = compare(fragile, steady, delta=1.0, n_boot=2000)
+    assert reverse["verdict"] == "does not hold" and reverse["reverse_verdict"] == "holds"  # the direction that holds
+    assert out["reverse_verdict"] == "does not hold"
     worse = compare(steady - 5.0, fragile, delta=1.0, n_boot=2000)
     assert worse["median_diff_ci"][1] < -1.0 and worse["verdict"] == "does not hold"
     same = compare(fragile[:8], fragile[8:16], delta=1.0, n_boot=2000)
