@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
 
 
+CROSS_NOTE = ("* the best of the settings tried: optimistic (the winner's curse). x-fit: chosen on all seeds but one, "
+              "scored on the one left out, averaged over seeds (n/a with one seed); 'tuned test' never chose.")
 DEFAULTS_NOTE = ("'default': the method at its own defaults, a point of its own, not one of the design's settings "
                  "(so 'tuned', the best of the design's settings, can lie below it).")
 
@@ -35,10 +37,11 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
     def num(row: Any, key: str) -> str:
         return f"{row[key]:.2f}" if key in row and row[key] == row[key] else ""
 
-    columns = ["method", "default val", "default test", "tuned val", "tuned test", "median", "IQR", "worst",
-               f"within {spec.delta:g}", "hparam share", "failed"]
+    columns = ["method", "default val", "default test", "tuned val*", "tuned val x-fit", "tuned test", "median",
+               "IQR", "worst", f"within {spec.delta:g}*", "hparam share", "failed"]
     rows = [[escape(str(method)), pm(row, "default_val", "default_val_std"),
              pm(row, "default_test", "default_test_std"), pm(row, "tuned_val", "tuned_val_std"),
+             num(row, "tuned_val_cross") or ("n/a" if num(row, "tuned_val") else ""),
              pm(row, "tuned_test", "tuned_test_std"), num(row, "median"), num(row, "iqr"), num(row, "worst"),
              num(row, "within_delta"), num(row, "hparam_share"), f"{int(row['failed_runs'])}/{int(row['runs'])}"]
             for method, row in summary.iterrows()]
@@ -49,8 +52,8 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
         table.add_row(*(r[i] for i in shown))
     console = console or wide_console()
     console.print(table)
-    if spec.has_design and spec.include_defaults:
-        console.print(escape(DEFAULTS_NOTE))
+    if spec.has_design:
+        console.print(escape(CROSS_NOTE + (" " + DEFAULTS_NOTE if spec.include_defaults else "")))
     for warning in study.warnings():
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     teacher = study.teacher()

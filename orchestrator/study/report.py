@@ -34,6 +34,9 @@ BUDGET_RULE = ("'To decide it': for an inconclusive verdict, the settings per me
                "estimate to size the next study, not a promise: the differences themselves will move.")
 
 
+CROSS_RULE = ("'best tried' is the best of the settings tried, optimistic by the winner's curse; 'cross-fit' chooses "
+              "the setting on all seeds but one and scores it on the one left out, averaged over seeds (unbiased; n/a "
+              "with one seed); 'tuned test', the chosen setting's test accuracy, never chose anything.")
 EXPECTED_BEST_RULE = ("The best seed-mean validation accuracy to expect from n distinct settings drawn at random "
                       "from those tried (unbiased, Tang et al. 2020; n = all is the best setting), and in brackets "
                       "its 95% bootstrap CI over settings.")
@@ -57,11 +60,15 @@ def _summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=summary.index)
     out["default val"] = pm("default_val", "default_val_std")
     out["default test"] = pm("default_test", "default_test_std")
-    out["tuned val"] = pm("tuned_val", "tuned_val_std")
+    out["tuned val (best tried)"] = pm("tuned_val", "tuned_val_std")
+    if "tuned_val_cross" in summary:
+        out["tuned val (cross-fit)"] = summary["tuned_val_cross"].map(_fmt).where(
+            summary["tuned_val_cross"].notna() | summary["tuned_val"].isna(), "n/a")
     out["tuned test"] = pm("tuned_test", "tuned_test_std")
     for col, name in (("best", "best"), ("median", "median"), ("mean", "mean"), ("std", "std"), ("iqr", "IQR"),
-                      ("p10", "P10"), ("worst", "worst"), ("within_delta", "within δ"),
-                      ("seed_std", "seed std"), ("hparam_share", "hparam share"), ("tunability", "tunability")):
+                      ("p10", "P10"), ("worst", "worst"), ("within_delta", "within δ (best tried)"),
+                      ("within_delta_cross", "within δ (cross-fit)"), ("seed_std", "seed std"),
+                      ("hparam_share", "hparam share"), ("tunability", "tunability (cross-fit)")):
         if col in summary:
             out[name] = summary[col].map(_fmt)
     out = out.loc[:, (out != "").any()]  # a defaults-only study has no tuned columns
@@ -114,7 +121,8 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
                             run_link(study.tracking_uri, study.experiment_id, study.parent_run_id))))
     blocks.append(("h2", "Per method (failures at chance level)"))
     blocks.append(("table", _summary_table(study.summary("chance"))))
-    blocks.append(("p", f"Accuracies in points, mean ± std over seeds. {DEFAULTS_NOTE} δ = {spec.delta:g} point(s); "
+    blocks.append(("p", f"Accuracies in points, mean ± std over seeds. {DEFAULTS_NOTE} {CROSS_RULE} "
+                        f"δ = {spec.delta:g} point(s); "
                         "the validation "
                         f"set has {val_size} images, so one image is {100 / max(1, val_size):.2f} points. Chance "
                         f"level {study.chance:.1f}: failed (diverged or errored) runs count at chance in this table "

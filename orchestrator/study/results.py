@@ -102,13 +102,18 @@ class StudyResults:
     def summary(self, failures: analysis.Failures = "chance") -> pd.DataFrame:
         """One row per method (accuracy points): the distribution of per-setting seed means over the
         design, the variance split, the defaults' and the tuned (best-on-val) setting's val/test
-        accuracy as mean ± std over seeds, tunability, and the failure rate."""
+        accuracy as mean ± std over seeds, and the failure rate. `tuned_val` and `within_delta` are the best of the
+        settings tried and are optimistic (the winner's curse); `tuned_val_cross`, `tunability` and
+        `within_delta_cross` are cross-fitted over seeds (`analysis.cross_fit`; NaN with one seed). `tuned_test`,
+        the chosen setting's test accuracy, never chose anything and is unbiased."""
         frame = self._points_frame()
         val = self.setting_means("val_acc", failures)
         test = self.setting_means("test_acc", failures).set_index(["method", "setting_id"])
         rows = []
         dist = analysis.distribution(val[val["method"].isin(self.spec.methods)], self.spec.delta)
         split = self.variance_split()
+        studied = frame[frame["method"].isin(self.spec.methods)]
+        cross = analysis.cross_fit(analysis.scored(studied, "val_acc", self.chance, failures), self.spec.delta)
         for method in self.methods:
             mine = val[val["method"] == method]
             row: dict[str, Any] = {"method": method}
@@ -126,8 +131,9 @@ class StudyResults:
                            tuned_test_std=test.loc[(method, best["setting_id"]), "seed_std"])
                 row.update(dist.loc[method].to_dict())
                 row.update(split.loc[method].to_dict())
-                if "default_val" in row:
-                    row["tunability"] = row["tuned_val"] - row["default_val"]
+                crossed = cross.loc[method]
+                row.update(tuned_val_cross=crossed["tuned_cross"], tunability=crossed["tunability_cross"],
+                           within_delta_cross=crossed["within_delta_cross"])
             all_runs = frame[frame["method"] == method]
             row["runs"] = len(all_runs)
             row["failed_runs"] = int(all_runs["status"].isin(FAILED).sum())

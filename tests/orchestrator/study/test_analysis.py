@@ -12,11 +12,13 @@ import pytest
 from orchestrator.search.spaces import ParamSpec, SearchSpace
 from orchestrator.study.analysis import (
     _unweighted_means,
+    cross_fit,
     distribution,
     expected_best_curve,
     expected_max,
     importances,
     max_weights,
+    scored,
     setting_means,
     tunability,
     variance_split,
@@ -188,6 +190,26 @@ def _one_parameter_method() -> tuple[pd.DataFrame, SearchSpace]:
     space = SearchSpace(parameters={"x": ParamSpec(type="float", low=0, high=1),
                                     "y": ParamSpec(type="float", low=0, high=1)})
     return frame, space
+
+
+def test_cross_fitted_tuning_carries_no_winners_curse_when_every_setting_is_equal() -> None:
+    # The case: 16 equal settings (84.00, seed std 1) x 3 seeds, defaults too. The best tried reads about
+    # +1 point above the truth; cross-fitting reads the truth, and so does its tunability (about 0).
+    rng = np.random.default_rng(11)
+    best, crossed, gains = [], [], []
+    for _ in range(150):
+        scores = {f"s{k}": list(84.0 + rng.normal(0.0, 1.0, 3)) for k in range(16)}
+        scores["default"] = list(84.0 + rng.normal(0.0, 1.0, 3))
+        frame = _table("m", scores, defaults="default")
+        out = cross_fit(scored(frame, "val_acc", CHANCE)).loc["m"]
+        design = setting_means(frame, "val_acc", CHANCE)
+        best.append(design[~design["defaults"]]["score"].max())
+        crossed.append(out["tuned_cross"])
+        gains.append(out["tunability_cross"])
+    assert np.mean(best) - 84.0 > 0.8  # the winner's curse the best-tried number carries
+    assert abs(np.mean(crossed) - 84.0) < 0.25 and abs(np.mean(gains)) < 0.3
+    one_seed = cross_fit(scored(_table("m", {"a": [80.0], "b": [82.0]}), "val_acc", CHANCE)).loc["m"]
+    assert math.isnan(one_seed["tuned_cross"]), "one seed cannot both choose and score: n/a"
 
 
 def test_tunability_overall_and_per_parameter() -> None:
