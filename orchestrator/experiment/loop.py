@@ -69,8 +69,10 @@ def train_loop(cfg: ExperimentConfig, splits: Splits, teacher_ckpt: dict[str, An
                log: Callable[[str], None] | None = print) -> LoopOutput:
     """Train `cfg.student` with `cfg.method`; select on val_acc; test the selected student once.
 
-    Reports `train_loss`, `loss/<part>`, `val_acc`, `lr`, `epoch_seconds`, `images_per_s` every epoch;
-    the last epoch's report also carries `test_acc`, `best_epoch`, `selected_val_acc` and `status`.
+    Reports `train_loss`, `loss/<part>`, `val_acc`, `lr`, `epoch_seconds`, `images_per_s` and `epoch_test_acc`
+    every epoch; the last epoch's report also carries `test_acc` (the selected student's), `best_epoch`,
+    `selected_val_acc`, `status`, and the papers' protocols: `last_epoch_test_acc` (the last epoch's weights) and
+    `peak_test_acc` (the best test accuracy over epochs). The test set never chooses anything.
     With no validation split (`data.val_fraction` 0, selection `last`) no `*val_acc` key is ever reported.
     `wrap` puts the distiller under DDP (Ray Train's `prepare_model`) when there are several ranks.
     """
@@ -156,6 +158,7 @@ class Training:
                 tracker.log_metrics(self.static, step=0)
         # No epoch is selected before the first finite one: a run that diverges at once tests nothing (NaN).
         self.best_val, self.best_epoch, self.best_state, self.first = float("nan"), 0, None, 1
+        self.peak_test = float("nan")  # the best test accuracy over epochs so far (reported, never chooses)
         if resume is not None:
             distiller.load_state_dict(resume["distiller"], strict=False)
             distiller.load_method_state(resume["method"])
@@ -164,6 +167,7 @@ class Training:
             torch.set_rng_state(resume["rng"])
             self.best_val, self.best_epoch, self.best_state, self.first = (
                 resume["best_val"], resume["best_epoch"], resume["best_state"], resume["epoch"] + 1)
+            self.peak_test = resume.get("peak_test", float("nan"))  # a state saved before it was kept: NaN
 
     def _context(self, teacher_ckpt: dict[str, Any] | None) -> LoopContext:
         cfg, tc, data, splits, tracker = self.cfg, self.cfg.training, self.data, self.splits, self.tracker
@@ -229,8 +233,13 @@ class Training:
         val_acc = accuracy(student, data, "val", tc.precision) if self.validated else None
         val = ({"val_acc": val_acc, **_named("val_acc", distiller.extra_accuracies("val", ctx))} if self.validated
                else {})
+        # The papers' protocols, measured beside kdo's, never used to choose: every epoch's test accuracy (the best
+        # over epochs is what mdistiller and the LS code report, the last epoch's what RepDistiller reports).
+        epoch_test = accuracy(student, data, "test", tc.precision)
+        self.peak_test = epoch_test if not epoch_test <= self.peak_test else self.peak_test  # NaN-safe max
         metrics: dict[str, Any] = {"epoch": epoch, **means, **method_metrics, **val, "lr": self._lr,
-                                   "epoch_seconds": seconds, "images_per_s": self._seen * self.world / seconds}
+                                   "epoch_seconds": seconds, "images_per_s": self._seen * self.world / seconds,
+                                   "epoch_test_acc": epoch_test}
         if not all(math.isfinite(v) for v in (*means.values(), *method_metrics.values())):
             self.status = "diverged"
         elif (tc.selection == "last" or self.best_state is None
@@ -245,7 +254,8 @@ class Training:
                 test_acc = accuracy(student, data, "test", tc.precision)
                 metrics.update(_named("test_acc", distiller.extra_accuracies("test", ctx)))
             metrics.update(test_acc=test_acc, best_epoch=self.best_epoch,
-                           **({"selected_val_acc": self.best_val} if self.validated else {}), **self.static)
+                           **({"selected_val_acc": self.best_val} if self.validated else {}), **self.static,
+                           last_epoch_test_acc=epoch_test, peak_test_acc=self.peak_test)
             metrics["status"] = self.status
         if self.rank == 0 and self.log is not None:
             self.log(epoch_line(self.cfg.name, epoch, tc.epochs, metrics))
@@ -280,6 +290,7 @@ class Training:
         return copy.deepcopy({
             "epoch": epoch, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "rng": torch.get_rng_state(), "best_val": self.best_val, "best_epoch": self.best_epoch,
+            "peak_test": self.peak_test,
             "best_state": self.best_state, "method": self.distiller.method_state(),
             "distiller": {k: v.detach().cpu() for k, v in self.distiller.state_dict().items()
                           if not k.startswith("teacher.")}})

@@ -176,6 +176,9 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
         row = {"setting_id": tags.get("kdo.setting_id"), "seed": int(tags.get("kdo.seed", -1)), "status": status,
                "val_acc": m.get("selected_val_acc", m.get("val_acc", math.nan)),
                "test_acc": m.get("test_acc", math.nan),
+               # the papers' protocols (runs logged before they were recorded: NaN, shown as n/a)
+               "last_epoch_test_acc": m.get("last_epoch_test_acc", math.nan),
+               "peak_test_acc": m.get("peak_test_acc", math.nan),
                "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000.0,
                "run_id": r.info.run_id, **{col: tags.get(key) for col, key in (tag_columns or {}).items()}}
         for p in parameters:
@@ -186,7 +189,8 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
                 row[p] = raw
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["setting_id", "seed", *parameters, "status", "val_acc", "test_acc",
-                                        "seconds", "run_id", *(tag_columns or {})])
+                                        "last_epoch_test_acc", "peak_test_acc", "seconds", "run_id",
+                                        *(tag_columns or {})])
     return frame.sort_values(["setting_id", "seed"]).reset_index(drop=True)
 
 

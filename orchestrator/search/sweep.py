@@ -63,7 +63,9 @@ class SweepResult:
         out["failed"] = grouped["status"].agg(lambda s: int(s.isin(FAILED).sum()))
         out["early_stopped"] = grouped["status"].agg(lambda s: int((s == "early_stopped").sum()))
         out["complete"] = grouped["status"].agg(lambda s: bool((s == "finished").all()))
-        for metric in ("val_acc", "test_acc"):
+        for metric in ("val_acc", "test_acc", "last_epoch_test_acc", "peak_test_acc"):
+            if metric not in f:  # a frame made before the protocol columns
+                continue
             out[f"{metric}_mean"] = grouped[metric].mean()
             out[f"{metric}_std"] = grouped[metric].std()
         return out.sort_values(["complete", "val_acc_mean"], ascending=False)

@@ -56,6 +56,12 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
         console.print(escape(CROSS_NOTE + (" " + DEFAULTS_NOTE if spec.include_defaults else "")))
     for warning in study.warnings():
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    protocols = study.protocols()
+    if not protocols.empty and protocols["peak"].notna().any():
+        lines = [f"{escape(str(m))} {r['selected']:.2f} / {r['last_epoch']:.2f} / {r['peak']:.2f} (+{r['gap']:.2f})"
+                 for m, r in protocols.iterrows() if r["peak"] == r["peak"]]
+        console.print("test accuracy of the chosen setting, selected on val / last epoch (RepDistiller) / best test "
+                      "epoch (mdistiller, LS; gap): " + "; ".join(lines))
     teacher = study.teacher()
     if teacher:
         console.print(f"teacher: val {teacher['val']:.2f}, test {teacher['test']:.2f}")

@@ -89,8 +89,8 @@ class StudyResults:
         frame = self.results()
         frame["status"] = frame["status"].map(normalize)  # an older ledger's words
         frame = frame[~frame["status"].isin(NOT_OUTCOMES)].copy()
-        frame["val_acc"] *= 100.0
-        frame["test_acc"] *= 100.0
+        for column in ("val_acc", "test_acc", "last_epoch_test_acc", "peak_test_acc"):
+            frame[column] = frame[column] * 100.0 if column in frame else math.nan  # a table from before: n/a
         return frame
 
     @_memoized
@@ -139,6 +139,34 @@ class StudyResults:
             row["failed_runs"] = int(all_runs["status"].isin(FAILED).sum())
             rows.append(row)
         return pd.DataFrame(rows).set_index("method")
+
+    @_memoized
+    def protocols(self) -> pd.DataFrame:
+        """Per method, its chosen setting (the best design setting on validation; the defaults where there is no
+        design) under three protocols, mean and std over its finished seeds (points): `selected`, the test accuracy
+        of the epoch chosen on validation (kdo's); `last_epoch`, the last epoch's (RepDistiller's); `peak`, the best
+        test accuracy over epochs (mdistiller's and the logit-standardisation code's: the test set chooses the
+        epoch); `gap` = peak - selected, how much the best-test-epoch protocol inflates. NaN (n/a) for runs logged
+        before kdo recorded them."""
+        frame = self._points_frame()
+        frame = frame[frame["status"] == "finished"]
+        val = self.setting_means("val_acc", "drop")
+        rows = []
+        for method in self.methods:
+            mine = val[(val["method"] == method) & val["score"].notna()]
+            design = mine[~mine["defaults"]]
+            pick = design if not design.empty else mine
+            if pick.empty:
+                continue
+            runs = frame[(frame["method"] == method) & (frame["setting_id"] == pick.loc[pick["score"].idxmax(),
+                                                                                        "setting_id"])]
+            row: dict[str, Any] = {"method": method, "setting": "tuned" if not design.empty else "defaults"}
+            for column, name in (("test_acc", "selected"), ("last_epoch_test_acc", "last_epoch"),
+                                 ("peak_test_acc", "peak")):
+                row[name], row[f"{name}_std"] = runs[column].mean(), runs[column].std()
+            row["gap"] = (runs["peak_test_acc"] - runs["test_acc"]).mean()
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
 
     def teacher(self) -> dict[str, float]:
         """The shared teacher's val/test accuracy in points (a reference row), from the children's metrics."""

@@ -52,6 +52,10 @@ def test_the_saved_student_holds_the_selected_epoch_and_says_so(tmp_path: Path) 
     assert ckpt["metrics"] == pytest.approx({"epoch": best, "val_acc": out.history[best - 1]["val_acc"],
                                              "test_acc": out.final["test_acc"]})
     assert ckpt["metrics"]["val_acc"] == out.final["selected_val_acc"]
+    # The papers' protocols beside it: the last epoch's test accuracy and the best over epochs (never chose).
+    tests = [row["epoch_test_acc"] for row in out.history]
+    assert out.final["last_epoch_test_acc"] == tests[-1] and out.final["peak_test_acc"] == max(tests)
+    assert out.final["peak_test_acc"] >= out.final["test_acc"] and tests[best - 1] == out.final["test_acc"]
 
 
 def test_selection_last_tests_the_last_epoch() -> None:

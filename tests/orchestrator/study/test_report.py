@@ -62,3 +62,20 @@ def test_importances_are_marked_not_meaningful_below_the_hparam_share_threshold(
     assert "not meaningful" in titles["kd"] and "0.00 < 0.1" in titles["kd"]
     assert titles["lsh"] == "lsh"
     assert "not meaningful where hparam share < 0.1" in fig._suptitle.get_text()
+
+
+def test_the_protocol_table_shows_each_codebases_number_for_the_chosen_setting() -> None:
+    study = _study()
+    assert study.protocols()["peak"].isna().all(), "a ledger from before the protocol metrics: n/a"
+    frame = study.results()
+    frame["last_epoch_test_acc"] = frame["test_acc"] - 0.01
+    frame["peak_test_acc"] = frame["test_acc"] + 0.02 + 0.01 * frame["seed"]  # the best test epoch, per run
+    recorded = StudyResults(study.spec, study.base, study.spaces, frame)
+    table = recorded.protocols()
+    assert list(table.index) == ["kd", "lsh"] and set(table["setting"]) == {"tuned"}
+    assert table.loc["lsh", "selected"] == 70.0 and table.loc["lsh", "last_epoch"] == 69.0
+    assert table.loc["lsh", "peak"] == 73.0 and abs(table.loc["lsh", "gap"] - 3.0) < 1e-9
+    from orchestrator.study.report import _protocol_table
+
+    shown = _protocol_table(table)
+    assert shown.loc["lsh", "best test epoch (mdistiller, LS)"] == "73.00 ± 1.00"
