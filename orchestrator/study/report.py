@@ -26,12 +26,13 @@ RULE = ("Verdict rule: \"A is more robust than B\" holds when the 95% bootstrap 
         "setting scored by its seed-mean validation accuracy.")
 
 
-BUDGET_RULE = ("'To decide it': for an inconclusive verdict, the settings per method (at the study's seeds, and at "
-               "twice them) at which the CIs would clear their bounds (both, where both estimates say 'holds'; else "
-               "the one on the wrong side) if the measured differences are the true ones: "
-               "each CI's width shrinks as the square root of var(setting mean) / settings, where var(setting mean) "
-               "= hyperparameter variance + seed variance / seeds, from the variance split of the two methods. An "
-               "estimate to size the next study, not a promise: the differences themselves will move.")
+BUDGET_RULE = ("'To decide it': for an inconclusive verdict, the smallest power-of-two number of settings per method "
+               "(at the study's seeds, and at twice them) at which a fresh study reaches the verdict the point "
+               "estimates lean to with probability at least 0.8 (P: that probability), simulated: each method's "
+               "settings are drawn from its own settings here, their spread shrunk to the hyperparameter variance "
+               "of the variance split, plus seed noise, and judged by the same bootstrap rule. 'More than 1024': "
+               "none up to 1024 settings does. An estimate to size the next study, not a promise: the differences "
+               "themselves will move.")
 
 
 PROTOCOL_RULE = ("Test accuracy of each method's chosen setting (tuned on validation, or its defaults), mean ± std "

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 
 from orchestrator.errors import ConfigError
@@ -219,12 +220,11 @@ class StudyResults:
         design = means[~means["defaults"]]
         scores = [design[design["method"] == m]["score"].dropna().to_numpy() for m in (a, b)]
         result = {"a": a, "b": b, **verdicts.compare(*scores, delta=self.spec.delta, seed=self.spec.design_seed)}
-        split = self.variance_split().loc[[a, b]].fillna(0.0)
-        variances = [float((split[col] ** 2).sum()) for col in ("seed_std", "hparam_std")]
-        budget = verdicts.deciding_budget(result, min(len(s) for s in scores), len(self.spec.seeds), *variances)
-        if self.spec.design == "sobol":  # a Sobol design takes 2^m settings
-            budget = [{**row, "settings": (n := 2 ** math.ceil(math.log2(row["settings"]))),
-                       "runs": n * row["seeds"]} for row in budget]
+        split = self.variance_split().loc[[a, b]]
+        splits = tuple((float(np.nan_to_num(r["seed_std"]) ** 2), float(np.nan_to_num(r["hparam_var"])))
+                       for _, r in split.iterrows())
+        budget = verdicts.deciding_budget(result, *scores, len(self.spec.seeds), splits,  # type: ignore[arg-type]
+                                          seed=self.spec.design_seed)
         return {**result, "deciding_budget": budget}
 
     def register_best(self) -> dict[str, str]:
