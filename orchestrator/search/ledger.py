@@ -119,13 +119,6 @@ def final_seeds(client: MlflowClient, experiment_id: str, parent_run_id: str, si
             if status_of(r) in FINAL}
 
 
-def unfinished_attempts(client: MlflowClient, experiment_id: str, parent_run_id: str, sid: str,
-                        ) -> dict[int, list[Run]]:
-    """Per seed of setting `sid`, the attempts still to be redone (see `redo_attempts`)."""
-    runs = children(client, experiment_id, parent_run_id, setting=sid)
-    return {seed: attempts for (_, seed), attempts in redo_attempts(runs).items()}
-
-
 def point_of(run: Run) -> tuple[str | None, int]:
     """A child's (setting id, seed)."""
     return run.data.tags.get("kdo.setting_id"), int(run.data.tags.get("kdo.seed", -1))

@@ -66,5 +66,5 @@ def test_the_attempts_to_redo_are_keyed_by_point_newest_first(workdir: Path) -> 
     assert redo == {("a", 0): [made["a", 0, "interrupted"], made["a", 0, "crashed"]],
                     ("b", 0): [made["b", 0, "running"]]}
     assert ledger.final_points(client, experiment_id, parent.run_id, runs=listed) == {("a", 1), ("b", 1)}
-    one_setting = ledger.unfinished_attempts(client, experiment_id, parent.run_id, "a")
-    assert {seed: [r.info.run_id for r in runs] for seed, runs in one_setting.items()} == {0: redo["a", 0]}
+    one_setting = ledger.redo_attempts(ledger.children(client, experiment_id, parent.run_id, setting="a"))
+    assert {seed: [r.info.run_id for r in runs] for (_, seed), runs in one_setting.items()} == {0: redo["a", 0]}
