@@ -118,8 +118,8 @@ def hold(parent: ParentRun, prepare: Callable[[], Prepared], train: Train, summa
             with interruptible(lambda: parent.tracker.set_tags({"kdo.interrupted": "true"})):
                 stopped = train(prepared, ref)
             status = "FINISHED"
-        except Interrupted as exc:
-            status, unfinished = "KILLED", "interrupted"
+        except Interrupted as exc:  # Tune may have ended the trials it stopped "without an error": none was early
+            status, unfinished, stopped = "KILLED", "interrupted", frozenset()
             stop_trials()
             exc.resume_hint = f"kdo resume {parent.name}"
             raise
