@@ -37,13 +37,18 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
     def num(row: Any, key: str) -> str:
         return f"{row[key]:.2f}" if key in row and row[key] == row[key] else ""
 
+    def share(row: Any) -> str:
+        """The hyperparameter share with its 95% CI: what its reading rests on."""
+        point = num(row, "hparam_share")
+        return f"{point} [{num(row, 'hparam_share_low')}, {num(row, 'hparam_share_high')}]" if point else ""
+
     columns = ["method", "default val", "default test", "tuned val*", "tuned val x-fit", "tuned test", "median",
                "IQR", "worst", f"within {spec.delta:g}*", "hparam share", "failed"]
     rows = [[escape(str(method)), pm(row, "default_val", "default_val_std"),
              pm(row, "default_test", "default_test_std"), pm(row, "tuned_val", "tuned_val_std"),
              num(row, "tuned_val_cross") or ("n/a" if num(row, "tuned_val") else ""),
              pm(row, "tuned_test", "tuned_test_std"), num(row, "median"), num(row, "iqr"), num(row, "worst"),
-             num(row, "within_delta"), num(row, "hparam_share"), f"{int(row['failed_runs'])}/{int(row['runs'])}"]
+             num(row, "within_delta"), share(row), f"{int(row['failed_runs'])}/{int(row['runs'])}"]
             for method, row in summary.iterrows()]
     shown = [i for i in range(len(columns)) if any(r[i] for r in rows)]  # defaults only: no spread columns
     for i in shown:

@@ -197,7 +197,8 @@ def sensitivity_blocks(study: StudyResults) -> list[tuple[str, Any]]:
         return blocks
     meaningful, noise = sens.pop("meaningful").to_numpy(dtype=bool), sens.pop("seed_noise").to_numpy(dtype=bool)
     low, high = sens.pop("hparam_share_low"), sens.pop("hparam_share_high")
-    shown = sens.rename(columns={"hparam_share": "hparam share"}).map(_fmt)
+    shown = sens.rename(columns={"hparam_share": "hparam share",
+                                 "tunability": "tunability (surrogate's best probe: optimistic)"}).map(_fmt)
     shown["hparam share"] += " [" + low.map(_fmt) + ", " + high.map(_fmt) + "]"
     shown["importances"] = np.where(meaningful, "", np.where(
         noise, f"{NOT_MEANINGFUL} (hparam share < {IMPORTANCE_MIN_SHARE:g})",
