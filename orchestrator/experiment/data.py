@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.errors import ConfigError
+from orchestrator.experiment.cifar import cifar_folder, read_cifar
 from orchestrator.experiment.idx import fashion_mnist_files, read_idx
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
@@ -185,6 +186,19 @@ def _torchvision(name: str) -> Callable[[DataConfig], Arrays]:
     return load
 
 
+def _cifar(name: str) -> Callable[[DataConfig], Arrays]:
+    def load(cfg: DataConfig) -> Arrays:
+        try:
+            cifar_folder(name, cfg.data_dir)
+        except ConfigError:
+            if not cfg.download:
+                raise
+            _torchvision(name)(cfg)  # fetches into data_dir/<torchvision's folder>/, read below like any copy
+        return read_cifar(name, cfg.data_dir)
+
+    return load
+
+
 def _load_synthetic(cfg: DataConfig) -> Arrays:
     s = cfg.synthetic
     rng = np.random.default_rng(cfg.split_seed)
@@ -210,7 +224,8 @@ _LOADERS: dict[str, Callable[[DataConfig], Arrays]] = {
     "mnist5k": _load_mnist5k,
     "fashion_mnist": _load_fashion_mnist,
     "synthetic": _load_synthetic,
-    **{name: _torchvision(name) for name in ("mnist", "cifar10", "cifar100", "svhn")},
+    **{name: _torchvision(name) for name in ("mnist", "svhn")},
+    **{name: _cifar(name) for name in ("cifar10", "cifar100")},
 }
 
 
