@@ -164,13 +164,17 @@ def _export_optuna(results: Any) -> None:
 
 
 def _is_study(name: str, tracking_uri: str | None, experiment: str) -> bool:
+    """Whether NAME is a study (else a sweep); neither is one line that says so for both."""
     from orchestrator.search.ledger import find_parent
 
-    try:
-        find_parent("study", name, tracking_uri, experiment)
-    except ConfigError:
-        return False  # a sweep, or nothing: `load_sweep` says which
-    return True
+    for kind in ("study", "sweep"):
+        try:
+            find_parent(kind, name, tracking_uri, experiment)
+            return kind == "study"
+        except ConfigError as err:
+            if not str(err).startswith(f"NAME: no {kind} named"):
+                raise  # the store or the experiment is missing: its own line
+    raise ConfigError(f"NAME: no sweep or study named '{name}' in experiment '{experiment}' of that store")
 
 
 @app.command("report")

@@ -106,6 +106,21 @@ def shipped_spaces() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def fixed_by(space: SearchSpace, overrides: list[str]) -> SearchSpace:
+    """The space without the parameters (and fixed values) an `a.b=value` override names: the user fixed them, and
+    the base config holds their value already; a space would otherwise vary them over the user's word. ConfigError
+    when the overrides fix every parameter: nothing is left to search."""
+    named = {item.partition("=")[0].strip() for item in overrides}
+    if not named & {*space.parameters, *space.fixed}:
+        return space
+    kept = {path: spec for path, spec in space.parameters.items() if path not in named}
+    if not kept:
+        raise ConfigError(f"--set: fixes every parameter of the space ({', '.join(space.parameters)}); nothing is "
+                          "left to search; drop a --set, or give a space that varies something else")
+    return space.model_copy(update={"parameters": kept,
+                                    "fixed": {p: v for p, v in space.fixed.items() if p not in named}})
+
+
 def load_space(source: str | Path | dict[str, Any], base: ExperimentConfig) -> SearchSpace:
     """Load a space by method name, path or dict and check it against `base` (ConfigError on any problem)."""
     if isinstance(source, dict):

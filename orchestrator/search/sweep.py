@@ -28,7 +28,7 @@ from orchestrator.search import ledger, parent
 from orchestrator.search.design import build_design
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.points import FIXED_DESIGNS, Point, Sampler, TrialOptions, point_config
-from orchestrator.search.spaces import SearchSpace, load_space
+from orchestrator.search.spaces import SearchSpace, fixed_by, load_space
 from orchestrator.search.status import FAILED
 from orchestrator.search.tuner import run_points, run_search, trial_resources
 
@@ -158,7 +158,7 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     require_validation(cfg, "sweep")
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
                        checkpoint_seconds, group_size, cfg)
-    space_obj = load_space(space if space is not None else cfg.method.name, cfg)
+    space_obj = fixed_by(load_space(space if space is not None else cfg.method.name, cfg), overrides or [])
     wanted = check_name(name or f"{cfg.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}", "--name")
     name = parent.claim_name("sweep", wanted, cfg, explicit=name is not None)
     points = plan_points(name, space_obj, cfg, options, checkpoints) if options.sampler in FIXED_DESIGNS else None

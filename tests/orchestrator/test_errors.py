@@ -52,3 +52,14 @@ def test_the_python_api_refuses_a_bad_name_before_any_work(workdir: Path) -> Non
     with pytest.raises(ConfigError, match=r"^study\.name: 'x/y' is not a valid name"):
         RobustnessStudy("x/y", "digits_kd", methods={"kd": None})
     assert list(workdir.iterdir()) == []
+
+
+def test_report_and_resume_of_an_unknown_name_say_neither_a_sweep_nor_a_study_has_it(workdir: Path) -> None:
+    from orchestrator.experiment.tracking import start_run
+
+    start_run(f"sqlite:///{workdir / 'mlflow.db'}", "kdo", "other", tags={"kdo.kind": "sweep", "kdo.sweep": "other"})
+    for command in ("report", "resume"):
+        result = CliRunner().invoke(app, [command, "ghost"])
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines() == [
+            "error: NAME: no sweep or study named 'ghost' in experiment 'kdo' of that store"], result.output

@@ -37,3 +37,24 @@ def test_asha_budget_is_the_largest_epochs_of_a_choice_or_a_range() -> None:
     other = load_space({"parameters": {"temperature": {"type": "float", "low": 1, "high": 4}}}, BASE)
     assert (max_epochs(choice, BASE), max_epochs(ranged, BASE), max_epochs(other, BASE)) == (12, 9,
                                                                                             BASE.training.epochs)
+
+
+def test_a_set_on_a_parameter_the_space_varies_fixes_it_instead_of_being_ignored() -> None:
+    from orchestrator.errors import ConfigError
+    from orchestrator.search.points import TrialOptions
+    from orchestrator.search.spaces import fixed_by
+    from orchestrator.search.sweep import plan_points
+    from tests.conftest import digits_config
+
+    overrides = ["method.params.kd_weight=0.5"]
+    base = load_config(digits_config(method={"name": "kd"}, teacher={"architecture": "cnn", "args": {"width": 4}}),
+                       overrides)
+    space = load_space("kd", base)
+    assert "method.params.kd_weight" in space.parameters
+    kept = fixed_by(space, overrides)
+    assert "method.params.kd_weight" not in kept.parameters and set(kept.parameters) < set(space.parameters)
+    points = plan_points("s", kept, base, TrialOptions(sampler="sobol", trials=4))  # what `kdo sweep --set` plans
+    assert {p.config.method.params["kd_weight"] for p in points} == {0.5}, "the user's value, every point"
+    assert len({p.config.method.params["temperature"] for p in points}) > 1, "the rest is still searched"
+    with pytest.raises(ConfigError, match="--set: fixes every parameter of the space"):
+        fixed_by(space, [f"{p}=1" for p in space.parameters])
