@@ -209,42 +209,6 @@ def cross_fit(scored_runs: pd.DataFrame, delta: float = 1.0) -> pd.DataFrame:
                         ).set_index("method")
 
 
-def tunability(means: pd.DataFrame, parameters: dict[str, list[str]], seed: int = 0) -> pd.DataFrame:
-    """Gain of tuning over the defaults, overall and per parameter (Probst et al., arXiv 1802.09596).
-
-    Overall: best design setting minus the default setting (seed means). Per parameter: as Probst et al.
-    do, through a surrogate (a random forest on the design's seed means): the best predicted score when
-    only that parameter moves away from its default value, minus the surrogate's prediction at the defaults.
-    Both are optimistic (a maximum over the settings tried, over the probes): labelled so wherever shown; the
-    per-parameter gain is not clipped at 0. `cross_fit` gives the overall gain without the winner's curse.
-    """
-    from sklearn.ensemble import RandomForestRegressor
-
-    rows = []
-    for method, group in means.groupby("method", sort=False):
-        defaults = group[group["defaults"]] if "defaults" in group else group.iloc[:0]
-        design = group[~group["defaults"]] if "defaults" in group else group
-        row: dict[str, Any] = {"method": method, "default": math.nan, "best": float(design["score"].max()),
-                               "gain": math.nan}
-        params = [p for p in parameters.get(method, []) if p in group and group[p].notna().all()]
-        if not defaults.empty:
-            row["default"] = float(defaults["score"].iloc[0])
-            row["gain"] = row["best"] - row["default"]
-        numeric = [p for p in params if pd.api.types.is_numeric_dtype(group[p])]
-        if not defaults.empty and numeric and len(design) >= 4:
-            x = design[numeric].to_numpy(dtype=float)
-            forest = RandomForestRegressor(n_estimators=200, random_state=seed, min_samples_leaf=1).fit(
-                x, design["score"].to_numpy(dtype=float))
-            at_default = defaults[numeric].to_numpy(dtype=float)[0]
-            base = float(forest.predict(at_default[None])[0])
-            for j, p in enumerate(numeric):
-                probe = np.repeat(at_default[None], len(design), axis=0)
-                probe[:, j] = x[:, j]
-                row[f"gain/{p}"] = float(forest.predict(probe).max()) - base  # unclipped; a max over probes
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("method")
-
-
 def importances(means: pd.DataFrame, spaces: dict[str, Any], seed: int = 0,
                 target_quantile: float = 0.25) -> pd.DataFrame:
     """Per-parameter importance per method, from Optuna evaluators named explicitly (Optuna 5 changed the

@@ -191,15 +191,22 @@ def sensitivity_blocks(study: StudyResults) -> list[tuple[str, Any]]:
                         f"{IMPORTANCE_MIN_SHARE:g}, its whole 95% bootstrap CI over settings; the rest is seed "
                         f"noise), they rank noise: such a method's importances are marked '{NOT_MEANINGFUL}' in the "
                         f"table and on the importance plot. Where the CI spans {IMPORTANCE_MIN_SHARE:g}, they are "
-                        f"marked '{UNCERTAIN}': the study cannot tell."))
+                        f"marked '{UNCERTAIN}': the study cannot tell. Tunability per parameter, in points: the "
+                        "surrogate's best probe (a maximum: optimistic), and cross-fitted over seeds (one surrogate "
+                        "chooses on all seeds but one, another scores on the one left out) with a bootstrap CI over "
+                        "settings; n/a with one seed."))
     sens = study.sensitivity()
     if sens.empty:
         return blocks
     meaningful, noise = sens.pop("meaningful").to_numpy(dtype=bool), sens.pop("seed_noise").to_numpy(dtype=bool)
     low, high = sens.pop("hparam_share_low"), sens.pop("hparam_share_high")
+    crossed = [sens.pop(c) if c in sens else None for c in ("tunability_cross", "tunability_low", "tunability_high")]
     shown = sens.rename(columns={"hparam_share": "hparam share",
                                  "tunability": "tunability (surrogate's best probe: optimistic)"}).map(_fmt)
     shown["hparam share"] += " [" + low.map(_fmt) + ", " + high.map(_fmt) + "]"
+    if crossed[0] is not None:
+        text = crossed[0].map(_fmt) + " [" + crossed[1].map(_fmt) + ", " + crossed[2].map(_fmt) + "]"
+        shown["tunability (cross-fit) [95% CI]"] = text.where(crossed[0].notna(), "n/a")
     shown["importances"] = np.where(meaningful, "", np.where(
         noise, f"{NOT_MEANINGFUL} (hparam share < {IMPORTANCE_MIN_SHARE:g})",
         f"{UNCERTAIN} (hparam share CI spans {IMPORTANCE_MIN_SHARE:g})"))

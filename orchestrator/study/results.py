@@ -22,7 +22,7 @@ from orchestrator.experiment.store import ui_hint
 from orchestrator.search import ledger
 from orchestrator.search.spaces import SearchSpace
 from orchestrator.search.status import FAILED, NOT_OUTCOMES, normalize
-from orchestrator.study import analysis, verdicts
+from orchestrator.study import analysis, tunability, verdicts
 from orchestrator.study.spec import StudySpec
 
 # A method's importances say which hyperparameter moves its accuracy; when the hyperparameters explain less than this
@@ -183,11 +183,16 @@ class StudyResults:
         means = means[means["method"].isin(self.spec.methods)]
         imp = analysis.importances(means, self.spaces, seed=self.spec.design_seed)
         table = imp.pivot_table(index=["method", "parameter"], columns="evaluator", values="importance")
-        tun = analysis.tunability(means, self.parameters(), seed=self.spec.design_seed)
+        tun = tunability.tunability(means, self.parameters(), seed=self.spec.design_seed)
         gains = [{"method": m, "parameter": c.removeprefix("gain/"), "tunability": v}
                  for m, row in tun.iterrows() for c, v in row.items() if str(c).startswith("gain/") and pd.notna(v)]
         if gains:
             table = table.join(pd.DataFrame(gains).set_index(["method", "parameter"]), how="outer")
+        frame = self._points_frame()
+        studied = analysis.scored(frame[frame["method"].isin(self.spec.methods)], "val_acc", self.chance, failures)
+        crossed = tunability.parameter_tunability(studied, self.parameters(), seed=self.spec.design_seed)
+        if not crossed.empty:
+            table = table.join(crossed.set_index(["method", "parameter"]), how="outer")
         if not table.empty:
             split = self.variance_split().reindex(table.index.get_level_values(0))
             table["hparam_share"] = split["hparam_share"].to_numpy(dtype=float)

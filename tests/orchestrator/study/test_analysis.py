@@ -20,9 +20,9 @@ from orchestrator.study.analysis import (
     max_weights,
     scored,
     setting_means,
-    tunability,
     variance_split,
 )
+from orchestrator.study.tunability import parameter_tunability, tunability
 from orchestrator.study.verdicts import budget_text, compare, deciding_budget
 
 CHANCE = 10.0
@@ -210,6 +210,29 @@ def test_cross_fitted_tuning_carries_no_winners_curse_when_every_setting_is_equa
     assert abs(np.mean(crossed) - 84.0) < 0.25 and abs(np.mean(gains)) < 0.3
     one_seed = cross_fit(scored(_table("m", {"a": [80.0], "b": [82.0]}), "val_acc", CHANCE)).loc["m"]
     assert math.isnan(one_seed["tuned_cross"]), "one seed cannot both choose and score: n/a"
+
+
+def test_cross_fitted_per_parameter_tunability_reads_no_gain_where_there_is_none() -> None:
+    # Every setting and the defaults equal (84, seed std 1), 16 settings x 3 seeds over two parameters: the
+    # surrogate's best probe reads a gain (a maximum over probes); cross-fitted it reads about 0, CI around it.
+    rng = np.random.default_rng(13)
+    optimistic, crossed, covered = [], [], 0
+    for _ in range(6):
+        xs, ys = rng.uniform(0, 1, 16), rng.uniform(0, 1, 16)
+        scores = {f"s{i}": list(84.0 + rng.normal(0.0, 1.0, 3)) for i in range(16)}
+        scores["default"] = list(84.0 + rng.normal(0.0, 1.0, 3))
+        params = {f"s{i}": {X: x, Y: y} for i, (x, y) in enumerate(zip(xs, ys, strict=True))}
+        params["default"] = {X: 0.5, Y: 0.5}
+        frame = _table("m", scores, params=params, defaults="default")
+        runs = scored(frame, "val_acc", CHANCE)
+        crossed_table = parameter_tunability(runs, {"m": [X, Y]}, n_boot=5).set_index("parameter")
+        means = setting_means(frame, "val_acc", CHANCE, parameters=[X, Y])
+        surrogate = tunability(means, {"m": [X, Y]}).loc["m"]
+        optimistic += [surrogate[f"gain/{X}"], surrogate[f"gain/{Y}"]]
+        crossed += list(crossed_table["tunability_cross"])
+        covered += int(((crossed_table["tunability_low"] <= 0) & (0 <= crossed_table["tunability_high"])).sum())
+    assert np.mean(optimistic) > 0.25 and abs(np.mean(crossed)) < 0.2, (np.mean(optimistic), np.mean(crossed))
+    assert covered >= 8, covered  # of 12 CIs (5 resamples each: coarse), most hold the true 0
 
 
 def test_tunability_overall_and_per_parameter() -> None:
