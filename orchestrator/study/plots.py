@@ -124,7 +124,7 @@ def _expected_best(study: StudyResults, path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("settings tried at random (n)")
     ax.set_ylabel("expected best val accuracy (points)")
-    ax.set_title("Expected best vs budget (Dodge et al.)")
+    ax.set_title("Expected best vs budget (band: 95% bootstrap CI)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -157,8 +157,8 @@ def importance_figure(table: pd.DataFrame) -> Any:
                        f"{UNCERTAIN}\n(hparam share CI [{low:.2f}, {high:.2f}] spans {IMPORTANCE_MIN_SHARE:g})")
             ax.set_title(f"{method}: {reading}", color="tab:red", fontsize=9)
         ax.set_xlabel("importance")
-    fig.suptitle("Hyperparameter importance (Optuna fANOVA, PED-ANOVA); "
-                 f"{NOT_MEANINGFUL} where hparam share < {IMPORTANCE_MIN_SHARE:g} (its 95% CI)", fontsize=10)
+    fig.suptitle("Hyperparameter importance (Optuna fANOVA, PED-ANOVA)\n"
+                 f"{NOT_MEANINGFUL} where hparam share < {IMPORTANCE_MIN_SHARE:g} (its whole 95% CI)", fontsize=10)
     return fig
 
 

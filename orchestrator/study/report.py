@@ -159,6 +159,7 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
         rows = [{"A": c["a"], "B": c["b"], "P(A beats B)": _ci(c["p_a_beats_b"], c["p_a_beats_b_ci"]),
                  "median A - B": _ci(c["median_diff"], c["median_diff_ci"]),
                  "IQR A - B": _ci(c["iqr_diff"], c["iqr_diff_ci"]), "A more robust than B": c["verdict"],
+                 "B more robust than A": c["reverse_verdict"],
                  "to decide it": verdicts.budget_text(c["deciding_budget"]) if c["deciding_budget"] else ""}
                 for c in comparisons]
         if rows:
