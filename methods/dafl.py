@@ -30,7 +30,7 @@ from methods.datafree import (
 )
 from methods.generators import DAFLGenerator
 from methods.networks import FeatureNet, LeNet5
-from methods.registry import LoopContext, MethodParams, register
+from methods.registry import LAYER, LoopContext, MethodParams, register
 
 
 class DAFLParams(DataFreeParams):
@@ -44,7 +44,8 @@ class DAFLParams(DataFreeParams):
     base_channels: int = Field(128, ge=2, le=4096, description="generator width C0 (code 128)")
     activation_layer: str = Field(
         "auto", description="teacher feature f_T of the activation loss: a stage name, 'penultimate', or 'auto' "
-                            "(LeNet-5: stage3, the 120-unit conv3 output as DAFL's code; others: penultimate)")
+                            "(LeNet-5: stage3, the 120-unit conv3 output as DAFL's code; others: penultimate)",
+        json_schema_extra=LAYER)
 
 
 def activation_layer(teacher: nn.Module, spec: str) -> str:

@@ -15,6 +15,9 @@ def resolve_stage(net: FeatureNet, spec: str | float) -> str:
     """A stage name (`"stage2"`) as given, or a relative depth in (0, 1] of the stage list
     (1/3, 1/2, 2/3): the stage at position ceil(depth * n), 1-based, so 1/2 of 3 stages is stage2."""
     names = net.stage_names
+    if not names:
+        raise ValueError(f"the network ({type(net).__name__}) names no features; name its layers in student.features "
+                         "or teacher.features")
     if isinstance(spec, str):
         if spec not in names:
             raise ValueError(f"unknown layer '{spec}'; allowed: {', '.join(names)}")
@@ -23,16 +26,6 @@ def resolve_stage(net: FeatureNet, spec: str | float) -> str:
         raise ValueError(f"a relative depth must be in (0, 1]; got {spec}")
     index = min(len(names), max(1, math.ceil(spec * len(names) - 1e-9)))
     return names[index - 1]
-
-
-def stage_module(net: FeatureNet, name: str) -> nn.Module:
-    """The module whose output is the feature `name` of a zoo network."""
-    index = net.stage_names.index(name)
-    for attribute in ("stages", "hidden"):
-        modules = getattr(net, attribute, None)
-        if isinstance(modules, nn.ModuleList):
-            return modules[index]
-    raise ValueError(f"{type(net).__name__} exposes no stage modules")
 
 
 class _Stop(Exception):
@@ -48,7 +41,7 @@ def forward_to(net: FeatureNet, name: str, x: Tensor) -> Tensor:
     def stop(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
         raise _Stop(output)
 
-    handle = stage_module(net, name).register_forward_hook(stop)
+    handle = net.stage_module(name).register_forward_hook(stop)
     try:
         net(x)
     except _Stop as stopped:

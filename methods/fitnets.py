@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from methods.feature_utils import forward_to, parameters_up_to, resolve_stage
 from methods.networks import FeatureNet
-from methods.registry import Distiller, LoopContext, MethodParams, register
+from methods.registry import LAYER, Distiller, LoopContext, MethodParams, register
 
 # Stage 1 draws its epochs' batch orders from seeds apart from stage 2's.
 
@@ -44,9 +44,11 @@ from methods.registry import Distiller, LoopContext, MethodParams, register
 class FitNetsParams(MethodParams):
     stages: Literal[1, 2] = Field(2, description="2: the paper's hint stage then annealed KD; 1: CE + hint MSE")
     guided_layer: str | float = Field(
-        0.5, description="student guided layer g: a stage name (stage2) or relative depth in (0, 1] [choice]")
+        0.5, description="student guided layer g: a stage name (stage2) or relative depth in (0, 1] [choice]",
+        json_schema_extra=LAYER)
     hint_layer: str | float = Field(
-        0.5, description="teacher hint layer h: a stage name (stage2) or relative depth in (0, 1] [choice]")
+        0.5, description="teacher hint layer h: a stage name (stage2) or relative depth in (0, 1] [choice]",
+        json_schema_extra=LAYER)
     stage1_epochs: int | None = Field(
         None, ge=0, le=10_000, description="stage-1 (hint) epochs; default stage1_fraction * epochs")
     stage1_fraction: float = Field(

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from methods.plugins import load_entry_points
+
 NetworkBuilder = Callable[..., "FeatureNet"]
 
 _REGISTRY: dict[str, NetworkBuilder] = {}
@@ -54,6 +56,15 @@ class FeatureNet(nn.Module):
             return logits
         feats["penultimate"] = penultimate
         return logits, feats
+
+    def stage_module(self, name: str) -> nn.Module:
+        """The module whose output is the feature `name`."""
+        index = self.stage_names.index(name)
+        for attribute in ("stages", "hidden"):
+            modules = getattr(self, attribute, None)
+            if isinstance(modules, nn.ModuleList):
+                return modules[index]
+        raise ValueError(f"{type(self).__name__} exposes no stage modules")
 
     def _run_stages(self, x: Tensor, stages: nn.ModuleList) -> tuple[Tensor, dict[str, Tensor]]:
         feats: dict[str, Tensor] = {}
@@ -312,14 +323,20 @@ class LeNet5(FeatureNet):
 
 
 def register_network(name: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
-    """Register ``builder(num_classes, in_channels, image_size, **args) -> FeatureNet`` under ``name``.
+    """Register ``builder(num_classes, in_channels, image_size, **args) -> nn.Module`` under ``name``.
 
-    The builder's keyword-only parameters are the arguments ``build_network`` accepts for it.
+    The builder's keyword-only parameters are the arguments ``build_network`` accepts for it. It returns a
+    `FeatureNet` (named stages) or any `nn.Module` returning logits, whose features a config names by layer
+    (`student.features`). Registering the same builder again (its module imported anew) replaces it; another
+    builder under a taken name is refused.
     """
 
     def decorator(builder: NetworkBuilder) -> NetworkBuilder:
-        if name in _REGISTRY:
-            raise ValueError(f"network '{name}' is already registered")
+        old = _REGISTRY.get(name)
+        if (old is not None and (old.__module__, old.__qualname__) != (builder.__module__, builder.__qualname__)) \
+                or _WRN_NAME.fullmatch(name):
+            raise ValueError(f"network '{name}' is already registered (by {getattr(old, '__module__', 'kdo')}); "
+                             "pick another name")
         _REGISTRY[name] = builder
         return builder
 
@@ -424,10 +441,12 @@ def _wrn_builder(depth: int, widen: int) -> NetworkBuilder:
 
 def list_networks() -> list[str]:
     """Sorted architecture names, with the WRN pattern and its common instances."""
-    return sorted([*_REGISTRY, _WRN_PATTERN, *_WRN_COMMON])
+    load_entry_points()
+    return sorted({*_REGISTRY, _WRN_PATTERN, *_WRN_COMMON})
 
 
 def _resolve(architecture: str) -> NetworkBuilder:
+    load_entry_points()
     if architecture in _REGISTRY:
         return _REGISTRY[architecture]
     match = _WRN_NAME.fullmatch(architecture)
@@ -437,9 +456,11 @@ def _resolve(architecture: str) -> NetworkBuilder:
 
 
 def build_network(
-    architecture: str, *, num_classes: int, in_channels: int, image_size: int, **args: Any
+    architecture: str, *, num_classes: int, in_channels: int, image_size: int, features: Sequence[str] | None = None,
+    **args: Any
 ) -> FeatureNet:
-    """Build ``architecture`` for inputs of shape (in_channels, image_size, image_size)."""
+    """Build ``architecture`` for inputs of shape (in_channels, image_size, image_size). A plain `nn.Module` comes
+    back as a `HookedNet` whose features are the layers `features` names (read by forward hooks)."""
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("in_channels", in_channels)
     _check_positive_int("image_size", image_size)
@@ -456,7 +477,17 @@ def build_network(
             f"unknown argument {names} for architecture '{architecture}'; "
             f"allowed: {', '.join(allowed) or 'none'}"
         )
-    return builder(num_classes, in_channels, image_size, **args)
+    net = builder(num_classes, in_channels, image_size, **args)
+    if isinstance(net, FeatureNet):
+        if features:
+            raise ValueError(f"features: '{architecture}' names its own features ({', '.join(net.stage_names)}); "
+                             "`features` names layers of a plain nn.Module network")
+        return net
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"architecture '{architecture}': its builder returned {type(net).__name__}, not an nn.Module")
+    from methods.hooked import HookedNet
+
+    return HookedNet(net, list(features or ()), (in_channels, image_size, image_size))
 
 
 def has_batchnorm(model: nn.Module) -> bool:

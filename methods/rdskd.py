@@ -18,6 +18,7 @@ the first student epoch's `gen/*` metrics non-finite, so the loop ends the run a
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -109,6 +110,10 @@ class RDSKD(DataFreeDistiller):
         if self._frozen:  # G stays in eval mode (running BN statistics) for the whole student phase
             self.generator.eval()
         return self
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        super().load_method_state(state)
+        self._phase_means = {}  # reported with student epoch 1, before the state was saved: not again on resume
 
     def epoch_metrics(self) -> dict[str, float]:
         """The generator phase's last-epoch means, once, with the first student epoch."""

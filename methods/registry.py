@@ -12,6 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from methods.plugins import load_entry_points
+
 Batches = Iterable[tuple[Tensor, Tensor | None]]
 
 
@@ -43,6 +45,12 @@ class TeacherPass:
         if self._out is None or self._key is None or self._key[0] is not x or self._key[1] != x._version:
             self._key, self._out = (x, x._version), self.teacher(x, features=True)
         return self._out
+
+
+# A params field that names a layer of the networks (a stage name, or a relative depth): `Field(...,
+# json_schema_extra=LAYER)`. The method's `check_setup` checks it against the networks it is given, so the
+# conformance kit does not ask it for bounds or a list of values.
+LAYER = {"kdo_layer": True}
 
 
 class MethodParams(BaseModel):
@@ -192,11 +200,19 @@ _BUILTIN_MODULES = ("methods.ce", "methods.kd", "methods.dkd", "methods.ddnn", "
 
 
 def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
-    """Class decorator: make a `Distiller` subclass available under `name`."""
+    """Class decorator: make a `Distiller` subclass available under `name`. The same class registered again (its
+    module imported anew) replaces itself; another class under a taken name is refused."""
 
     def wrap(cls: type[Distiller]) -> type[Distiller]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method '{name}' is already registered")
+        if not (isinstance(cls, type) and issubclass(cls, Distiller)):
+            raise ValueError(f"method '{name}': {cls!r} is not a Distiller subclass")
+        if "Params" not in vars(cls) or not (isinstance(cls.Params, type) and issubclass(cls.Params, MethodParams)):
+            raise ValueError(f"method '{name}': {cls.__name__} must set Params to its own MethodParams subclass (the "
+                             "method's hyperparameter schema, even an empty one)")
+        old = _METHODS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"method '{name}' is already registered (by {old.__module__}.{old.__qualname__}); "
+                             "pick another name")
         cls.method_name = name
         _METHODS[name] = cls
         return cls
@@ -204,9 +220,25 @@ def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
     return wrap
 
 
+class _UnknownParams(MethodParams):
+    model_config = ConfigDict(extra="allow")
+
+
+def stand_in(name: str) -> None:
+    """Register a placeholder for method `name` whose plugin cannot be imported: configs that name it validate (its
+    params unchecked), so a study's ledger can still be read and reported; it refuses to train."""
+
+    def forward(self: Distiller, x: Tensor, y: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        raise RuntimeError(f"method '{name}': its plugin could not be imported; this is only its name")
+
+    register(name)(type(f"Unavailable[{name}]", (Distiller,), {"Params": _UnknownParams, "forward": forward,
+                                                              "__module__": __name__}))
+
+
 def _load_builtins() -> None:
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    load_entry_points()
 
 
 def list_methods() -> list[str]:

@@ -22,6 +22,8 @@ Address = Annotated[str | None, typer.Option(help="Ray cluster address ('auto' f
 Verbose = Annotated[bool, typer.Option("--verbose", help="also Tune's status tables and the Ray workers' output")]
 GROUP_HELP = "runs of one seed trained as one group on shared batches and teacher passes (0: auto, 1: alone)"
 GroupSize = Annotated[int, typer.Option(help=GROUP_HELP)]
+Plugins = Annotated[list[str] | None, typer.Option("--plugin", help="user code to import first: a module name, a .py "
+                                                   "file or a package folder (repeatable)")]
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,11 +53,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.command("run")
 @user_errors
 def run_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped config name")],
-            set_: Overrides = None, address: Address = None) -> None:
+            set_: Overrides = None, address: Address = None, plugin: Plugins = None) -> None:
     """Run one distillation experiment and log it to MLflow."""
     from orchestrator.experiment.runner import run
 
-    result = run(config, set_ or [], address=address)
+    result = run(config, set_ or [], address=address, plugins=plugin or [])
     if result.status == "crashed":
         typer.echo(f"{result.name}: status=crashed ({result.reason}); MLflow run {result.run_id}", err=True)
         raise typer.Exit(1)
@@ -70,7 +72,7 @@ def run_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped con
 @teacher_app.command("train")
 @user_errors
 def teacher_train(config: Annotated[str, typer.Argument(help="experiment config that describes its teacher")],
-                  set_: Overrides = None, address: Address = None,
+                  set_: Overrides = None, address: Address = None, plugin: Plugins = None,
                   force: Annotated[bool, typer.Option(help="retrain even if cached")] = False) -> None:
     """Train the teacher a config describes, cache it and log it to MLflow (artifact `teacher`)."""
     from orchestrator.experiment.config import load_config, resolve_paths, teacher_key
@@ -78,11 +80,11 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
     from orchestrator.experiment.launch import init_ray
     from orchestrator.experiment.teachers import ensure_teacher, registered_teacher
 
-    cfg = resolve_paths(load_config(config, set_ or []))
+    cfg = resolve_paths(load_config(config, set_ or [], plugin or []))
     if cfg.teacher is None or cfg.teacher.architecture is None:
         raise ConfigError("teacher.architecture: this config gives no teacher description to train")
     splits = load_splits(cfg.data)
-    init_ray(address)
+    init_ray(address, plugins=cfg.plugins)
     ckpt, path = ensure_teacher(cfg, splits, force=force)
     metrics = ckpt.get("metrics", {})
     val = f"val_acc={metrics['val_acc']:.4f}" if "val_acc" in metrics else "no validation split"
@@ -117,7 +119,7 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
               max_failures: Annotated[int, typer.Option(help="retries of a crashed trial, from its checkpoint")] = 0,
               checkpoint_seconds: Annotated[float, typer.Option(help="seconds between trial checkpoints")] = 30.0,
               group_size: GroupSize = 0, set_: Overrides = None, address: Address = None,
-              verbose: Verbose = False) -> None:
+              verbose: Verbose = False, plugin: Plugins = None) -> None:
     """Search a method's hyperparameters with Ray Tune + Optuna; every run an MLflow child of the sweep."""
     if name is not None:
         check_name(name, "--name")  # before importing Ray: a typo fails at once (`sweep` checks it too)
@@ -126,7 +128,7 @@ def sweep_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped c
     result = sweep(config, space, trials=trials, sampler=sampler, scheduler=scheduler,  # type: ignore[arg-type]
                    concurrency=concurrency, seeds=_seed_list(seeds), name=name, address=address,
                    max_failures=max_failures, overrides=set_ or [], checkpoint_seconds=checkpoint_seconds,
-                   group_size=group_size, verbose=verbose)
+                   group_size=group_size, verbose=verbose, plugins=plugin or [])
     from orchestrator.search.display import print_sweep
 
     print_sweep(result)
@@ -139,14 +141,14 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
               name: Annotated[str | None, typer.Option(help="study name (default: the file's)")] = None,
               report: Annotated[str | None, typer.Option(help="report path (default ./<name>-report)")] = None,
               group_size: Annotated[int | None, typer.Option(help=GROUP_HELP + " (default: the study's)")] = None,
-              verbose: Verbose = False) -> None:
+              verbose: Verbose = False, plugin: Plugins = None) -> None:
     """A robustness study: each method's space covered evenly × seeds, analysed, plotted and reported."""
     from orchestrator.study.display import print_study
     from orchestrator.study.robustness import RobustnessStudy
 
     if name is not None:
         check_name(name, "--name")
-    spec = RobustnessStudy.from_yaml(study, set_ or [])  # everything validated before Ray starts
+    spec = RobustnessStudy.from_yaml(study, set_ or [], plugins=plugin or [])  # all validated before Ray starts
     changes = {k: v for k, v in (("name", name), ("group_size", group_size)) if v is not None}
     spec = (spec.replace(**changes) if changes else spec).claim_name()
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
@@ -183,17 +185,19 @@ def report_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
                report: Annotated[str | None, typer.Option(help="study report path (default ./<name>-report)")] = None,
-               ) -> None:
+               plugin: Plugins = None) -> None:
     """Rebuild a sweep's results table, or a study's analysis and report, from MLflow alone."""
     check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
     check_name(experiment, "--experiment")
+    from orchestrator.experiment.config_files import import_plugins
     from orchestrator.search.display import print_sweep
     from orchestrator.search.sweep import load_sweep
     from orchestrator.study.display import print_study
     from orchestrator.study.robustness import RobustnessStudy
 
+    import_plugins(plugin or [])  # a sweep's table needs none; a study loads its recorded ones
     if _is_study(name, tracking_uri, experiment):
-        study = RobustnessStudy.load(name, tracking_uri=tracking_uri, experiment=experiment)
+        study = RobustnessStudy.load(name, tracking_uri=tracking_uri, experiment=experiment, plugins=plugin or [])
         print_study(study.outcome(), study.report(report or f"{name}-report"))
     else:
         print_sweep(load_sweep(name, tracking_uri, experiment))
@@ -218,7 +222,7 @@ def export_optuna_cmd(name: Annotated[str, typer.Argument(help="study name")],
 def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
                tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default ./mlflow.db)")] = None,
                experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "kdo",
-               address: Address = None, verbose: Verbose = False,
+               address: Address = None, verbose: Verbose = False, plugin: Plugins = None,
                force: Annotated[bool, typer.Option(help="resume even if its driver seems alive")] = False) -> None:
     """Finish a sweep or study whose driver died: skip what is done, close and redo what was running."""
     check_name(name, "NAME")  # before importing Ray and MLflow (`ledger.find_parent` checks them too)
@@ -230,11 +234,11 @@ def resume_cmd(name: Annotated[str, typer.Argument(help="sweep or study name")],
 
     if _is_study(name, tracking_uri, experiment):
         study = RobustnessStudy.resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment,
-                                       force=force, verbose=verbose)
+                                       force=force, verbose=verbose, plugins=plugin or [])
         print_study(study.outcome(), study.report(f"{name}-report"))
     else:
         print_sweep(resume(name, address=address, tracking_uri=tracking_uri, experiment=experiment, force=force,
-                           verbose=verbose))
+                           verbose=verbose, plugins=plugin or []))
 
 
 def _seed_list(seeds: str) -> list[int]:
@@ -242,6 +246,25 @@ def _seed_list(seeds: str) -> list[int]:
         return [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got '{seeds}'") from None
+
+
+@app.command("check-method")
+@user_errors
+def check_method_cmd(method: Annotated[str, typer.Argument(help="the method's registered name")],
+                     plugin: Plugins = None, set_: Overrides = None,
+                     epochs: Annotated[int, typer.Option(help="epochs of each tiny run (>= 2)")] = 3) -> None:
+    """Check that a method behaves (schema, finite step, gradients, determinism, resume, grouping) on tiny
+    synthetic data in seconds; exit 1 if a check fails."""
+    if epochs < 2:
+        raise ConfigError(f"--epochs: at least 2, so a run can be stopped and resumed (got {epochs})")
+    from orchestrator.experiment.conformance import check_method
+
+    checks = check_method(method, overrides=set_ or [], plugins=plugin or [], epochs=epochs)
+    for c in checks:
+        word = {True: "pass", False: "FAIL", None: "skip"}[c.passed]
+        typer.echo(f"{word}  {c.name:<13} {c.seconds:5.2f} s  {c.detail}")
+    if any(c.passed is False for c in checks):
+        raise typer.Exit(1)
 
 
 @app.command("configs")

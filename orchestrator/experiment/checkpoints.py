@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from methods.hooked import HookedNet
 from methods.networks import FeatureNet, build_network
 from orchestrator.errors import ConfigError
 
@@ -25,11 +26,12 @@ _REQUIRED = ("architecture", "args", "num_classes", "in_channels", "image_size",
 
 
 def save_network(path: str | Path, model: nn.Module, *, architecture: str, args: dict[str, Any],
-                 num_classes: int, in_channels: int, image_size: int, **metrics: float) -> Path:
+                 num_classes: int, in_channels: int, image_size: int, features: list[str] | None = None,
+                 **metrics: float) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"architecture": architecture, "args": dict(args), "num_classes": num_classes,
+    torch.save({"architecture": architecture, "args": dict(args), "features": features, "num_classes": num_classes,
                 "in_channels": in_channels, "image_size": image_size, "state_dict": state,
                 "metrics": {k: float(v) for k, v in metrics.items()}}, path)
     return path
@@ -74,12 +76,40 @@ def build_from_checkpoint(ckpt: dict[str, Any], field: str = "teacher.checkpoint
     try:
         model = build_network(ckpt["architecture"], num_classes=int(ckpt["num_classes"]),
                               in_channels=int(ckpt["in_channels"]), image_size=int(ckpt["image_size"]),
-                              **ckpt["args"])
+                              features=ckpt.get("features"), **ckpt["args"])
         model.load_state_dict(ckpt["state_dict"])
     except (ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(f"{field}: weights do not match architecture '{ckpt['architecture']}': "
                           f"{str(err).splitlines()[0][:200]}") from None
     return model
+
+
+def weights_checkpoint(weights: Any, *, num_classes: int, in_channels: int, image_size: int) -> dict[str, Any]:
+    """A user's plain `state_dict` file (`teacher.weights`: path, architecture, args, features) as a kdo checkpoint;
+    the architecture is built for the data's shape and must take every tensor (one line otherwise)."""
+    field, path = "teacher.weights.path", Path(weights.path)
+    if not path.is_file():
+        raise ConfigError(f"{field}: file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise ConfigError(f"{field}: not a readable state_dict ({path}): {_load_failure(err)}") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{field}: {path} is not a state_dict (a mapping of tensor names to tensors; save it with "
+                          "torch.save(model.state_dict(), path))")
+    try:
+        model = build_network(weights.architecture, num_classes=num_classes, in_channels=in_channels,
+                              image_size=image_size, features=weights.features, **weights.args)
+        target = model.net if isinstance(model, HookedNet) else model
+        target.load_state_dict(state)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"teacher.weights: {path} does not fit architecture '{weights.architecture}': "
+                          f"{str(err).strip().splitlines()[0][:200]}") from None
+    return {"architecture": weights.architecture, "args": dict(weights.args), "features": weights.features,
+            "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "metrics": {}}
 
 
 def newest_checkpoints(folder: str | Path | None) -> list[Path]:

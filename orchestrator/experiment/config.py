@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import typing
@@ -13,10 +12,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from methods import get_method, list_methods
-from methods.networks import build_network, list_networks
+from methods.networks import list_networks
+from methods.plugins import load_plugins, merged
 from orchestrator.errors import ConfigError, check_name, format_validation_error
-from orchestrator.experiment.config_files import absolute_uri, apply_overrides, default_tracking_uri, read_yaml
+from orchestrator.experiment.config_files import (
+    absolute_uri,
+    apply_overrides,
+    default_tracking_uri,
+    import_plugins,
+    plugins_named,
+    read_yaml,
+)
 from orchestrator.experiment.data import DataConfig, dataset_info
+from orchestrator.experiment.network_checks import checked_network
 
 MAX_SEED = 2**31 - 1  # every seed torch, numpy and CUDA accept
 MAX_GROUP = 64  # the most runs one trial trains as a group (`group_size`)
@@ -29,6 +37,9 @@ class _Strict(BaseModel):
 class NetworkConfig(_Strict):
     architecture: str
     args: dict[str, Any] = {}
+    features: list[str] | None = Field(None, description="layers of a plain nn.Module network whose outputs are its "
+                                       "features (forward hooks), the last one the penultimate; zoo networks name "
+                                       "their own")
 
 
 class TrainingConfig(_Strict):
@@ -56,13 +67,25 @@ class TeacherDataConfig(_Strict):
     augment: bool | None = Field(None, description="crop (and flip) while training the teacher; None: data.augment")
 
 
+class TeacherWeights(_Strict):
+    """A pretrained teacher of your own: a plain `state_dict` file (`torch.save(model.state_dict(), path)`, read with
+    weights_only) for a registered architecture built with `args` (and `features`)."""
+
+    path: str
+    architecture: str
+    args: dict[str, Any] = {}
+    features: list[str] | None = None
+
+
 class TeacherConfig(_Strict):
     """A teacher is a checkpoint (file path, MLflow `runs:/<id>/teacher` or `models:/<name>/<version>`) or a
     description to train."""
 
     checkpoint: str | None = None
+    weights: TeacherWeights | None = None
     architecture: str | None = None
     args: dict[str, Any] = {}
+    features: list[str] | None = Field(None, description="a described teacher's feature layers (see student.features)")
     training: TrainingConfig = TrainingConfig(epochs=30)
     batch_size: int = Field(128, ge=1, le=65536, description="the teacher's own training batch size")
     data: TeacherDataConfig = TeacherDataConfig()
@@ -70,8 +93,9 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
-        if (self.checkpoint is None) == (self.architecture is None):
-            raise ValueError("teacher: give exactly one of teacher.checkpoint or teacher.architecture")
+        if sum(s is not None for s in (self.checkpoint, self.weights, self.architecture)) != 1:
+            raise ValueError("teacher: give exactly one of teacher.checkpoint (kdo's checkpoint, runs:/ or models:/), "
+                             "teacher.weights (your state_dict file) or teacher.architecture (trained here)")
         return self
 
 
@@ -120,21 +144,6 @@ class TrackingConfig(_Strict):
         return check_name(experiment, "tracking.experiment")
 
 
-def checked_network(architecture: str, args: dict[str, Any], *, num_classes: int, in_channels: int,
-                    image_size: int) -> Any:
-    """The network a check inspects (never trains): built once per distinct architecture, arguments and data shape,
-    however many points of a design or study name it (`_built`)."""
-    return _built(architecture, json.dumps(args, sort_keys=True, default=str), num_classes, in_channels, image_size)
-
-
-# functools' memo, bounded: the last few distinct networks a driver checked (a sweep's student and teacher, a
-# study's few students), so each is built once; a check only reads a network, so sharing it is safe.
-@functools.lru_cache(maxsize=4)
-def _built(architecture: str, args: str, num_classes: int, in_channels: int, image_size: int) -> Any:
-    return build_network(architecture, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                         **json.loads(args))
-
-
 def check_method_setup(cfg: ExperimentConfig, student: Any, teacher: Any) -> None:
     """The method's own check of the networks and scaling it is given (raises ValueError, one line)."""
     method = get_method(cfg.method.name)
@@ -151,6 +160,26 @@ class ExperimentConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    plugins: list[str] = Field([], description="user code imported before the rest is read, in the driver and in "
+                               "every Ray process: module names, or paths to a .py file or a package folder")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import(cls, raw: Any) -> Any:
+        """Plugins are imported before any field is read: they register the methods, networks and datasets named."""
+        named = raw.get("plugins") if isinstance(raw, dict) else None
+        if isinstance(named, list) and named and all(isinstance(p, str) for p in named):
+            try:
+                raw = {**raw, "plugins": import_plugins(merged(named))}
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return raw
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        """A config unpickled (a Ray task, trial or Train worker receives it) imports the user code it names first:
+        the one place every Ray process that trains a config loads its plugins."""
+        super().__setstate__(state)
+        load_plugins(self.plugins)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -161,21 +190,22 @@ class ExperimentConfig(_Strict):
         size = self.data.image_size or info.image_size
         nets = [("student", self.student)]
         if self.teacher is not None and self.teacher.architecture is not None:
-            nets.append(("teacher", NetworkConfig(architecture=self.teacher.architecture, args=self.teacher.args)))
+            nets.append(("teacher", NetworkConfig(architecture=self.teacher.architecture, args=self.teacher.args,
+                                                  features=self.teacher.features)))
         built = {}
         for where, net in nets:
             if net.architecture not in list_networks() and not net.architecture.startswith("wrn_"):
                 raise ValueError(f"{where}.architecture: unknown architecture '{net.architecture}'; "
                                  f"allowed: {', '.join(list_networks())}")
             try:
-                built[where] = checked_network(net.architecture, net.args, num_classes=info.num_classes,
+                built[where] = checked_network(net.architecture, net.args, net.features, num_classes=info.num_classes,
                                                in_channels=info.channels, image_size=size)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{where}: {err}") from None
             except (RuntimeError, MemoryError, OverflowError) as err:  # e.g. weights too large to allocate
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 raise ValueError(f"{where}.args: cannot build '{net.architecture}' with {net.args}: {first}") from None
-        if self.teacher is None or "teacher" in built:  # a checkpoint teacher is checked when it is loaded
+        if self.teacher is None or "teacher" in built:  # a checkpoint or weights teacher is checked when loaded
             check_method_setup(self, built["student"], built.get("teacher"))
         trained = [("training", self.training)]
         if self.teacher is not None and self.teacher.architecture is not None:
@@ -216,20 +246,26 @@ def teacher_label(cfg: ExperimentConfig) -> str:
     """How a run's teacher is named in its tags: the checkpoint, or the described architecture and its key."""
     if cfg.teacher is None:
         return "none"
+    if cfg.teacher.weights is not None:
+        return f"{cfg.teacher.weights.architecture} (weights {cfg.teacher.weights.path})"
     return cfg.teacher.checkpoint or f"{cfg.teacher.architecture} (trained, key {teacher_key(cfg)})"
 
 
 
 def load_config(source: str | Path | dict[str, Any] | ExperimentConfig,
-                overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
-    """Build a validated `ExperimentConfig` from a path, a shipped name, a dict or a config."""
+                overrides: typing.Iterable[str] = (), plugins: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Build a validated `ExperimentConfig` from a path, a shipped name, a dict or a config; `plugins` join the ones
+    it names (a file's relative plugin paths are read beside it)."""
+    beside = None
     if isinstance(source, ExperimentConfig):
         raw = source.model_dump(mode="json")
     elif isinstance(source, dict):
         raw = json.loads(json.dumps(source))  # a deep copy the overrides may change
     else:
         raw = read_yaml(source)
+        beside = Path(source).parent if Path(source).is_file() else None
     raw = apply_overrides(raw, overrides)
+    raw["plugins"] = merged(plugins_named(raw, "", beside), plugins)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
@@ -248,4 +284,6 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         cfg.teacher.cache_dir = str(Path(cfg.teacher.cache_dir).expanduser().resolve())
         if cfg.teacher.checkpoint is not None:
             cfg.teacher.checkpoint = absolute_uri(cfg.teacher.checkpoint)
+        if cfg.teacher.weights is not None:
+            cfg.teacher.weights.path = str(Path(cfg.teacher.weights.path).expanduser().resolve())
     return cfg

@@ -43,6 +43,30 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def plugins_named(raw: dict[str, Any], where: str, beside: Path | None = None) -> list[str]:
+    """The `plugins:` a config, space or study file names, their relative paths resolved beside the file (then in the
+    working directory); ConfigError when it is not a list of names and paths."""
+    from methods.plugins import resolve
+
+    named = raw.get("plugins") or []
+    if not isinstance(named, list) or not all(isinstance(p, str) and p.strip() for p in named):
+        raise ConfigError(f"{where}plugins: a list of module names or paths to a .py file or a package folder "
+                          f"(got {named!r})")
+    return [resolve(p, *([beside] if beside is not None else [])) for p in named]
+
+
+def import_plugins(specs: typing.Iterable[str], where: str = "") -> list[str]:
+    """Import user code (idempotent) and return the specs, relative paths made absolute; one line on failure."""
+    from methods.plugins import PluginError, load_plugins, resolve
+
+    resolved = [resolve(spec) for spec in specs]
+    try:
+        load_plugins(resolved)
+    except PluginError as err:
+        raise ConfigError(f"{where}plugins: {err}") from None
+    return resolved
+
+
 def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
     """Set `a.b.c` in a nested config dict, creating missing (or null) sections on the way."""
     node = raw

@@ -19,17 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.cifar import cifar_folder, read_cifar
+from orchestrator.experiment.datasets import (
+    Arrays,
+    DatasetInfo,
+    add_builtin,
+    checked_arrays,
+    list_datasets,
+    loader,
+    registered_info,
+)
 from orchestrator.experiment.idx import fashion_mnist_files, read_idx
-
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    channels: int
-    image_size: int
-    num_classes: int
-    flip: bool  # horizontal flips preserve the label (not for digits or house numbers)
 
 
 @dataclass
@@ -45,21 +44,6 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     info: DatasetInfo
-
-
-_STATIC_INFO = {
-    "digits": DatasetInfo(1, 8, 10, flip=False),
-    "mnist": DatasetInfo(1, 28, 10, flip=False),
-    "fashion_mnist": DatasetInfo(1, 28, 10, flip=False),
-    "mnist5k": DatasetInfo(1, 28, 10, flip=False),
-    "cifar10": DatasetInfo(3, 32, 10, flip=True),
-    "cifar100": DatasetInfo(3, 32, 100, flip=True),
-    "svhn": DatasetInfo(3, 32, 10, flip=False),
-}
-
-
-def list_datasets() -> list[str]:
-    return sorted([*_STATIC_INFO, "synthetic"])
 
 
 class SyntheticConfig(BaseModel):
@@ -105,7 +89,7 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     if cfg.name == "synthetic":
         s = cfg.synthetic
         return DatasetInfo(s.channels, s.image_size, s.num_classes, flip=False)
-    return _STATIC_INFO[cfg.name]
+    return registered_info(cfg.name)
 
 
 def _fixed_test_split(images: np.ndarray, labels: np.ndarray) -> Arrays:
@@ -219,14 +203,19 @@ def _load_synthetic(cfg: DataConfig) -> Arrays:
     return tr_x, tr_y, te_x, te_y
 
 
-_LOADERS: dict[str, Callable[[DataConfig], Arrays]] = {
-    "digits": _load_digits,
-    "mnist5k": _load_mnist5k,
-    "fashion_mnist": _load_fashion_mnist,
-    "synthetic": _load_synthetic,
-    **{name: _torchvision(name) for name in ("mnist", "svhn")},
-    **{name: _cifar(name) for name in ("cifar10", "cifar100")},
-}
+add_builtin("digits", DatasetInfo(1, 8, 10, flip=False), _load_digits)
+add_builtin("mnist", DatasetInfo(1, 28, 10, flip=False), _torchvision("mnist"))
+add_builtin("fashion_mnist", DatasetInfo(1, 28, 10, flip=False), _load_fashion_mnist)
+add_builtin("mnist5k", DatasetInfo(1, 28, 10, flip=False), _load_mnist5k)
+add_builtin("cifar10", DatasetInfo(3, 32, 10, flip=True), _cifar("cifar10"))
+add_builtin("cifar100", DatasetInfo(3, 32, 100, flip=True), _cifar("cifar100"))
+add_builtin("svhn", DatasetInfo(3, 32, 10, flip=False), _torchvision("svhn"))
+
+
+def _load(cfg: DataConfig, info: DatasetInfo) -> Arrays:
+    if cfg.name == "synthetic":
+        return _load_synthetic(cfg)
+    return checked_arrays(cfg.name, info, loader(cfg.name)(cfg))
 
 
 def _resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -241,7 +230,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Load a dataset and split train/val (stratified, `split_seed`); the test split is kept whole.
     `val_fraction` 0 trains on the whole training set and leaves the validation split empty."""
     info = dataset_info(cfg)
-    tr_x, tr_y, te_x, te_y = _LOADERS[cfg.name](cfg)
+    tr_x, tr_y, te_x, te_y = _load(cfg, info)
     if cfg.val_fraction > 0:
         from sklearn.model_selection import train_test_split
 

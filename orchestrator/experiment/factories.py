@@ -40,5 +40,5 @@ def autocast(device: torch.device, precision: str) -> Any:
 def build_student(cfg: ExperimentConfig, splits: Splits) -> FeatureNet:
     info = splits.info
     return build_network(cfg.student.architecture, num_classes=info.num_classes, in_channels=info.channels,
-                         image_size=info.image_size, **cfg.student.args)
+                         image_size=info.image_size, features=cfg.student.features, **cfg.student.args)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from methods.plugins import is_path
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
@@ -55,14 +56,17 @@ class RunResult:
         return ui_hint(self.tracking_uri, self.experiment_id)
 
 
-def init_ray(address: str | None = None, *, verbose: bool = False) -> None:
+def init_ray(address: str | None = None, *, verbose: bool = False, plugins: list[str] | tuple[str, ...] = ()) -> None:
     """Connect to `address` (or $RAY_ADDRESS), else start a local runtime; reuse a live one.
 
     Workers' output reaches the driver's console only when `verbose`: what the user sees (epochs, runs) the
-    driver reads from MLflow, and a worker's traceback when Ray ends it at shutdown is no news."""
+    driver reads from MLflow, and a worker's traceback when Ray ends it at shutdown is no news. Plugin files and
+    folders travel to every node as the job's `py_modules` (a worker imports that copy: `methods.plugins`)."""
     import ray
 
+    files = [p for p in plugins if is_path(p)]
     if ray.is_initialized():
+        _check_plugins_reach(files)
         return
     address = address or os.environ.get("RAY_ADDRESS")
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -70,7 +74,27 @@ def init_ray(address: str | None = None, *, verbose: bool = False) -> None:
         # Ray 2.60 turns token auth on by itself only for address=None/"auto"; a `ray start` cluster
         # reached by host:port otherwise refuses the driver with an opaque ConnectionError.
         os.environ["RAY_AUTH_MODE"] = "token"
-    ray.init(address=address, log_to_driver=verbose, configure_logging=True, logging_level="WARNING")
+    ray.init(address=address, log_to_driver=verbose, configure_logging=True, logging_level="WARNING",
+             runtime_env={"py_modules": files} if files else None)
+    _shipped.update(files)
+
+
+_shipped: set[str] = set()  # the plugin files this process's Ray job ships to its workers
+
+
+def _check_plugins_reach(files: list[str]) -> None:
+    """Ray was started before these plugins were named (a notebook's `ray.init`, an earlier run): its job cannot
+    ship them any more. On one machine every worker reads them from their path; across machines, one line."""
+    import ray
+
+    if not files or set(files) <= _shipped or ray.get_runtime_context().runtime_env.get("py_modules"):
+        return
+    here = ray.util.get_node_ip_address()
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if hosts - {here}:
+        raise ConfigError(f"plugins: Ray was started without {', '.join(files)}, so nodes other than this one cannot "
+                          f"import them; call ray.init(runtime_env={{'py_modules': {files}}}) yourself, or "
+                          "ray.shutdown() and let kdo start Ray")
 
 
 def check_resources(cfg: ExperimentConfig) -> None:

@@ -276,6 +276,7 @@ class Training:
         """The selected student (its weights loaded), with the epoch and metrics of those weights."""
         cfg, info, name = self.cfg, self.splits.info, self.artifact_name
         save_network(folder / f"{name}.pt", student, architecture=cfg.student.architecture, args=cfg.student.args,
+                     features=cfg.student.features,
                      num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size,
                      **({"val_acc": self.best_val} if self.validated else {}), epoch=self.best_epoch,
                      test_acc=test_acc)

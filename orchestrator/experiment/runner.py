@@ -17,11 +17,12 @@ ConfigSource = str | Path | dict[str, Any] | ExperimentConfig
 
 
 def check(config: ConfigSource, overrides: list[str] | None = None, *,
-          checkpoints: dict[str, dict[str, Any]] | None = None) -> ExperimentConfig:
+          checkpoints: dict[str, dict[str, Any]] | None = None, plugins: list[str] | tuple[str, ...] = ()
+          ) -> ExperimentConfig:
     """The validated config with every path and URI absolute; a given teacher checkpoint is read and checked
     against the data and the method. Never starts Ray and trains nothing; raises ConfigError (one line).
-    `checkpoints` caches teacher checkpoints by source when many points share one."""
-    cfg = resolve_paths(load_config(config, overrides or []))
+    `checkpoints` caches teacher checkpoints by source when many points share one; `plugins` join the config's."""
+    cfg = resolve_paths(load_config(config, overrides or [], plugins))
     check_teacher_checkpoint(cfg, checkpoints)
     return cfg
 
@@ -44,15 +45,18 @@ def provision(cfg: ExperimentConfig, *, address: str | None = None,
     teacher = check_teacher_checkpoint(cfg, checkpoints)
     assert cfg.tracking.uri is not None
     check_store(cfg.tracking.uri)
-    init_ray(address, verbose=verbose)
+    init_ray(address, verbose=verbose, plugins=cfg.plugins)
     check_resources(cfg)  # what the cluster can never grant is an error, not a request pending for ever
     if cfg.teacher is not None and cfg.teacher.architecture is not None:
         teacher, _ = ensure_teacher(cfg, splits)
     return Prepared(cfg, splits, teacher)
 
 
-def run(config: ConfigSource, overrides: list[str] | None = None, *, address: str | None = None) -> RunResult:
-    """Run one experiment (a YAML path, a shipped config name, a dict or an `ExperimentConfig`)."""
+def run(config: ConfigSource, overrides: list[str] | None = None, *, address: str | None = None,
+        plugins: list[str] | tuple[str, ...] = ()) -> RunResult:
+    """Run one experiment (a YAML path, a shipped config name, a dict or an `ExperimentConfig`); `plugins` (module
+    names or paths) are imported first, here and in every Ray process."""
     checkpoints: dict[str, dict[str, Any]] = {}
-    p = provision(check(config, overrides, checkpoints=checkpoints), address=address, checkpoints=checkpoints)
+    p = provision(check(config, overrides, checkpoints=checkpoints, plugins=plugins), address=address,
+                  checkpoints=checkpoints)
     return execute(p.config, p.splits, p.teacher)

@@ -11,17 +11,22 @@ from typing import Any
 from filelock import FileLock
 
 from orchestrator.errors import ConfigError
-from orchestrator.experiment.checkpoints import build_from_checkpoint, check_compatible, load_checkpoint
+from orchestrator.experiment.checkpoints import (
+    build_from_checkpoint,
+    check_compatible,
+    load_checkpoint,
+    weights_checkpoint,
+)
 from orchestrator.experiment.config import (
     ExperimentConfig,
     NetworkConfig,
     check_method_setup,
-    checked_network,
     teacher_key,
 )
 from orchestrator.experiment.data import Splits, dataset_info
 from orchestrator.experiment.launch import execute
 from orchestrator.experiment.model_registry import register_checkpoint
+from orchestrator.experiment.network_checks import checked_network
 from orchestrator.experiment.store import client as mlflow_client
 from orchestrator.experiment.store import mask_uri
 
@@ -31,7 +36,8 @@ def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
     assert cfg.teacher is not None and cfg.teacher.architecture is not None
     raw = cfg.model_dump(mode="json")
     raw.update(name=f"teacher-{teacher_key(cfg)}", teacher=None, method={"name": "ce", "params": {}},
-               student=NetworkConfig(architecture=cfg.teacher.architecture, args=cfg.teacher.args).model_dump(),
+               student=NetworkConfig(architecture=cfg.teacher.architecture, args=cfg.teacher.args,
+                                     features=cfg.teacher.features).model_dump(),
                training=cfg.teacher.training.model_dump(mode="json"))
     raw["data"]["batch_size"] = cfg.teacher.batch_size
     if cfg.teacher.data.augment is not None:
@@ -43,23 +49,31 @@ def check_teacher_checkpoint(cfg: ExperimentConfig, loaded: dict[str, dict[str, 
                              ) -> dict[str, Any] | None:
     """Load and check a given teacher checkpoint (file, MLflow `runs:/` or `models:/` URI) against the data's shape
     and the method; None for a described teacher. `loaded` caches checkpoints by source across a design's points."""
-    if cfg.teacher is None or cfg.teacher.checkpoint is None:
+    if cfg.teacher is None or (cfg.teacher.checkpoint is None and cfg.teacher.weights is None):
         return None
-    source = cfg.teacher.checkpoint
+    source = cfg.teacher.checkpoint or f"weights:{cfg.teacher.weights.path}"  # type: ignore[union-attr]
     info = dataset_info(cfg.data)
     size = cfg.data.image_size or info.image_size
     if loaded is not None and source in loaded:  # loaded and built once already: its architecture is what counts
         ckpt = loaded[source]
-        teacher = checked_network(ckpt["architecture"], ckpt["args"], num_classes=ckpt["num_classes"],
+        teacher = checked_network(ckpt["architecture"], ckpt["args"], ckpt.get("features"),
+                                  num_classes=ckpt["num_classes"],
                                   in_channels=ckpt["in_channels"], image_size=ckpt["image_size"])
+    elif cfg.teacher.weights is not None:
+        ckpt = weights_checkpoint(cfg.teacher.weights, num_classes=info.num_classes, in_channels=info.channels,
+                                  image_size=size)
+        teacher = build_from_checkpoint(ckpt, "teacher.weights")
     else:
         path = str(_download_teacher(cfg, source)) if source.startswith(("runs:/", "models:/")) else source
         ckpt = load_checkpoint(path)
         check_compatible(ckpt, num_classes=info.num_classes, in_channels=info.channels, image_size=size)
         teacher = build_from_checkpoint(ckpt)  # tensors that do not fit the architecture fail here, not on a worker
+    if loaded is not None:
+        loaded[source] = ckpt
         if loaded is not None:
             loaded[source] = ckpt
-    student = checked_network(cfg.student.architecture, cfg.student.args, num_classes=info.num_classes,
+    student = checked_network(cfg.student.architecture, cfg.student.args, cfg.student.features,
+                              num_classes=info.num_classes,
                               in_channels=info.channels, image_size=size)
     try:
         check_method_setup(cfg, student, teacher)

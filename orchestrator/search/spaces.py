@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestrator.errors import ConfigError, format_validation_error
 from orchestrator.experiment.config import ExperimentConfig, require_validation
-from orchestrator.experiment.config_files import set_path
+from orchestrator.experiment.config_files import plugins_named, set_path
 
 
 class ParamSpec(BaseModel):
@@ -78,6 +78,7 @@ class SearchSpace(BaseModel):
     method: str | None = Field(None, description="the method this space is for (checked against the config)")
     parameters: dict[str, ParamSpec] = Field(..., min_length=1)
     fixed: dict[str, Any] = {}
+    plugins: list[str] = Field([], description="user code the space's method needs (joined to the config's)")
     source: str = ""
 
     @model_validator(mode="before")
@@ -119,6 +120,20 @@ def fixed_by(space: SearchSpace, overrides: list[str]) -> SearchSpace:
                           "left to search; drop a --set, or give a space that varies something else")
     return space.model_copy(update={"parameters": kept,
                                     "fixed": {p: v for p, v in space.fixed.items() if p not in named}})
+
+
+def space_plugins(source: str | Path | dict[str, Any] | None) -> list[str]:
+    """The plugins a space names (a file's relative paths resolved beside it), read before the config is: the
+    config may run the method they register."""
+    if isinstance(source, dict):
+        return plugins_named(source, "space: ")
+    if source is None or not Path(source).is_file():
+        return []
+    try:
+        raw = yaml.safe_load(Path(source).read_text())
+    except yaml.YAMLError:
+        return []  # `load_space` says what is wrong with the file
+    return plugins_named(raw, f"{source}: ", Path(source).parent) if isinstance(raw, dict) else []
 
 
 def load_space(source: str | Path | dict[str, Any], base: ExperimentConfig) -> SearchSpace:

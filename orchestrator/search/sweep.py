@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from methods.plugins import merged, replaced
 from orchestrator.errors import ConfigError, check_name
 from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, require_validation
 from orchestrator.experiment.config_files import read_yaml
@@ -28,7 +29,7 @@ from orchestrator.search import ledger, parent
 from orchestrator.search.design import build_design
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.points import FIXED_DESIGNS, Point, Sampler, TrialOptions, point_config
-from orchestrator.search.spaces import SearchSpace, fixed_by, load_space
+from orchestrator.search.spaces import SearchSpace, fixed_by, load_space, space_plugins
 from orchestrator.search.status import FAILED
 from orchestrator.search.tuner import run_points, run_search, trial_resources
 
@@ -142,7 +143,7 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
           metric: str = "val_acc", seeds: list[int] | tuple[int, ...] = (0,), name: str | None = None,
           address: str | None = None, max_failures: int = 0, overrides: list[str] | None = None,
           design_seed: int = 0, checkpoint_seconds: float = 30.0, group_size: int = 0,
-          verbose: bool = False) -> SweepResult:
+          verbose: bool = False, plugins: list[str] | tuple[str, ...] = ()) -> SweepResult:
     """Search `space` (a shipped method name, a YAML path or a dict; default: the method's own) with Tune.
 
     `trials` counts settings (a grid's size is fixed by the space). Adaptive samplers (`tpe`, `random`:
@@ -151,10 +152,10 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     `group_size` per trial (0: auto, 1: one run per trial) on shared batches and teacher passes. A trial that
     crashes is retried `max_failures` times from its last checkpoint (taken `checkpoint_seconds` apart).
     Progress is one live panel on a terminal, else one line per run; `verbose` adds Tune's status output and
-    the Ray workers' own output.
+    the Ray workers' own output. `plugins` (module names or paths) join those the config and the space name.
     """
     checkpoints: dict[str, dict[str, Any]] = {}
-    cfg = check(config, overrides, checkpoints=checkpoints)
+    cfg = check(config, overrides, checkpoints=checkpoints, plugins=merged(space_plugins(space), plugins))
     require_validation(cfg, "sweep")
     options = _options(sampler, scheduler, trials, concurrency, metric, list(seeds), max_failures, design_seed,
                        checkpoint_seconds, group_size, cfg)
@@ -175,14 +176,16 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
 
 
 def resume(name: str, *, address: str | None = None, tracking_uri: str | None = None,
-           experiment: str = "kdo", force: bool = False, verbose: bool = False) -> SweepResult:
+           experiment: str = "kdo", force: bool = False, verbose: bool = False,
+           plugins: list[str] | tuple[str, ...] = ()) -> SweepResult:
     """Finish a sweep whose driver died or was stopped: nothing final is rerun; crashed and interrupted runs are
     redone, continuing from their checkpoints where they have one (older attempts end `superseded`).
 
     The ledger is the sweep's MLflow children (not Tune's state, which is snapshotted only every few
     seconds): fixed designs run only their missing (setting, seed) points; adaptive sweeps re-enqueue
     every setting seen (finished seeds are replayed from MLflow, not trained) and draw the rest anew.
-    Refused while the sweep's driver is alive (`force` resumes regardless).
+    Refused while the sweep's driver is alive (`force` resumes regardless). The plugins the sweep recorded are
+    imported again; one of `plugins` takes the place of a recorded one of the same module name (a file that moved).
     """
     uri, client, found = parent.find("sweep", name, tracking_uri, experiment, to_resume=True, force=force)
     parent_id = found.info.run_id
@@ -191,6 +194,7 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     with tempfile.TemporaryDirectory(prefix="kdo-resume-") as local:
         raw = read_yaml(client.download_artifacts(parent_id, "config.yaml", local))
         raw["tracking"]["uri"] = uri  # the logged config shows credentials masked: use the store it was found in
+        raw["plugins"] = replaced(raw.get("plugins") or [], plugins)
         cfg = check(raw, checkpoints=checkpoints)
         space_obj = SearchSpace.model_validate_json(Path(client.download_artifacts(parent_id, "space.json",
                                                                                    local)).read_text())

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from methods import get_method, list_methods
+from methods.plugins import merged
 from orchestrator.errors import ConfigError
 from orchestrator.experiment.config import ExperimentConfig, load_config, require_validation, resolve_paths
 from orchestrator.experiment.teachers import check_teacher_checkpoint
@@ -43,14 +44,16 @@ class StudyPlan:
 
     def shared_config(self) -> ExperimentConfig:
         """The config `provision` uses: data and teacher are the same for every point."""
-        return next((p.config for p in self.points if get_method(p.config.method.name).needs_teacher),
-                    self.points[0].config)
+        cfg = next((p.config for p in self.points if get_method(p.config.method.name).needs_teacher),
+                   self.points[0].config)
+        every = merged(*(p.config.plugins for p in self.points))  # all of them reach Ray's workers (`init_ray`)
+        return cfg if cfg.plugins == every else cfg.model_copy(update={"plugins": every})
 
 
 def plan_study(spec: StudySpec) -> StudyPlan:
     """Check everything the user can get wrong in a study (configs, spaces, design sizes, comparisons) and plan its
     points; ConfigError (one line) on the first problem."""
-    base = load_config(spec.config, spec.set)
+    base = load_config(spec.config, spec.set, spec.plugins)
     require_validation(base, "study")
     for ref in spec.references:
         if ref not in list_methods():

@@ -36,6 +36,7 @@ from orchestrator.study.spec import (
     build_spec,
     method_entry,
     read_spec,
+    recorded_plugins,
     shipped_studies,
     stored_spec,
 )
@@ -65,7 +66,7 @@ class RobustnessStudy:
                  metric: str = "val_acc", *, references: list[str] | tuple[str, ...] = ("ce",), delta: float = 1.0,
                  compare: list[tuple[str, str]] | None = None, concurrency: int = 2, design_seed: int = 0,
                  overrides: list[str] | None = None, max_failures: int = 0, checkpoint_seconds: float = 30.0,
-                 group_size: int = 0) -> None:
+                 group_size: int = 0, plugins: list[str] | tuple[str, ...] = ()) -> None:
         if isinstance(base_config, ExperimentConfig):
             base_config = base_config.model_dump(mode="json")
         self._adopt(build_spec(
@@ -73,7 +74,8 @@ class RobustnessStudy:
             methods={m: method_entry(v) for m, v in methods.items()}, design=design, n_settings=n_settings,
             seeds=list(seeds), include_defaults=include_defaults, references=list(references), metric=metric,
             delta=delta, compare=compare or [], concurrency=concurrency, design_seed=design_seed, set=overrides or [],
-            max_failures=max_failures, checkpoint_seconds=checkpoint_seconds, group_size=group_size))
+            max_failures=max_failures, checkpoint_seconds=checkpoint_seconds, group_size=group_size,
+            plugins=list(plugins)))
 
     def _adopt(self, spec: StudySpec, *, explicit_name: bool = False) -> None:
         """Become the study `spec` describes: planned once (`plan.plan_study`), not run yet."""
@@ -94,9 +96,11 @@ class RobustnessStudy:
         return study
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RobustnessStudy:
-        """A `STUDY.yaml` (a path, or the name of a shipped study in `search_spaces/studies/`)."""
-        return cls.from_spec(read_spec(path, overrides))
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None,
+                  plugins: list[str] | tuple[str, ...] = ()) -> RobustnessStudy:
+        """A `STUDY.yaml` (a path, or the name of a shipped study in `search_spaces/studies/`); `plugins` join the
+        file's."""
+        return cls.from_spec(read_spec(path, overrides, plugins))
 
     def replace(self, **changes: Any) -> RobustnessStudy:
         """The same study with some spec fields changed (name, seeds, n_settings, ...), validated anew. A name
@@ -153,10 +157,12 @@ class RobustnessStudy:
 
     @classmethod
     def resume(cls, name: str, *, address: str | None = None, tracking_uri: str | None = None,
-               experiment: str = "kdo", force: bool = False, verbose: bool = False) -> RobustnessStudy:
+               experiment: str = "kdo", force: bool = False, verbose: bool = False,
+               plugins: list[str] | tuple[str, ...] = ()) -> RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run. Refused while
-        its driver is alive (`force` resumes regardless)."""
-        study, found = cls._from_mlflow(name, tracking_uri, experiment, to_resume=True, force=force)
+        its driver is alive (`force` resumes regardless). Its recorded plugins are imported again; one of `plugins`
+        takes the place of a recorded one of the same module name (a file that moved)."""
+        study, found = cls._from_mlflow(name, tracking_uri, experiment, to_resume=True, force=force, plugins=plugins)
         checkpoints = study.plan.checked()
         shared = study.plan.shared_config()
         run = parent.reopen("study", found, study._uri, shared)
@@ -187,18 +193,21 @@ class RobustnessStudy:
         return self
 
     @classmethod
-    def load(cls, name: str, *, tracking_uri: str | None = None, experiment: str = "kdo") -> RobustnessStudy:
-        """Rebuild a finished (or interrupted) study from MLflow alone, to analyse it without rerunning."""
-        return cls._from_mlflow(name, tracking_uri, experiment)[0]
+    def load(cls, name: str, *, tracking_uri: str | None = None, experiment: str = "kdo",
+             plugins: list[str] | tuple[str, ...] = ()) -> RobustnessStudy:
+        """Rebuild a finished (or interrupted) study from MLflow alone, to analyse it without rerunning. A recorded
+        plugin that cannot be imported any more is one warning line: its methods' rows still come from the ledger."""
+        return cls._from_mlflow(name, tracking_uri, experiment, plugins=plugins)[0]
 
     @classmethod
     def _from_mlflow(cls, name: str, tracking_uri: str | None, experiment: str, *, to_resume: bool = False,
-                     force: bool = False) -> tuple[RobustnessStudy, Any]:
+                     force: bool = False, plugins: list[str] | tuple[str, ...] = ()) -> tuple[RobustnessStudy, Any]:
         uri, client, found = parent.find("study", name, tracking_uri, experiment, to_resume=to_resume, force=force)
         with tempfile.TemporaryDirectory(prefix="kdo-study-") as folder:
             raw = json.loads(Path(client.download_artifacts(found.info.run_id, "study.json", folder)).read_text())
         raw.pop("tracking", None)
         raw["config"]["tracking"]["uri"] = uri
+        recorded_plugins(raw, plugins, f"study {name}", to_resume=to_resume)
         study = cls.from_spec(StudySpec.model_validate(raw))
         study.parent_run_id, study.experiment_id, study._uri = found.info.run_id, found.info.experiment_id, uri
         return study, found

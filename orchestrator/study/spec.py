@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -12,8 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from methods import get_method, list_methods
+from methods.plugins import merged, replaced
 from orchestrator.errors import ConfigError, check_name, format_validation_error
 from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, load_config
+from orchestrator.experiment.config_files import import_plugins, plugins_named
 from orchestrator.search.spaces import SearchSpace
 
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -62,6 +65,20 @@ class StudySpec(BaseModel):
                             "group on shared batches and teacher passes (0: auto, 1: every run alone)")
     design_seed: int = Field(0, ge=0)
     set: list[str] = Field([], description="overrides of the base config: a.b=value")
+    plugins: list[str] = Field([], description="user code the study's methods, networks or datasets need: module "
+                               "names or paths (imported before the rest is read, and in every Ray process)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import(cls, raw: Any) -> Any:
+        """Plugins are imported before the entries are read: they register the methods named."""
+        named = raw.get("plugins") if isinstance(raw, dict) else None
+        if isinstance(named, list) and named and all(isinstance(p, str) for p in named):
+            try:
+                raw = {**raw, "plugins": import_plugins(named)}
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return raw
 
     @field_validator("name")
     @classmethod
@@ -138,8 +155,10 @@ def method_entry(value: Any) -> dict[str, Any] | None:
     return {"space": value}
 
 
-def read_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
-    """A `STUDY.yaml` (a path, or the name of a shipped study), with a config beside it resolved."""
+def read_spec(path: str | Path, overrides: list[str] | None = None, plugins: list[str] | tuple[str, ...] = ()
+              ) -> StudySpec:
+    """A `STUDY.yaml` (a path, or the name of a shipped study), with a config and plugins beside it resolved;
+    `plugins` join the file's."""
     source = study_path(path)
     try:
         raw = yaml.safe_load(source.read_text())
@@ -147,12 +166,35 @@ def read_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec
         raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a study is a mapping with name, config and methods")
-    spec = build_spec(**raw)
+    spec = build_spec(**{**raw, "plugins": merged(plugins_named(raw, "study.", source.parent), plugins)})
     methods = {label: entry if entry is None or entry.config is None
                else entry.model_copy(update={"config": _beside(source, entry.config)})
                for label, entry in spec.methods.items()}
     return spec.model_copy(update={"config": _beside(source, spec.config), "methods": methods,
                                    "set": [*spec.set, *(overrides or [])]})
+
+
+def recorded_plugins(raw: dict[str, Any], given: list[str] | tuple[str, ...], what: str, *, to_resume: bool) -> None:
+    """The plugins a stored study (`study.json`) recorded, with `given` taking the place of a recorded one of the same
+    module name, imported now. To resume, one that fails is the error; to read the ledger, one warning line, and its
+    methods are stand-ins (`methods.registry.stand_in`) whose recorded configs validate without their code."""
+    from methods.registry import stand_in
+
+    raw["plugins"] = replaced(raw.get("plugins") or [], given)
+    for section in (raw["config"], *(e["config"] for e in raw["methods"].values() if e and e.get("config"))):
+        section["plugins"] = replaced(section.get("plugins") or [], given)
+    try:
+        import_plugins(raw["plugins"])
+    except ConfigError as err:
+        if to_resume:
+            raise ConfigError(f"{err} (recorded by {what}; pass --plugin with its new place)") from None
+        print(f"warning: {err} (recorded by {what}); its results are read from the ledger alone", file=sys.stderr)
+        labels = {label: (entry or {}).get("method") or label for label, entry in raw["methods"].items()}
+        for method in {*labels.values(), *raw.get("references", [])} - set(list_methods()):
+            stand_in(method)
+        for section in (raw["config"], *(e["config"] for e in raw["methods"].values() if e and e.get("config"))):
+            section["plugins"] = []
+        raw["plugins"] = []
 
 
 def _beside(source: Path, config: str | dict[str, Any]) -> str | dict[str, Any]:
@@ -185,7 +227,8 @@ def method_config(base: ExperimentConfig, label: str, method: str, entry: Method
     An entry's own config must train the study's teacher on the study's data (they are provisioned once)."""
     own = entry.config is not None
     try:
-        raw = load_config(entry.config, overrides).model_dump(mode="json") if own else base.model_dump(mode="json")
+        raw = (load_config(entry.config, overrides, base.plugins).model_dump(mode="json") if own
+               else base.model_dump(mode="json"))
     except ConfigError as err:
         raise ConfigError(f"study.methods.{label}.config: {err}") from None
     params = raw["method"]["params"] if own and raw["method"]["name"] == method else {}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import orchestrator.experiment.config as config_module
+import orchestrator.experiment.network_checks as config_module
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import load_splits
 from orchestrator.experiment.runner import check
