@@ -16,7 +16,7 @@ def resolve_stage(net: FeatureNet, spec: str | float) -> str:
     (1/3, 1/2, 2/3): the stage at position ceil(depth * n), 1-based, so 1/2 of 3 stages is stage2."""
     names = net.stage_names
     if not names:
-        raise ValueError(f"the network ({type(net).__name__}) names no features; name its layers in student.features "
+        raise ValueError("the network names no features; name its layers in student.features "
                          "or teacher.features")
     if isinstance(spec, str):
         if spec not in names:

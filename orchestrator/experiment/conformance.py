@@ -65,7 +65,10 @@ def check_method(name: str, *, overrides: Iterable[str] = (), plugins: Iterable[
     config (e.g. `student.architecture=...` for a method that needs a particular network), `plugins` are imported
     first. A check that cannot run because an earlier one failed is reported with `passed=None`."""
     import_plugins(plugins)
-    method = get_method(name)
+    try:
+        method = get_method(name)
+    except KeyError as err:
+        raise ConfigError(f"METHOD: {err.args[0]}") from None
     checks = [_timed("schema", lambda: _schema(method.Params))]
     try:
         raw = {**TINY, "method": {"name": name}, "training": {**TINY["training"], "epochs": epochs}}
