@@ -255,27 +255,65 @@ def test_a_stopped_driver_closes_its_runs_interrupted_and_resume_finishes(workdi
     assert _kdo_temp_files() - temp_before == set(), "the driver, the trials, resume and the report left no files"
 
 
+WHERE = """
+from methods.kd import KDParams, KnowledgeDistillation
+from orchestrator import register_method
+
+
+@register_method("kd_where")
+class KDWhere(KnowledgeDistillation):
+    \"\"\"KD that tags its run with the Ray node it trains on and the file this plugin was imported from.\"\"\"
+    Params = KDParams
+
+    def setup(self, ctx):
+        import ray
+
+        super().setup(ctx)
+        ctx.set_tags({"where.node": ray.get_runtime_context().get_node_id(), "where.file": __file__})
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_trials_of_a_lost_node_continue_from_their_checkpoints_on_the_others(workdir: Path,
                                                                              teacher_checkpoint: Path) -> None:
     """Two nodes (a `ray start --head` and a second `ray start` joined to it); the second is SIGKILLed, raylet
-    and workers, while one of its trials is half way: Tune retries that trial on the head from its checkpoint."""
+    and workers, while one of its trials is half way: Tune retries that trial on the head from its checkpoint. The
+    method is a plugin whose file lies only in the driver's folder (named by the space file): every trial imports
+    the copy Ray shipped (runtime resources), on both nodes. Then the driver is SIGKILLed and `kdo resume` finishes
+    the sweep, shipping the recorded plugin again."""
+    (workdir / "where.py").write_text(WHERE)
+    (workdir / "where_space.yaml").write_text("method: kd_where\nplugins: [where.py]\nparameters:\n"
+                                              "  temperature: {type: float, low: 1.0, high: 8.0, log: true}\n")
+    args = [*_sweep(teacher_checkpoint), "--space", "where_space.yaml", "--set", "method.name=kd_where"]
     with ray_cluster(num_cpus=1) as cluster, joined_node(cluster, num_cpus=1) as node_processes:
-        driver = Driver(workdir, [*_sweep(teacher_checkpoint), "--concurrency", "2", "--max-failures", "2",
-                                  "--address", cluster.address], env=cluster.driver_env)
+        driver = Driver(workdir, [*args, "--concurrency", "2", "--max-failures", "2", "--address", cluster.address],
+                        env=cluster.driver_env)
         try:
             db = workdir / "mlflow.db"
             driver.wait_for(lambda: bool(set(_half_way(db)) & node_processes()), "a trial half way on node 2")
             lost = node_processes()
             for pid in lost:
                 os.kill(pid, signal.SIGKILL)
-            assert driver.proc.wait(timeout=400) == 0, driver.output()[-3000:]
+            seen = {run for run, *_ in _trial_progress(db)}
+            driver.wait_for(lambda: any(run not in seen for run, *_ in _trial_progress(db)) and bool(_half_way(db)),
+                            "a later trial half way on the head")
+            os.killpg(driver.proc.pid, signal.SIGKILL)
+            driver.proc.wait(timeout=60)
         finally:
             driver.stop()
+        resumed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resume", "faulty", "--address",
+                                  cluster.address], cwd=workdir, env=cluster.driver_env, capture_output=True,
+                                 text=True, timeout=400)
+        assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     client, parent, children = _children(workdir)
-    assert sorted(c.data.tags["kdo.status"] for c in children) == ["finished"] * 4
+    assert {c.data.tags["kdo.status"] for c in children} <= {"finished", "superseded"}
     _each_point_finished_once(client, children, 4)
+    assert parent.info.status == "FINISHED"
+    nodes = {c.data.tags["where.node"] for c in children if "where.node" in c.data.tags}
+    assert len(nodes) == 2, nodes  # by Ray node id: trials ran on the head and on the second node
+    files = {c.data.tags["where.file"] for c in children if "where.file" in c.data.tags}
+    assert files and all("runtime_resources" in f and str(workdir) not in f for f in files), files
 
 
 @pytest.mark.slow
