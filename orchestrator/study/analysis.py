@@ -99,7 +99,8 @@ def variance_split(frame: pd.DataFrame, metric: str, *, n_boot: int = 1000, leve
         ss = (done.var(ddof=1) * (done.size() - 1)).reindex(per.size().index).fillna(0.0).to_numpy(float)
         idx = np.vstack([np.arange(len(runs)), rng.integers(0, len(runs), (n_boot, len(runs)))])  # row 0: as is
         hp, seed_var = _unweighted_means(n[idx], means[idx], ss[idx])
-        share = np.where(hp + seed_var > 0, np.clip(hp, 0, None) / (np.clip(hp, 0, None) + seed_var), np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 (no variance at all) is NaN by the where below
+            share = np.where(hp + seed_var > 0, np.clip(hp, 0, None) / (np.clip(hp, 0, None) + seed_var), np.nan)
         rate = fails[idx].sum(axis=1) / runs[idx].sum(axis=1)
         share_ci = np.nanquantile(share[1:], [tail, 1 - tail]) if np.isfinite(share[1:]).any() else (np.nan,) * 2
         rate_ci = np.quantile(rate[1:], [tail, 1 - tail])

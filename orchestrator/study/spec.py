@@ -167,9 +167,10 @@ def read_spec(path: str | Path, overrides: list[str] | None = None, plugins: lis
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a study is a mapping with name, config and methods")
     spec = build_spec(**{**raw, "plugins": merged(plugins_named(raw, "study.", source.parent), plugins)})
-    methods = {label: entry if entry is None or entry.config is None
-               else entry.model_copy(update={"config": _beside(source, entry.config)})
-               for label, entry in spec.methods.items()}
+    methods = {label: entry if entry is None else entry.model_copy(update={
+        "config": _beside(source, entry.config) if entry.config is not None else None,
+        "space": _beside(source, entry.space) if entry.space is not None else None})
+        for label, entry in spec.methods.items()}
     return spec.model_copy(update={"config": _beside(source, spec.config), "methods": methods,
                                    "set": [*spec.set, *(overrides or [])]})
 
@@ -198,7 +199,8 @@ def recorded_plugins(raw: dict[str, Any], given: list[str] | tuple[str, ...], wh
 
 
 def _beside(source: Path, config: str | dict[str, Any]) -> str | dict[str, Any]:
-    """A config named by a path relative to the study file, made absolute; names and mappings as they are."""
+    """A config or space named by a path relative to the study file, made absolute; names and mappings as they
+    are."""
     if isinstance(config, str) and not Path(config).is_absolute() and (source.parent / config).is_file():
         return str(source.parent / config)
     return config
