@@ -45,6 +45,7 @@ _PUBLIC = {
     "register_method": "methods.registry",
     "register_network": "methods.networks",
     "register_dataset": "orchestrator.experiment.datasets",
+    "check_method": "orchestrator.experiment.conformance",
 }
 _RENAMED = {"register_method": "register"}
 
