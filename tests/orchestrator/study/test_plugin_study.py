@@ -62,3 +62,24 @@ def test_a_plugin_method_through_run_a_grouped_sweep_a_study_and_a_report_withou
     resumed = _kdo(["resume", "dist-vs-kd", "--plugin", "moved.py"], workdir)  # another module name: still missing
     assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr
     assert "(recorded by study dist-vs-kd; pass --plugin with its new place)" in resumed.stderr
+
+
+_NOTEBOOK = """
+import ray
+from orchestrator import run
+
+ray.init(num_cpus=1, log_to_driver=False)  # Ray started before kdo hears of the plugin, as in a notebook
+result = run("digits_kd", ["method.name=dist", "method.params={}", "training.epochs=1", "teacher.training.epochs=1"],
+             plugins=["dist_kd.py"])
+print(result.status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_plugin_reaches_the_workers_of_a_ray_started_before_it_was_named(workdir: Path) -> None:
+    """One machine: every worker imports the plugin from its path (no job-level py_modules to ship it)."""
+    shutil.copy(ROOT / "examples" / "dist" / "dist_kd.py", workdir / "dist_kd.py")
+    done = subprocess.run([sys.executable, "-c", _NOTEBOOK], cwd=workdir, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "finished"
