@@ -19,7 +19,7 @@ from orchestrator.experiment.config_files import (
     absolute_uri,
     apply_overrides,
     default_tracking_uri,
-    import_plugins,
+    import_named_plugins,
     plugins_named,
     read_yaml,
 )
@@ -167,13 +167,7 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _import(cls, raw: Any) -> Any:
         """Plugins are imported before any field is read: they register the methods, networks and datasets named."""
-        named = raw.get("plugins") if isinstance(raw, dict) else None
-        if isinstance(named, list) and named and all(isinstance(p, str) for p in named):
-            try:
-                raw = {**raw, "plugins": import_plugins(merged(named))}
-            except ConfigError as err:
-                raise ValueError(str(err)) from None
-        return raw
+        return import_named_plugins(raw)
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         """A config unpickled (a Ray task, trial or Train worker receives it) imports the user code it names first:

@@ -16,7 +16,7 @@ from methods import get_method, list_methods
 from methods.plugins import merged, replaced
 from orchestrator.errors import ConfigError, check_name, format_validation_error
 from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, load_config
-from orchestrator.experiment.config_files import import_plugins, plugins_named
+from orchestrator.experiment.config_files import import_named_plugins, import_plugins, plugins_named
 from orchestrator.search.spaces import SearchSpace
 
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -72,13 +72,7 @@ class StudySpec(BaseModel):
     @classmethod
     def _import(cls, raw: Any) -> Any:
         """Plugins are imported before the entries are read: they register the methods named."""
-        named = raw.get("plugins") if isinstance(raw, dict) else None
-        if isinstance(named, list) and named and all(isinstance(p, str) for p in named):
-            try:
-                raw = {**raw, "plugins": import_plugins(named)}
-            except ConfigError as err:
-                raise ValueError(str(err)) from None
-        return raw
+        return import_named_plugins(raw)
 
     @field_validator("name")
     @classmethod
