@@ -1,11 +1,16 @@
 # `make demo`: create .venv, install, run the main job. `make test`: the fast test suite.
-PY ?= python3.11
+# PY: the first Python 3.11, 3.12 or 3.13 found (on PATH, then pyenv's versions); `make PY=/path/to/python` picks one.
+SUPPORTED = (3, 11) <= sys.version_info[:2] <= (3, 13)
+found = $(firstword $(foreach p,$(1),$(shell $(p) -c 'import sys; assert $(SUPPORTED)' >/dev/null 2>&1 && echo $(p))))
+PY ?= $(call found,python3.11 python3.12 python3.13 python3 $(wildcard $(HOME)/.pyenv/versions/3.1[123].*/bin/python3))
+NEWEST ?= $(call found,python3.13 $(wildcard $(HOME)/.pyenv/versions/3.13.*/bin/python3.13))
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench browser data gpu-wheels clean
+.PHONY: demo test test-newest test-slow lint bench browser data gpu-wheels clean
 
 $(STAMP): pyproject.toml requirements.lock
+	@test -x $(VENV)/bin/python || test -n "$(PY)" || { echo "error: kdo needs Python 3.11, 3.12 or 3.13 and found none; install one (e.g. apt-get install python3.11) or name it: make PY=/path/to/python3.12" >&2; exit 2; }
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv==0.13.9
 	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(VENV)/bin/python -r requirements.lock -e .
@@ -16,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15
+
+# The fast suite again on the newest supported Python (3.13), in a venv of its own.
+test-newest:
+	@test -n "$(NEWEST)" || { echo "error: no Python 3.13 found (PATH, ~/.pyenv/versions); install it to run this" >&2; exit 2; }
+	$(MAKE) test PY=$(NEWEST) VENV=.venv-3.13
 
 # pytest exits 5 when no test is marked slow: not a failure.
 test-slow: $(STAMP)

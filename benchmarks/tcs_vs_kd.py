@@ -1,8 +1,8 @@
 """TCS (cached teacher coordinates, no teacher during training) vs vanilla KD (teacher forward every step): wall
 time per epoch and peak memory of the steady epochs, same teacher/student pair and data, measured in one run.
 
-METHODS.md target 8: TCS at ~0.5x the time and ~0.75x the memory of KD. Each method runs `iterate_epochs` in its own
-spawned process; epoch 1 is warm-up. Memory is the peak over the epochs after the first: CUDA
+docs/METHODS.md target 8: TCS at ~0.5x the time and ~0.75x the memory of KD. Each method runs `iterate_epochs` in its
+own spawned process; epoch 1 is warm-up. Memory is the peak over the epochs after the first: CUDA
 `torch.cuda.max_memory_allocated` (reset after epoch 1); CPU the process's peak RSS (VmHWM, reset after epoch 1 via
 /proc/self/clear_refs) minus its RSS at that reset. TCS's one-off teacher pass (in `setup`) is timed separately.
 """
@@ -131,7 +131,7 @@ def main() -> None:
         print(f"{r['method']:>4}: {r['epoch_seconds']:.3f} s/epoch, {mem} {r['peak_bytes'] / 2**20:,.1f} MiB, "
               f"setup + epoch 1 {r['setup_and_first_epoch_s']:.2f} s")
     print(f"ratio tcs/kd: time {tcs['epoch_seconds'] / kd['epoch_seconds']:.2f}x, "
-          f"memory {tcs['peak_bytes'] / max(1, kd['peak_bytes']):.2f}x (METHODS.md target 8: ~0.5x, ~0.75x)")
+          f"memory {tcs['peak_bytes'] / max(1, kd['peak_bytes']):.2f}x (docs/METHODS.md target 8: ~0.5x, ~0.75x)")
 
 
 if __name__ == "__main__":

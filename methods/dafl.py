@@ -1,5 +1,5 @@
 """DAFL: Chen et al., "Data-Free Learning of Student Networks", ICCV 2019 (arXiv 1904.01186), following
-`DAFL-train.py` of huawei-noah/Data-Efficient-Model-Compression (METHODS.md section 7); the paper's
+`DAFL-train.py` of huawei-noah/Data-Efficient-Model-Compression (docs/METHODS.md section 7); the paper's
 one-hot, activation and information-entropy losses and their weighted sum (section 3) as the code writes them.
 
 Each iteration draws x = G(z) (the generator of section 5, in train mode) and

@@ -3,7 +3,7 @@ are shallower weight-sharing versions of the full net.
 
 Stage s of the full net has n_s blocks; sub-net k keeps m_s <= n_s of them and shares the stem, the kept blocks
 and the classifier with the full net. Which blocks a sub-net keeps is the `selection` switch [choice]: "first"
-(blocks 0..m_s-1, METHODS.md's default) or "even" (m_s evenly spaced blocks); both keep block 0, which carries
+(blocks 0..m_s-1, docs/METHODS.md's default) or "even" (m_s evenly spaced blocks); both keep block 0, which carries
 the stride and the projection. The stem is CIFAR-style (3x3 conv, no max-pool; the layout and state-dict keys of
 `methods.networks.CifarResNet`) or ImageNet-style (7x7/2 conv + 3x3/2 max-pool, torchvision's layout with
 BasicBlock or Bottleneck). `private_bn` [choice] gives every sub-net its own BatchNorm layers (slimmable-network
@@ -282,12 +282,12 @@ def _preset(blocks: tuple[int, ...], default_subnets: tuple[tuple[int, ...], ...
     return build
 
 
-# METHODS.md section 6's examples: CIFAR resnet56 with resnet20/resnet32 sub-nets; ImageNet ResNet-34 with a
+# docs/METHODS.md section 6's examples: CIFAR resnet56 with resnet20/resnet32 sub-nets; ImageNet ResNet-34 with a
 # ResNet-18 sub-net; the bottleneck (3,4,6,3) ResNet-50 with (2,2,2,2) and (1,1,1,1) sub-nets.
 register_network("ddnn_resnet56")(_preset((9, 9, 9), ((3, 3, 3), (5, 5, 5)), "basic", "cifar"))
 register_network("ddnn_resnet34")(_preset((3, 4, 6, 3), ((2, 2, 2, 2),), "basic", "imagenet"))
 register_network("ddnn_resnet50")(_preset((3, 4, 6, 3), ((2, 2, 2, 2), (1, 1, 1, 1)), "bottleneck", "imagenet"))
-# The same shapes for 32 px inputs (METHODS.md: "CIFAR: 3x3 stem, no max-pool"), 64-128-256-512 wide: the CIFAR
+# The same shapes for 32 px inputs (docs/METHODS.md: "CIFAR: 3x3 stem, no max-pool"), 64-128-256-512 wide: the CIFAR
 # ResNet-18/34/50 of kuangliu/pytorch-cifar, DAFL and DeepInversion (11.17M / 21.28M / 23.52M parameters at 10
 # classes), leaving a 4x4 map before the pool instead of the ImageNet stem's 1x1.
 register_network("ddnn_resnet18_cifar")(_preset((2, 2, 2, 2), ((1, 1, 1, 1),), "basic", "cifar"))

@@ -1,5 +1,5 @@
 """DeepInversion / ADI: Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion",
-CVPR 2020 (arXiv 1912.08795), following NVlabs/DeepInversion `cifar10/deepinversion_cifar10.py` (METHODS.md
+CVPR 2020 (arXiv 1912.08795), following NVlabs/DeepInversion `cifar10/deepinversion_cifar10.py` (docs/METHODS.md
 section 7). A batch x ~ N(0, 1) with balanced labels y is optimized against the frozen teacher (eval mode):
     L(x) = CE(T(x~), y) + a_f * sum_l (||mu_l - mu_l^BN||_2 + ||var_l - var_l^BN||_2)   (DI: the BN prior)
            + a_tv * TV_L2(x~) + a_l2 * ||x~||_2 [+ a_c * (1 - JS_3(p_T, p_S))]        (image priors; ADI)
@@ -8,7 +8,7 @@ BN layer's *input* (forward hooks); TV_L2 sums the L2 norms of the 4 neighbour-d
 the Jensen-Shannon divergence at T=3 with probabilities clamped to [0.01, 0.99]. Images are clipped to the valid
 pixel range after each step.
 
-Ours, not the paper's (METHODS.md marks it [choice]): the compact data-free KD loop. Each student epoch first
+Ours, not the paper's (docs/METHODS.md marks it [choice]): the compact data-free KD loop. Each student epoch first
 synthesizes `synthesis_batches` batches against the current student (matters for ADI) into a pool that keeps the
 newest `pool_size` images, then runs `iterations_per_epoch` student steps on random pool batches with
 T^2 * KL(softmax_T(teacher) || softmax_T(student)) at T = 4. `first_bn_multiplier` (ImageNet code: 10) and

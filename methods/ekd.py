@@ -1,6 +1,6 @@
 """EKD: embedded knowledge distillation in a depth-level dynamic network. Lyu, Xu, Cheng (later versions add
 Q. Zhao and Z. Zhang), arXiv 2103.00793. Only the abstract and introduction were retrieved, so the loss is the
-reconstruction of METHODS.md section 6 [recon]: the full net (index 0 of a `methods.ddnn.DDNNResNet`) teaches
+reconstruction of docs/METHODS.md section 6 [recon]: the full net (index 0 of a `methods.ddnn.DDNNResNet`) teaches
 every weight-sharing sub-net k online, in one step on the shared weights:
 
     L = CE(z_F, y) + sum_k [ subnet_ce_weight * CE(z_k, y)

@@ -19,7 +19,7 @@ transposed conv when 2 s_H = t_H; otherwise, when s_H > t_H, a valid conv of ker
 (1 + s_W - t_W). `regressor_kernel: 1 | 3` is a same-padded conv of that size; either is resized to the hint's size
 when they still differ (and so is `auto` where mdistiller has no rule, s_H < t_H).
 
-[choice] params (METHODS.md section 2): `stage1_fraction` (stage-1 epochs as a fraction of the student epochs,
+[choice] params (docs/METHODS.md section 2): `stage1_fraction` (stage-1 epochs as a fraction of the student epochs,
 default 0.3, or `stage1_epochs` absolute); `stage1_lr_scale` (stage 1 steps the configured optimizer at this multiple
 of training.lr, default 0.1: the summed hint loss is large); `guided_layer` / `hint_layer` (a stage name or a
 relative depth, default the middle); the resize of the one-stage ConvReg where mdistiller's rule has no conv.

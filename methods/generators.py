@@ -1,6 +1,6 @@
 """The DAFL generator (Chen et al. 2019, arXiv 1904.01186), shared by DAFL and RDSKD (arXiv 2011.03749).
 
-Laid out as `generator.py` of huawei-noah/DAFL and PengchaoHan/RDSKD (METHODS.md section 5), including the
+Laid out as `generator.py` of huawei-noah/DAFL and PengchaoHan/RDSKD (docs/METHODS.md section 5), including the
 `BatchNorm2d(c, 0.8)` quirk: the second argument of BatchNorm2d is `eps`, so those two layers use eps=0.8.
 """
 

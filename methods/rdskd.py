@@ -1,5 +1,5 @@
 """RDSKD: Han, Park, Wang, Liu, "Robustness and Diversity Seeking Data-Free Knowledge Distillation",
-ICASSP 2021 (arXiv 2011.03749). Formulas follow the official code PengchaoHan/RDSKD (METHODS.md section 5):
+ICASSP 2021 (arXiv 2011.03749). Formulas follow the official code PengchaoHan/RDSKD (docs/METHODS.md section 5):
 
 Generator phase (`generator-train.py`), per iteration, with x = G(z) split into halves x1, x2:
     L_G = lam_oh * exp(L_oh - L~_oh) + lam_ie * exp(L_ie - L~_ie) + lam_ds * L_ds

@@ -1,5 +1,5 @@
 """TCS, "Tailored Coordinate System": Zhou, Zhu, Wu, "All You Need in Knowledge Distillation Is a Tailored
-Coordinate System" (arXiv 2412.09388, AAAI 2025). No public code; the procedure follows METHODS.md section 4, whose
+Coordinate System" (arXiv 2412.09388, AAAI 2025). No public code; the procedure follows docs/METHODS.md section 4, whose
 [recon] parts are our reconstruction from the abstract and a paper summary.
 
 1. `setup`: ONE frozen-teacher pass over the un-augmented training set gives F_t in R^{N x D}; PCA in float64

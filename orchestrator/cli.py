@@ -141,6 +141,8 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
               name: Annotated[str | None, typer.Option(help="study name (default: the file's)")] = None,
               report: Annotated[str | None, typer.Option(help="report path (default ./<name>-report)")] = None,
               group_size: Annotated[int | None, typer.Option(help=GROUP_HELP + " (default: the study's)")] = None,
+              settings: Annotated[int | None, typer.Option(help="settings per method (default: the study's)")] = None,
+              seeds: Annotated[str | None, typer.Option(help="comma-separated seeds (default: the study's)")] = None,
               verbose: Verbose = False, plugin: Plugins = None) -> None:
     """A robustness study: each method's space covered evenly × seeds, analysed, plotted and reported."""
     from orchestrator.study.display import print_study
@@ -149,7 +151,8 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
     if name is not None:
         check_name(name, "--name")
     spec = RobustnessStudy.from_yaml(study, set_ or [], plugins=plugin or [])  # all validated before Ray starts
-    changes = {k: v for k, v in (("name", name), ("group_size", group_size)) if v is not None}
+    changes = {k: v for k, v in (("name", name), ("group_size", group_size), ("n_settings", settings),
+                                 ("seeds", _seed_list(seeds) if seeds is not None else None)) if v is not None}
     spec = (spec.replace(**changes) if changes else spec).claim_name()
     typer.echo(f"study {spec.name}: {len(spec.points)} runs ({', '.join(spec.methods)})")
     done = spec.run(address=address, verbose=verbose)
@@ -171,7 +174,7 @@ def _is_study(name: str, tracking_uri: str | None, experiment: str) -> bool:
 
     for kind in ("study", "sweep"):
         try:
-            find_parent(kind, name, tracking_uri, experiment)
+            find_parent(kind, name, tracking_uri, experiment, say=False)
             return kind == "study"
         except ConfigError as err:
             if not str(err).startswith(f"NAME: no {kind} named"):

@@ -69,6 +69,23 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return model
 
 
+_NOISE = ("For further information visit", "Traceback (most recent call last)", 'File "', "^", "~")
+
+
+def reason(err: BaseException, limit: int = 300) -> str:
+    """An error in one short line that keeps what was wrong (a crashed run's `kdo.reason`, a failed trial's console
+    line): the exception a Ray task or actor raised rather than Ray's wrapper, a pydantic error's field and message,
+    else the type and the last line that is not a traceback frame or a documentation link."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError: the worker's own exception
+    if isinstance(cause, BaseException) and cause is not err:
+        return reason(cause, limit)
+    if isinstance(err, ValidationError):
+        return f"ValidationError: {format_validation_error(err, '', BaseModel)}"[:limit]
+    lines = [line.strip() for line in str(err).strip().splitlines()]
+    meaningful = [line for line in lines if line and not line.startswith(_NOISE)]
+    return (f"{type(err).__name__}: {meaningful[-1]}" if meaningful else type(err).__name__)[:limit]
+
+
 def format_validation_error(err: ValidationError, prefix: str, model: type[BaseModel]) -> str:
     """One line for the first error: the dotted field path, what is wrong, what is allowed."""
     first = err.errors()[0]

@@ -30,7 +30,7 @@ import torch
 
 from methods import get_method
 from methods.networks import build_network
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, reason
 from orchestrator.experiment.config import ExperimentConfig, load_config
 from orchestrator.experiment.config_files import import_plugins
 from orchestrator.experiment.data import Splits, load_splits
@@ -101,7 +101,7 @@ def _timed(name: str, check: Callable[[], tuple[bool, str]]) -> Check:
     try:
         passed, detail = check()
     except Exception as err:  # the method's own code may raise anything: that is the finding
-        passed, detail = False, f"raised {type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:300]}"
+        passed, detail = False, f"raised {reason(err)}"
     return Check(name, passed, detail, time.perf_counter() - start)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from methods import get_method
 from methods.registry import TeacherPass
+from orchestrator.errors import reason
 from orchestrator.experiment.checkpoints import build_from_checkpoint
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
@@ -151,9 +152,8 @@ def _next_batch(run: Training, batches: Iterator[tuple[Any, ...]]) -> tuple[Any,
 
 
 def _crashed(member: Member, exc: BaseException) -> dict[str, Any]:
-    """The member ends `crashed`, with the error's type and last line as its reason."""
-    lines = str(exc).strip().splitlines()
-    member.status, member.reason = "crashed", f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:500]
+    """The member ends `crashed`, with the error's one line (`errors.reason`) as its reason."""
+    member.status, member.reason = "crashed", reason(exc, 500)
     return {"status": member.status, "reason": member.reason}
 
 

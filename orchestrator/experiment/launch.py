@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from methods.plugins import is_path
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, reason
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.data import Splits
 from orchestrator.experiment.loop import LoopOutput
@@ -127,12 +127,6 @@ def use_gpu(cfg: ExperimentConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
-def one_line(err: BaseException) -> str:
-    """An error as one short line, for a run's `kdo.reason` tag: its type and its first line."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}"[:300] if text else type(err).__name__
-
-
 def _launch(launch: Launch) -> LoopOutput:
     import ray
 
@@ -175,7 +169,7 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
                                              artifact_name=artifact_name))
             except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
                     ray.exceptions.ActorDiedError) as err:  # the worker or its node died (killed, OOM): the run crashed
-                out = LoopOutput(status="crashed", history=[], final={"reason": one_line(err)})
+                out = LoopOutput(status="crashed", history=[], final={"reason": reason(err)})
             status = "FINISHED" if out.status == "finished" else "FAILED"
             if cfg.tracking.log_models and out.status == "finished" and artifact_name == "student":
                 register_student(tracker, cfg.name)

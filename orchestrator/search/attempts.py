@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import reason
 from orchestrator.experiment.checkpoints import load_states, newest_checkpoints
 from orchestrator.experiment.group import Member
-from orchestrator.experiment.launch import one_line
 from orchestrator.experiment.store import unless_store_lost
 from orchestrator.experiment.tracking import Tracker
 from orchestrator.search import ledger
@@ -103,7 +103,7 @@ class TrialChildren:
             self.close(members, "interrupted")
             raise
         except BaseException as exc:
-            self.close(members, "crashed", reason=one_line(exc))
+            self.close(members, "crashed", reason=reason(exc))
             raise
         finally:
             self.close(members, "early_stopped")

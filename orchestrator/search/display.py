@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator.formatting import mean_std
 from orchestrator.search.sweep import SweepResult
 
 
@@ -30,7 +31,7 @@ def print_sweep(result: SweepResult, top: int = 10, console: Console | None = No
                      for c in ("last_epoch_test_acc_mean", "peak_test_acc_mean")]
         table.add_row(escape(str(sid)), *values, str(int(row["seeds"])), str(int(row["failed"])),
                       str(int(row["early_stopped"])),
-                      f"{100 * row['val_acc_mean']:.2f} ± {100 * (row['val_acc_std'] if row['seeds'] > 1 else 0):.2f}",
+                      mean_std(100 * row["val_acc_mean"], 100 * row["val_acc_std"], int(row["seeds"])),
                       f"{100 * row['test_acc_mean']:.2f}", *protocols)
     console = console or wide_console()
     console.print(table)

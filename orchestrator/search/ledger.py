@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +77,11 @@ def _search(client: MlflowClient, experiment_id: str, query: str, page_size: int
             return runs[:limit]
 
 
-def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str) -> tuple[str, MlflowClient, Run]:
-    """The newest parent run of the sweep or study (`kind`) named `name`: its store URI, a client and the run."""
+def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str, *, say: bool = True
+                ) -> tuple[str, MlflowClient, Run]:
+    """The newest parent run of the sweep or study (`kind`) named `name`: its store URI, a client and the run. When
+    the name has several (a store written before names were unique), one line on stderr says which this is; names
+    taken by newer work of the same file (`name-2`, ...) are named too."""
     check_name(name, "NAME")
     check_name(experiment, "--experiment")
     uri = absolute_uri(tracking_uri or default_tracking_uri())
@@ -88,9 +94,15 @@ def find_parent(kind: str, name: str, tracking_uri: str | None, experiment: str)
         raise ConfigError(f"--experiment: no experiment '{experiment}' in {mask_uri(uri)}")
     parents = client.search_runs([exp.experiment_id],
                                  f"tags.`kdo.{kind}` = {_quote(name)} and tags.`kdo.kind` = {_quote(kind)}",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
+                                 order_by=["attributes.start_time DESC"], max_results=2)
     if not parents:
         raise ConfigError(f"NAME: no {kind} named '{name}' in {mask_uri(uri)} (experiment '{experiment}')")
+    later = sorted(n for n in parent_names(kind, uri, experiment) if re.fullmatch(re.escape(name) + r"-\d+", n))
+    if say and (len(parents) > 1 or later):
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(parents[0].info.start_time / 1000))
+        others = f"; the same file ran again as {', '.join(later)}" if later else ""
+        print(f"{kind} '{name}': the run started {started} (MLflow run {parents[0].info.run_id})"
+              f"{' of several with this name' if len(parents) > 1 else ''}{others}", file=sys.stderr)
     return uri, client, parents[0]
 
 
@@ -173,7 +185,8 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
                "last_epoch_test_acc": m.get("last_epoch_test_acc", math.nan),
                "peak_test_acc": m.get("peak_test_acc", math.nan),
                "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000.0,
-               "run_id": r.info.run_id, **{col: tags.get(key) for col, key in (tag_columns or {}).items()}}
+               "run_id": r.info.run_id, "reason": tags.get("kdo.reason", ""),
+               **{col: tags.get(key) for col, key in (tag_columns or {}).items()}}
         for p in parameters:
             raw = r.data.params.get(p)
             try:
@@ -182,7 +195,7 @@ def children_frame(client: MlflowClient, experiment_id: str, parent_run_id: str,
                 row[p] = raw
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["setting_id", "seed", *parameters, "status", "val_acc", "test_acc",
-                                        "last_epoch_test_acc", "peak_test_acc", "seconds", "run_id",
+                                        "last_epoch_test_acc", "peak_test_acc", "seconds", "run_id", "reason",
                                         *(tag_columns or {})])
     return frame.sort_values(["setting_id", "seed"]).reset_index(drop=True)
 

@@ -5,6 +5,7 @@ differs: their tags and files, what they train, and what they write when the wor
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -13,6 +14,7 @@ from orchestrator.errors import Interrupted
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
 from orchestrator.experiment.store import check_store, store_errors, unreachable
+from orchestrator.experiment.store import client as mlflow_client
 from orchestrator.experiment.tracking import Tracker, dataset_inputs, log_datasets, start_run
 from orchestrator.search import ledger
 from orchestrator.search.driver import check_not_running, free_name, live_driver, lock_path, settle_abandoned
@@ -33,10 +35,15 @@ KDO_STATUS = {"FINISHED": "finished", "KILLED": "interrupted"}  # a parent's `kd
 
 def claim_name(kind: Kind, wanted: str, cfg: ExperimentConfig, *, explicit: bool) -> str:
     """The name the work runs under: `wanted` if free in the store; a taken one given explicitly is refused, a
-    default one gets the first free suffix (`driver.free_name`). Asks the store before Ray starts."""
+    default one gets the first free suffix (`driver.free_name`), said on stderr at once (the CLI's and a notebook's
+    first line). Asks the store before Ray starts."""
     assert cfg.tracking.uri is not None
     check_store(cfg.tracking.uri)
-    return free_name(kind, wanted, cfg.tracking.uri, cfg.tracking.experiment, explicit=explicit)
+    name = free_name(kind, wanted, cfg.tracking.uri, cfg.tracking.experiment, explicit=explicit)
+    if name != wanted:
+        print(f"{kind} name '{wanted}' is taken in experiment '{cfg.tracking.experiment}': this one runs as "
+              f"'{name}' (kdo report {name})", file=sys.stderr)
+    return name
 
 
 @dataclass
@@ -89,6 +96,20 @@ def find(kind: Kind, name: str, tracking_uri: str | None, experiment: str, *, to
         check_not_running(run)
     settle_abandoned(uri, run)
     return uri, client, run
+
+
+def nothing_to_resume(kind: Kind, uri: str, run: Run) -> bool:
+    """Whether a parent found to resume ended FINISHED with no run left to redo (crashed, interrupted, running):
+    then one line says so, and resuming starts no Ray and registers no model again."""
+    if run.info.status != "FINISHED":
+        return False
+    children = ledger.children(mlflow_client(uri), run.info.experiment_id, run.info.run_id)
+    if any(ledger.status_of(c) in ("crashed", "interrupted", "running") for c in children):
+        return False
+    name = run.data.tags[f"kdo.{kind}"]
+    print(f"{kind} '{name}' finished: nothing to resume (its {len(children)} runs are final; `kdo report {name}` "
+          "shows it again)", file=sys.stderr)
+    return True
 
 
 def reopen(kind: Kind, run: Run, uri: str, cfg: ExperimentConfig) -> ParentRun:

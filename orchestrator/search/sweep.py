@@ -188,6 +188,8 @@ def resume(name: str, *, address: str | None = None, tracking_uri: str | None = 
     imported again; one of `plugins` takes the place of a recorded one of the same module name (a file that moved).
     """
     uri, client, found = parent.find("sweep", name, tracking_uri, experiment, to_resume=True, force=force)
+    if parent.nothing_to_resume("sweep", uri, found):
+        return load_sweep(name, uri, experiment)
     parent_id = found.info.run_id
     options = TrialOptions.from_json(found.data.tags["kdo.options"])
     checkpoints: dict[str, dict[str, Any]] = {}

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from orchestrator.errors import ConfigError, Interrupted
+from orchestrator.errors import ConfigError, Interrupted, reason
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
 from orchestrator.experiment.store import client as mlflow_client
@@ -214,13 +214,12 @@ def _tune_console(verbose: bool) -> Iterator[None]:
 
 
 class _OneLine(logging.Filter):
-    """`Trial task failed for trial X: <the error's last line>`: what failed and why, without the traceback."""
+    """`Trial task failed for trial X: <the error's one line>` (`errors.reason`): what failed and why, without the
+    traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
-            err = record.exc_info[1]
-            lines = str(err).strip().splitlines()
-            record.msg, record.args = f"{record.getMessage()}: {(lines[-1] if lines else type(err).__name__)[:300]}", ()
+            record.msg, record.args = f"{record.getMessage()}: {reason(record.exc_info[1])}", ()
             record.exc_info = record.exc_text = None
         return True
 

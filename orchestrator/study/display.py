@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator.formatting import mean_std
 from orchestrator.search.display import wide_console
 from orchestrator.study import verdicts
 
@@ -32,7 +33,7 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
                         "failed runs at chance")
 
     def pm(row: Any, mean: str, std: str) -> str:
-        return f"{row[mean]:.2f} ± {row[std]:.2f}" if mean in row and row[mean] == row[mean] else ""
+        return mean_std(row[mean], row[std]) if mean in row else ""
 
     def num(row: Any, key: str) -> str:
         return f"{row[key]:.2f}" if key in row and row[key] == row[key] else ""

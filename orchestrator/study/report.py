@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.experiment.store import mask_uri, run_link
+from orchestrator.formatting import mean_std
 from orchestrator.study import verdicts
 from orchestrator.study.display import DEFAULTS_NOTE
 from orchestrator.study.plots import NOT_MEANINGFUL, UNCERTAIN, caption, draw_plots, short
@@ -59,7 +60,8 @@ def _fmt(value: Any) -> str:
 
 def _protocol_table(protocols: pd.DataFrame) -> pd.DataFrame:
     def pm(name: str) -> pd.Series:
-        text = protocols[name].map(_fmt) + " ± " + protocols[f"{name}_std"].map(_fmt)
+        text = pd.Series([mean_std(m, s) for m, s in zip(protocols[name], protocols[f"{name}_std"], strict=True)],
+                         index=protocols.index)
         return text.where(protocols[name].notna(), "n/a")
 
     return pd.DataFrame({"setting": protocols["setting"], "selected on val (kdo)": pm("selected"),
@@ -72,8 +74,8 @@ def _summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     def pm(mean: str, std: str) -> pd.Series:
         if mean not in summary:
             return pd.Series("", index=summary.index)
-        text = summary[mean].map(_fmt) + " ± " + summary[std].map(_fmt)
-        return text.where(summary[mean].notna(), "")
+        return pd.Series([mean_std(m, s) for m, s in zip(summary[mean], summary[std], strict=True)],
+                         index=summary.index)
 
     out = pd.DataFrame(index=summary.index)
     out["default val"] = pm("default_val", "default_val_std")

@@ -261,8 +261,11 @@ class StudyResults:
         out = []
         for status in ("interrupted", "crashed", "running"):
             if counts.get(status, 0):
-                out.append(f"{counts[status]} run(s) {status}: left out or counted as failures until "
-                           f"`kdo resume {self.name}` redoes them")
+                reasons = (self.frame.loc[self.frame["status"] == status, "reason"].replace("", None).dropna()
+                           if "reason" in self.frame else [])
+                why = "; ".join(f"{r} (x{n})" for r, n in pd.Series(reasons).value_counts().head(3).items())
+                out.append(f"{counts[status]} run(s) {status}{f' ({why})' if why else ''}: left out or counted as "
+                           f"failures until `kdo resume {self.name}` redoes them")
         if counts.get("early_stopped", 0):
             out.append(f"{counts['early_stopped']} run(s) early_stopped: a study stops nothing early, so in a ledger "
                        "written before kdo's fault statuses these may be killed runs; they are left out")

@@ -162,7 +162,10 @@ class RobustnessStudy:
         """Finish a study whose driver died: finished (setting, seed) runs are kept, the rest run. Refused while
         its driver is alive (`force` resumes regardless). Its recorded plugins are imported again; one of `plugins`
         takes the place of a recorded one of the same module name (a file that moved)."""
-        study, found = cls._from_mlflow(name, tracking_uri, experiment, to_resume=True, force=force, plugins=plugins)
+        uri, _, found = parent.find("study", name, tracking_uri, experiment, to_resume=True, force=force)
+        if parent.nothing_to_resume("study", uri, found):  # before its plugins: a finished study needs none
+            return cls.load(name, tracking_uri=uri, experiment=experiment, plugins=plugins)
+        study, found = cls._from_mlflow(name, uri, experiment, to_resume=True, force=force, plugins=plugins)
         checkpoints = study.plan.checked()
         shared = study.plan.shared_config()
         run = parent.reopen("study", found, study._uri, shared)

@@ -29,7 +29,7 @@ def _warm_bn(net: DDNNResNet, x: torch.Tensor) -> None:
 def test_parameters_are_exactly_the_full_nets() -> None:
     ddnn = build_network("ddnn_resnet", **CIFAR, blocks=[3, 3, 3], subnets=[[1, 1, 1], [2, 2, 2]])
     assert _count(ddnn) == _count(build_network("resnet20", **CIFAR))
-    # METHODS.md's ImageNet-style examples against torchvision's own ResNets.
+    # docs/METHODS.md's ImageNet-style examples against torchvision's own ResNets.
     with torch.device("meta"):  # shapes only: no time spent initialising 20M weights
         assert _count(build_network("ddnn_resnet34", **CIFAR)) == _count(torchvision.models.resnet34(num_classes=10))
         assert _count(build_network("ddnn_resnet50", **CIFAR)) == _count(torchvision.models.resnet50(num_classes=10))

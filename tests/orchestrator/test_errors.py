@@ -63,3 +63,48 @@ def test_report_and_resume_of_an_unknown_name_say_neither_a_sweep_nor_a_study_ha
         assert result.exit_code == 2, result.output
         assert result.output.splitlines() == [
             "error: NAME: no sweep or study named 'ghost' in experiment 'kdo' of that store"], result.output
+
+
+def test_an_errors_one_line_keeps_what_was_wrong() -> None:
+    """A crashed run's reason: a pydantic error's field and message (not its documentation link), the exception a
+    Ray task raised (not Ray's wrapper), the last line that is not a traceback frame."""
+    import ray.exceptions
+    from pydantic import BaseModel, ValidationError
+
+    from orchestrator.errors import reason
+
+    class M(BaseModel):
+        lr: float
+
+    try:
+        M(lr="fast")
+    except ValidationError as err:
+        invalid = err
+    assert reason(invalid) == ("ValidationError: lr: Input should be a valid number, unable to parse string as a "
+                               "number (got 'fast')")
+    wrapped = ray.exceptions.RayTaskError("run_group", "Traceback (most recent call last):\n  File \"x\"", invalid)
+    assert reason(wrapped) == reason(invalid)
+    assert reason(RuntimeError("setup failed\nTraceback (most recent call last):\n  File \"a.py\", line 1\n"
+                               "ValueError: the real cause\nFor further information visit https://x")) == \
+        "RuntimeError: ValueError: the real cause"
+    assert reason(KeyError()) == "KeyError"
+
+
+def test_one_value_reads_n_1_not_plus_minus_0_or_nan() -> None:
+    from orchestrator.formatting import mean_std
+
+    assert mean_std(93.456, 1.234) == "93.46 ± 1.23"
+    assert mean_std(93.456, float("nan")) == mean_std(93.456, 0.0, n=1) == "93.46 (n=1)"
+    assert mean_std(float("nan"), 1.0) == ""
+
+
+def test_kdo_study_resizes_from_the_command_line_before_anything_runs(workdir: Path) -> None:
+    bad = CliRunner().invoke(app, ["study", "demo", "--settings", "3"])
+    assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].startswith("error: study.n_settings:"), \
+        bad.output
+    seeds = CliRunner().invoke(app, ["study", "demo", "--seeds", "0,0"])
+    assert seeds.exit_code == 2 and "study.seeds: distinct integers" in seeds.output, seeds.output
+    from orchestrator.study.robustness import RobustnessStudy
+
+    small = RobustnessStudy.from_yaml("demo").replace(n_settings=2, seeds=[0])  # the README's Python resize
+    assert len(small.points) == 2 * (2 + 1) + 1  # kd and lsh: 2 settings and the defaults, one seed; ce once

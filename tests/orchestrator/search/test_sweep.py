@@ -134,6 +134,11 @@ def test_asha_sweep_logs_parent_and_children_and_trains_the_teacher_once(workdir
         result.frame[["run_id", "status"]].sort_values("run_id").values.tolist()
     report = CliRunner().invoke(app, ["report", "asha-test"])
     assert report.exit_code == 0 and best.name in report.output
+    # Resuming a sweep that finished has nothing to do: one line, the table, no model version registered again.
+    resumed = CliRunner().invoke(app, ["resume", "asha-test"])
+    assert resumed.exit_code == 0 and "sweep 'asha-test' finished: nothing to resume" in resumed.output
+    assert best.name in resumed.output
+    assert [str(v.version) for v in client.search_model_versions("name = 'kdo-student-asha-test'")] == ["1"]
 
 
 @pytest.mark.timeout(240)
