@@ -161,11 +161,11 @@ def study_cmd(study: Annotated[str, typer.Argument(help="STUDY.yaml path or ship
 
 
 def _export_optuna(results: Any) -> None:
-    from orchestrator.study.optuna_export import export_optuna
+    from orchestrator.study.optuna_export import export_line
 
-    storage, names = export_optuna(results)
-    if names:
-        typer.echo(f"Optuna: {', '.join(names)} in {storage}   (optuna-dashboard {storage})")
+    line = export_line(results)
+    if line:
+        typer.echo(line)
 
 
 def _is_study(name: str, tracking_uri: str | None, experiment: str) -> bool:

@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from orchestrator.search.display import wide_console
 from orchestrator.study.display import print_study
+from orchestrator.study.optuna_export import export_line
 from orchestrator.study.robustness import RobustnessStudy
 
 
@@ -30,5 +31,8 @@ def run_demo(seeds: list[int] | None = None, settings: int | None = None, addres
     study.run(address=address, verbose=verbose)
     report = study.report(f"{study.name}-report")
     print_study(study.outcome(), report, console=console)
+    exported = export_line(study.outcome())  # like any `kdo study`: optuna-dashboard shows the demo too
+    if exported:
+        console.print(escape(exported))
     console.print(f"job time (without install): {time.perf_counter() - started:.1f} s")
     return study

@@ -5,6 +5,7 @@ module (every command does) costs no Ray start-up."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ def init_ray(address: str | None = None, *, verbose: bool = False, plugins: list
     folders travel to every node as the job's `py_modules` (a worker imports that copy: `methods.plugins`)."""
     import ray
 
+    if not verbose:  # Ray's notice that token auth is on (every command), and that a user exception type could not
+        # be mixed into RayTaskError (kdo reads the exception's `cause`: `errors.reason`): not news, off unless verbose
+        for name in ("ray._private.authentication.authentication_token_setup", "ray.exceptions"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     files = [p for p in plugins if is_path(p)]
     if ray.is_initialized():
         _check_plugins_reach(files)

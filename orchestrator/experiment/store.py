@@ -29,10 +29,13 @@ HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACK
 def configure_mlflow() -> None:
     """Once per process, before its first MLflow client: kdo's HTTP bounds (`HTTP_BOUNDS`; a variable the user set
     wins) and a quiet terminal, which shows the epoch lines and the results table: no download bars, no
-    schema-migration chatter, no "Started monitoring system metrics." per run."""
-    for variable, value in {**HTTP_BOUNDS, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    schema-migration chatter, no "Started monitoring system metrics." per run, and on an HTTP store no "View run ...
+    at:" per run nor "Waiting up to 300 seconds for model version" per registration (kdo prints its own links)."""
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    for variable, value in {**HTTP_BOUNDS, **quiet}.items():
         os.environ.setdefault(variable, value)
-    for name in ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics"):
+    for name in ("mlflow.store.db.utils", "alembic", "mlflow.system_metrics",
+                 "mlflow.store.model_registry.abstract_store"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

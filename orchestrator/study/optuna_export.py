@@ -40,3 +40,10 @@ def export_optuna(study: StudyResults, storage: str | None = None) -> tuple[str,
             for _, row in design.iterrows()])
         names.append(name)
     return storage, names
+
+
+def export_line(study: StudyResults) -> str:
+    """Export the study (`export_optuna`) and say where, as `kdo study`, `kdo export optuna` and `kdo demo` print it;
+    '' when no entry has a design to export."""
+    storage, names = export_optuna(study)
+    return f"Optuna: {', '.join(names)} in {storage}   (optuna-dashboard {storage})" if names else ""

@@ -23,3 +23,8 @@ def test_demo_prints_the_study_table_verdict_report_and_mlflow_link(workdir: Pat
     [report] = workdir.glob("demo-*-report.html")
     assert "<img" in report.read_text()
     assert "job time (without install):" in out
+    # exported to Optuna like any `kdo study`: optuna-dashboard shows the demo's methods too
+    import optuna
+
+    names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")}
+    assert {n.rsplit(".", 1)[1] for n in names} == {"kd", "lsh"} and "Optuna: demo-" in out

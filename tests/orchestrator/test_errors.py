@@ -108,3 +108,27 @@ def test_kdo_study_resizes_from_the_command_line_before_anything_runs(workdir: P
 
     small = RobustnessStudy.from_yaml("demo").replace(n_settings=2, seeds=[0])  # the README's Python resize
     assert len(small.points) == 2 * (2 + 1) + 1  # kd and lsh: 2 settings and the defaults, one seed; ce once
+
+
+_RESOURCES = """
+from typer.testing import CliRunner
+from orchestrator.cli import app
+for override in ("scaling.use_gpu=true", "scaling.cpus_per_worker=64"):
+    result = CliRunner().invoke(app, ["run", "digits_ce", "--set", override])
+    print(result.exit_code, repr(result.output))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_what_the_cluster_can_never_grant_is_one_line_with_ray_really_started(workdir: Path) -> None:
+    """No Ray notice beside the one line: the token-auth warning is off unless --verbose."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RESOURCES], capture_output=True, text=True, cwd=workdir,
+                          timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "2 'error: scaling.use_gpu: true, but the Ray cluster has no GPU (use auto or false)\\n'",
+        "2 'error: scaling.cpus_per_worker: 64, but no node has more than 2 CPUs\\n'"], done.stdout
+    assert "WARNING" not in done.stderr and "Token authentication" not in done.stderr, done.stderr[-2000:]

@@ -327,3 +327,19 @@ def test_a_piped_adaptive_sweep_prints_one_line_per_seed_run_then_the_table(work
         (c.data.tags["kdo.seed"], ledger.status_of(c)) for c in children)
     tail = done.stdout[done.stdout.index("sweep piped: top settings"):]
     assert "MLflow: mlflow ui" in tail
+
+
+@pytest.mark.usefixtures("ray_runtime")
+def test_packed_trials_that_run_more_threads_than_cores_say_so_once(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.experiment.config import load_config
+    from orchestrator.search.tuner import trial_resources
+
+    one = load_config(digits_config(scaling={"cpus_per_worker": 1.0}))
+    assert trial_resources(one, False, 2) == ({"cpu": 1.0, "gpu": 0.0}, 2)
+    assert capsys.readouterr().err == ""  # two one-thread trials on the session's 2 CPUs: one thread per core
+    half = load_config(digits_config(scaling={"cpus_per_worker": 0.5}))
+    for _ in range(2):
+        trial_resources(half, False, 4)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: up to 4 trials at once on a node of 2 CPUs, 1 torch thread(s) each: oversubscribed, "
+                   "each runs slower; scaling.cpus_per_worker=1 (or --concurrency 2) runs as many threads as cores"]
