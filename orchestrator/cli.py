@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from orchestrator.errors import ConfigError, Interrupted, StoreUnreachable, check_name
+from orchestrator.formatting import metric_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kd-orchestrator: knowledge-distillation experiments on Ray, tracked in MLflow.")
@@ -61,9 +62,11 @@ def run_cmd(config: Annotated[str, typer.Argument(help="YAML path or shipped con
     if result.status == "crashed":
         typer.echo(f"{result.name}: status=crashed ({result.reason}); MLflow run {result.run_id}", err=True)
         raise typer.Exit(1)
-    val = f"val_acc={result.val_acc:.4f}" if result.config.data.val_fraction > 0 else "no validation split"
+    val = (f"val_acc={metric_text('val_acc', result.val_acc)}" if result.config.data.val_fraction > 0
+           else "no validation split")
     typer.echo(f"{result.name}: status={result.status} {val} "
-               f"test_acc={result.test_acc:.4f} (epoch {result.best_epoch}) in {result.seconds:.1f} s")
+               f"test_acc={metric_text('test_acc', result.test_acc)} (epoch {result.best_epoch}) in "
+               f"{result.seconds:.1f} s")
     typer.echo(f"MLflow run {result.run_id}: {result.ui_hint()}")
     if result.status != "finished":
         raise typer.Exit(1)
@@ -87,8 +90,9 @@ def teacher_train(config: Annotated[str, typer.Argument(help="experiment config 
     init_ray(address, plugins=cfg.plugins)
     ckpt, path = ensure_teacher(cfg, splits, force=force)
     metrics = ckpt.get("metrics", {})
-    val = f"val_acc={metrics['val_acc']:.4f}" if "val_acc" in metrics else "no validation split"
-    typer.echo(f"teacher {ckpt['architecture']}: {val} test_acc={metrics.get('test_acc', float('nan')):.4f}")
+    val = f"val_acc={metric_text('val_acc', metrics['val_acc'])}" if "val_acc" in metrics else "no validation split"
+    test = metric_text("test_acc", metrics.get("test_acc", float("nan")))
+    typer.echo(f"teacher {ckpt['architecture']}: {val} test_acc={test}")
     typer.echo(f"checkpoint: {path}   (use it as teacher.checkpoint)")
     registered = registered_teacher(cfg.tracking.uri or "", teacher_key(cfg))
     if registered:

@@ -13,3 +13,8 @@ def mean_std(mean: float, std: float, n: int | None = None) -> str:
     if n == 1 or std is None or (isinstance(std, float) and math.isnan(std)):
         return f"{mean:.2f} (n=1)"
     return f"{mean:.2f} ± {std:.2f}"
+
+
+def metric_text(key: str, value: float) -> str:
+    """One metric as a console line shows it: an accuracy (`*_acc`) in points with a % sign, the rest as is."""
+    return f"{100 * value:.2f}%" if key.endswith("_acc") else f"{value:.4g}"

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.experiment.store import client as mlflow_client
+from orchestrator.formatting import metric_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -22,7 +23,7 @@ SHOWN = ("train_loss", "val_acc", "test_acc", "epoch_seconds")  # what an epoch'
 
 def epoch_line(name: str, epoch: int, epochs: int, metrics: dict[str, Any]) -> str:
     """`[name] epoch 3/20 train_loss=0.81 val_acc=0.83 epoch_seconds=0.9`: the plain line of one epoch."""
-    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
+    shown = " ".join(f"{k}={metric_text(k, metrics[k])}" for k in SHOWN if k in metrics)
     return f"[{name}] epoch {epoch}/{epochs} {shown}"
 
 
@@ -60,7 +61,7 @@ def watch_epochs(uri: str, run_id: str, name: str, epochs: int, *, every_epoch: 
         if bar is not None and task is not None and rows:
             last = rows[-1]
             bar.update(task, completed=last["epoch"],
-                       metrics=" ".join(f"{k}={last[k]:.4g}" for k in SHOWN if k in last))
+                       metrics=" ".join(f"{k}={metric_text(k, last[k])}" for k in SHOWN if k in last))
         elif every_epoch:
             for row in rows:
                 print(epoch_line(name, row["epoch"], epochs, row), flush=True)

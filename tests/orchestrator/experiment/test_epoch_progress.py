@@ -37,11 +37,11 @@ def test_every_epoch_is_shown_once_in_order_without_a_terminal(workdir: Path, ca
     lines = capsys.readouterr().out.splitlines()
     if every_epoch:
         assert [line.split()[:3] for line in lines] == [["[r]", "epoch", f"{e}/4"] for e in range(1, 5)], lines
-        assert lines[0] == "[r] epoch 1/4 train_loss=1 val_acc=0.51 epoch_seconds=0.4"
-        assert "test_acc=0.9" in lines[-1] and "lr" not in lines[-1]
+        assert lines[0] == "[r] epoch 1/4 train_loss=1 val_acc=51.00% epoch_seconds=0.4"  # accuracy in points
+        assert "test_acc=90.00%" in lines[-1] and "lr" not in lines[-1]
     else:  # a teacher: where it starts, and its last epoch
         assert lines[0] == "[r] training 4 epochs" and len(lines) == 2, lines
-        assert lines[1].startswith("[r] epoch 4/4 train_loss=0.25 val_acc=0.54 test_acc=0.9"), lines
+        assert lines[1].startswith("[r] epoch 4/4 train_loss=0.25 val_acc=54.00% test_acc=90.00%"), lines
     rows = logged_epochs(MlflowClient(uri), run_id, after=2)
     assert [r["epoch"] for r in rows] == [3, 4] and "test_acc" in rows[-1] and "test_acc" not in rows[0]
 
