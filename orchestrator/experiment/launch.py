@@ -22,8 +22,8 @@ from orchestrator.experiment.progress import watch_epochs
 from orchestrator.experiment.store import store_errors, ui_hint
 from orchestrator.experiment.tracking import (
     dataset_inputs,
-    flatten,
     log_datasets,
+    run_params,
     run_tags,
     start_run,
 )
@@ -163,7 +163,7 @@ def execute(cfg: ExperimentConfig, splits: Splits, teacher: dict[str, Any] | Non
                                            tags={**run_tags(cfg), "kdo.kind": artifact_name})
         status = "FAILED"
         try:
-            tracker.log_params(flatten(cfg.model_dump(mode="json")))
+            tracker.log_params(run_params(cfg))
             tracker.log_text(cfg.to_yaml(), "config.yaml")
             log_datasets(tracker, dataset_inputs(cfg.data, splits))
             tracker.monitor_system(cfg.tracking.system_metrics_seconds)

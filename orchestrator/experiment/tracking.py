@@ -98,6 +98,24 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A run's params: its config flattened, less the sections that do not apply to it (the synthetic dataset's
+    shape on another dataset; how a teacher would be trained when it is a checkpoint or weights; a checkpoint's
+    fields for a described teacher), so the MLflow UI's columns show what the run used. Every field a space may
+    vary per trial, and every one the ledger reads, is kept: the full config is the run's `config.yaml`."""
+    raw = cfg.model_dump(mode="json")
+    if cfg.data.name != "synthetic":
+        raw["data"].pop("synthetic")
+    if cfg.teacher is not None:
+        unused = (("training", "batch_size", "data", "cache_dir", "architecture", "args", "features")
+                  if cfg.teacher.architecture is None else ("checkpoint", "weights"))
+        for key in unused:
+            raw["teacher"].pop(key)
+    if not cfg.plugins:
+        raw.pop("plugins")
+    return flatten(raw)
+
+
 def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     """The tags every run carries, whether `kdo run`, a sweep child or a study child: what it trains on what."""
     return {"kdo.method": cfg.method.name, "kdo.dataset": cfg.data.name, "kdo.student": cfg.student.architecture,

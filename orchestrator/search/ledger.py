@@ -25,8 +25,8 @@ from orchestrator.experiment.config_files import absolute_uri, default_tracking_
 from orchestrator.experiment.model_registry import register_student
 from orchestrator.experiment.store import check_store, mask_uri
 from orchestrator.experiment.store import client as mlflow_client
-from orchestrator.experiment.tracking import Tracker, flatten, log_datasets, run_tags, source_tags, start_run
-from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, normalize
+from orchestrator.experiment.tracking import Tracker, log_datasets, run_params, run_tags, source_tags, start_run
+from orchestrator.search.status import FINAL, HIDDEN, MLFLOW_STATUS, REDO, child_label, normalize
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -215,12 +215,13 @@ def replay(client: MlflowClient, run: Run) -> Iterator[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- writes
 def start_child(ledger: LedgerRef, cfg: ExperimentConfig, setting: dict[str, Any], sid: str,
                 tags: dict[str, str]) -> Tracker:
-    """The MLflow child of one (setting, seed) under the parent: the run tags of any run, plus the ledger's."""
-    tracker, _ = start_run(ledger.tracking_uri, ledger.experiment, cfg.name, parent_run_id=ledger.parent_run_id,
-                           tags={**run_tags(cfg), "kdo.kind": "trial", f"kdo.{ledger.kind}": ledger.name,
-                                 "kdo.setting_id": sid, "kdo.setting": json.dumps(setting, sort_keys=True),
-                                 **tags}, source=dict(ledger.source))
-    tracker.log_params(flatten(cfg.model_dump(mode="json")))
+    """The MLflow child of one (setting, seed) under the parent: the run tags of any run, plus the ledger's; named by
+    what it is (`child_label`), with `cfg.name` as the `kdo.run_name` tag."""
+    tags = {**run_tags(cfg), "kdo.kind": "trial", f"kdo.{ledger.kind}": ledger.name, "kdo.setting_id": sid,
+            "kdo.setting": json.dumps(setting, sort_keys=True), "kdo.run_name": cfg.name, **tags}
+    tracker, _ = start_run(ledger.tracking_uri, ledger.experiment, child_label(tags),
+                           parent_run_id=ledger.parent_run_id, tags=tags, source=dict(ledger.source))
+    tracker.log_params(run_params(cfg))
     if ledger.datasets:
         log_datasets(tracker, ledger.datasets)
     tracker.monitor_system(cfg.tracking.system_metrics_seconds)

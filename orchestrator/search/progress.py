@@ -6,7 +6,6 @@ Imported by the Tune driver only when a sweep runs (it imports Ray Tune)."""
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -24,7 +23,7 @@ from orchestrator.experiment.store import client as mlflow_client
 from orchestrator.experiment.store import unreachable
 from orchestrator.search import ledger
 from orchestrator.search.ledger import LedgerRef
-from orchestrator.search.status import FAILED, HIDDEN
+from orchestrator.search.status import FAILED, HIDDEN, child_label
 
 RECENT = 5  # finished runs the live panel lists
 STORE_PAUSE = 60.0  # seconds the view leaves a store alone that did not answer (each ask costs its retries)
@@ -33,12 +32,6 @@ STORE_PAUSE = 60.0  # seconds the view leaves a store alone that did not answer 
 def run_line(run: Any, status: str, index: int, total: int) -> str:
     """`[ 5/38] kd temperature=4.1 kd_weight=0.5 seed 1: finished val 91.20 test 90.80 (12 s)` for one child."""
     tags, metrics = run.data.tags, run.data.metrics
-    label = tags.get("kdo.entry") or tags.get("kdo.method", "?")
-    setting = json.loads(tags.get("kdo.setting") or "{}")
-    knobs = " ".join(f"{k.removeprefix('method.params.')}={v:.3g}" if isinstance(v, float)
-                     else f"{k.removeprefix('method.params.')}={v}" for k, v in setting.items())
-    if not setting and tags.get("kdo.role") in ("defaults", "reference"):
-        knobs = tags["kdo.role"]
     val, test = metrics.get("selected_val_acc", metrics.get("val_acc")), metrics.get("test_acc")
     scores = "".join(f" {name} {100 * v:.2f}" for name, v in (("val", val), ("test", test))
                      if status == "finished" and v is not None and v == v)
@@ -46,8 +39,7 @@ def run_line(run: Any, status: str, index: int, total: int) -> str:
     reason = f" ({why.splitlines()[0][:120]})" if why else ""
     seconds = ((run.info.end_time or int(time.time() * 1000)) - run.info.start_time) / 1000
     width = len(str(total))
-    return (f"[{index:>{width}}/{total}] {label}{' ' + knobs if knobs else ''} seed {tags.get('kdo.seed', '?')}: "
-            f"{status}{scores}{reason} ({seconds:.0f} s)")
+    return f"[{index:>{width}}/{total}] {child_label(tags)}: {status}{scores}{reason} ({seconds:.0f} s)"
 
 
 class RunProgress(Callback):

@@ -17,6 +17,8 @@ Ledgers written before these words: `error` reads as `crashed`, `orphaned` as `s
 
 from __future__ import annotations
 
+import json
+
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "invalid": "FAILED", "early_stopped": "KILLED",
                  "crashed": "FAILED", "interrupted": "KILLED", "superseded": "KILLED"}
 FINAL = ("finished", "diverged", "invalid", "early_stopped")  # a (setting, seed) with one of these is never rerun
@@ -31,3 +33,16 @@ LEGACY = {"error": "crashed", "orphaned": "superseded", "stopped": "early_stoppe
 def normalize(status: str) -> str:
     """Today's word for a status read from a ledger (older ledgers used other words)."""
     return LEGACY.get(status, status)
+
+
+def child_label(tags: dict[str, str]) -> str:
+    """What a child is, in words: its entry (or method), the values its setting varies (or its role), its seed, e.g.
+    `kd temperature=4.1 kd_weight=0.5 seed 1`. Its MLflow run name (a study's children read apart in the UI's
+    narrow name column) and its progress line; `cfg.name` stays the run's id-like name (checkpoint folders, models)."""
+    label = tags.get("kdo.entry") or tags.get("kdo.method", "?")
+    setting = json.loads(tags.get("kdo.setting") or "{}")
+    knobs = " ".join(f"{k.removeprefix('method.params.')}={v:.3g}" if isinstance(v, float)
+                     else f"{k.removeprefix('method.params.')}={v}" for k, v in setting.items())
+    if not setting and tags.get("kdo.role") in ("defaults", "reference"):
+        knobs = tags["kdo.role"]
+    return f"{label}{' ' + knobs if knobs else ''} seed {tags.get('kdo.seed', '?')}"

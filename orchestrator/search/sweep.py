@@ -24,7 +24,7 @@ from orchestrator.experiment.model_registry import register_checkpoint
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
 from orchestrator.experiment.store import ui_hint
 from orchestrator.experiment.teachers import check_teacher_checkpoint
-from orchestrator.experiment.tracking import flatten
+from orchestrator.experiment.tracking import run_params
 from orchestrator.search import ledger, parent
 from orchestrator.search.design import build_design
 from orchestrator.search.ledger import LedgerRef
@@ -167,7 +167,7 @@ def sweep(config: ConfigSource, space: str | Path | dict[str, Any] | None = None
     # data and teacher once, before any trial
     prepared = provision(cfg, address=address, checkpoints=checkpoints, verbose=verbose)
     trial_resources(cfg, use_gpu(cfg), concurrency)  # a trial that cannot fit fails before the parent run exists
-    run = parent.start("sweep", name, prepared, params=flatten(cfg.model_dump(mode="json")), tags={
+    run = parent.start("sweep", name, prepared, params=run_params(cfg), tags={
         "kdo.method": cfg.method.name, "kdo.space": space_obj.source, "kdo.sampler": options.sampler,
         "kdo.scheduler": options.scheduler, "kdo.seeds": ",".join(map(str, options.seeds)),
         "kdo.parameters": json.dumps(list(space_obj.parameters)), "kdo.options": options.to_json()},
