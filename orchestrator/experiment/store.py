@@ -5,6 +5,7 @@ and of kdo's Optuna studies beside it."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -136,14 +137,29 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def ui_hint(uri: str, experiment_id: str) -> str:
-    """The command that opens the MLflow UI on this store, and the direct link to the runs table.
+VIEW_TAG = "mlflow.sharedViewState."  # the MLflow UI's shared views: an experiment tag per view, opened by its key
+
+
+def write_view(uri: str, experiment_id: str, kind: str, name: str) -> None:
+    """A view of one sweep's or study's runs that the MLflow UI opens on (`ui_hint(..., view=name)`): its children,
+    best validation accuracy first, with `selected_val_acc`, `test_acc` and the status as columns. The UI shows no
+    metric column of its own accord (every run logs tens of params), so this is how a person who configures nothing
+    sees the accuracy; the view is the UI's own "share" format, an experiment tag."""
+    state = {"searchFilter": f"tags.`kdo.{kind}` = '{name}' and tags.`kdo.kind` = 'trial'",
+             "orderByKey": "metrics.`selected_val_acc`", "orderByAsc": False,
+             "selectedColumns": ["metrics.`selected_val_acc`", "metrics.`test_acc`", "tags.`kdo.status`"]}
+    client(uri).set_experiment_tag(experiment_id, f"{VIEW_TAG}{name}", json.dumps(state))
+
+
+def ui_hint(uri: str, experiment_id: str, view: str | None = None) -> str:
+    """The command that opens the MLflow UI on this store, and the direct link to the runs table (to a sweep's or
+    study's own view, `write_view`, when `view` names one).
 
     The MLflow 3 UI opens experiments in its GenAI view; the `/runs` link shows the training runs.
     """
     uri = mask_uri(uri)
     store = uri if uri.startswith(DATABASE_STORES) else None
+    runs = f"#/experiments/{experiment_id}/runs{f'?viewStateShareKey={view}' if view else ''}"
     if store is None:
-        return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return (f"mlflow ui --backend-store-uri {store} --port 5000   then open "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
+        return f"open {uri.rstrip('/')}/{runs}"
+    return f"mlflow ui --backend-store-uri {store} --port 5000   then open http://127.0.0.1:5000/{runs}"

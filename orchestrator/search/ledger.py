@@ -229,11 +229,18 @@ def start_child(ledger: LedgerRef, cfg: ExperimentConfig, setting: dict[str, Any
 
 
 def close_child(tracker: Tracker, status: str, cfg: ExperimentConfig | None = None) -> None:
-    """End a child with its status; a finished one's student is registered when its config says
+    """End a child with its status and a description that says what it is and how it ended (the top of its page in
+    the MLflow UI, above the metrics list); a finished one's student is registered when its config says
     `tracking.log_models` (as a version of `kdo-student-<run name>`)."""
     if cfg is not None and cfg.tracking.log_models and status == "finished":
         register_student(tracker, cfg.name)
-    tracker.set_tags({"kdo.status": status, "kdo.early_stopped": str(status == "early_stopped").lower()})
+    run = tracker.client.get_run(tracker.run_id)
+    m, why = run.data.metrics, run.data.tags.get("kdo.reason", "")
+    scores = (f": val {100 * m['selected_val_acc']:.2f}, test {100 * m['test_acc']:.2f} (points; the epoch chosen "
+              f"on validation, {int(m.get('best_epoch', 0))})" if status == "finished" and "test_acc" in m
+              and "selected_val_acc" in m else f" ({why})" if why else "")
+    tracker.set_tags({"kdo.status": status, "kdo.early_stopped": str(status == "early_stopped").lower(),
+                      "mlflow.note.content": f"{child_label(run.data.tags)}: {status}{scores}"})
     tracker.finish(MLFLOW_STATUS[status])
 
 

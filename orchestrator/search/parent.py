@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from orchestrator.errors import Interrupted
 from orchestrator.experiment.config import ExperimentConfig
 from orchestrator.experiment.runner import Prepared
-from orchestrator.experiment.store import check_store, store_errors, unreachable
+from orchestrator.experiment.store import check_store, store_errors, ui_hint, unreachable, write_view
 from orchestrator.experiment.store import client as mlflow_client
 from orchestrator.experiment.tracking import Tracker, dataset_inputs, log_datasets, start_run
 from orchestrator.search import ledger
@@ -83,6 +83,9 @@ def start(kind: Kind, name: str, prepared: Prepared, tags: dict[str, str], param
     for artifact, text in files.items():
         tracker.log_text(text, artifact)
     log_datasets(tracker, dataset_inputs(cfg.data, prepared.splits))
+    write_view(cfg.tracking.uri, experiment_id, kind, name)
+    tracker.set_tags({"mlflow.note.content": f"The {kind} {name}: its runs, best validation accuracy first, in the "
+                                             f"UI's view `{name}` ({ui_hint(cfg.tracking.uri, experiment_id, name)})."})
     return ParentRun(kind, name, tracker, cfg.tracking.experiment, experiment_id, cfg.tracking.storage_path)
 
 

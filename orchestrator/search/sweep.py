@@ -22,7 +22,7 @@ from orchestrator.experiment.config_files import read_yaml
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.model_registry import register_checkpoint
 from orchestrator.experiment.runner import ConfigSource, Prepared, check, provision
-from orchestrator.experiment.store import ui_hint
+from orchestrator.experiment.store import ui_hint, write_view
 from orchestrator.experiment.teachers import check_teacher_checkpoint
 from orchestrator.experiment.tracking import run_params
 from orchestrator.search import ledger, parent
@@ -80,13 +80,14 @@ class SweepResult:
         return complete.iloc[0]
 
     def ui_hint(self) -> str:
-        return ui_hint(self.tracking_uri, self.experiment_id)
+        return ui_hint(self.tracking_uri, self.experiment_id, view=self.name)
 
 
 def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kdo") -> SweepResult:
     """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`. Runs a driver that is gone left
     RUNNING (killed, or it lost its store) are settled `crashed` first, the parent FAILED."""
     uri, client, run = parent.find("sweep", name, tracking_uri, experiment)
+    write_view(uri, run.info.experiment_id, "sweep", name)  # a sweep from before views opens on one too
     parameters = json.loads(run.data.tags.get("kdo.parameters", "[]"))
     frame = ledger.children_frame(client, run.info.experiment_id, run.info.run_id, parameters)
     return SweepResult(name, run.info.run_id, run.info.experiment_id, uri, parameters, frame)

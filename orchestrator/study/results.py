@@ -272,7 +272,7 @@ class StudyResults:
         return out
 
     def ui_hint(self) -> str:
-        return ui_hint(self.tracking_uri, self.experiment_id)
+        return ui_hint(self.tracking_uri, self.experiment_id, view=self.name)
 
 
 def read_results(spec: StudySpec, base: ExperimentConfig, spaces: dict[str, SearchSpace], uri: str,

@@ -22,6 +22,7 @@ from orchestrator.experiment import tracking
 from orchestrator.experiment.config import ExperimentConfig, resolve_paths
 from orchestrator.experiment.launch import use_gpu
 from orchestrator.experiment.runner import Prepared, provision
+from orchestrator.experiment.store import write_view
 from orchestrator.search import parent
 from orchestrator.search.ledger import LedgerRef
 from orchestrator.search.points import Point, TrialOptions
@@ -213,6 +214,7 @@ class RobustnessStudy:
         recorded_plugins(raw, plugins, f"study {name}", to_resume=to_resume)
         study = cls.from_spec(StudySpec.model_validate(raw))
         study.parent_run_id, study.experiment_id, study._uri = found.info.run_id, found.info.experiment_id, uri
+        write_view(uri, found.info.experiment_id, "study", name)  # a study from before views opens on one too
         return study, found
 
     # ----------------------------------------------------------------------------------- analysis

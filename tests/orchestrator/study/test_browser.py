@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from orchestrator.search.status import child_label
 from orchestrator.study.robustness import RobustnessStudy
 from tests.conftest import digits_config
 from tests.orchestrator.search.test_cluster import mlflow_server
@@ -49,8 +51,13 @@ def test_mlflow_ui_and_html_report_show_the_study(workdir: Path) -> None:
         study = RobustnessStudy("browser-study", cfg, {"kd": None, "dkd": None}, n_settings=2, seeds=[0],
                                 concurrency=4).run()
         report = study.report(workdir / "report")
-        child = study.results()["run_id"].iloc[0]
-        child_name = f"browser-study-{study.results()['setting_id'].iloc[0][:6]}-s0"
+        results = study.results()
+        finished = results[results["status"] == "finished"].iloc[0]
+        child = finished["run_id"]
+        run = MlflowClient(url).get_run(child)
+        child_name = child_label(run.data.tags)  # e.g. "kd temperature=4.1 kd_weight=0.5 seed 0"
+        assert child_name.startswith(("kd ", "dkd ")) and child_name.endswith(" seed 0") and run.info.run_name == \
+            child_name
 
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -63,6 +70,22 @@ def test_mlflow_ui_and_html_report_show_the_study(workdir: Path) -> None:
             # The Dataset column: each child's splits as MLflow inputs, "digits (<digest>)" with its context.
             expect(page.get_by_text(re.compile(r"^digits \([0-9a-f]{8}\)$")).first).to_be_visible(timeout=30_000)
             page.screenshot(path=str(workdir / "mlflow_runs.png"))
+
+            # The link kdo prints opens the study's own view: its runs, with their accuracy, configured by nobody.
+            view = study.ui_hint().split("then open ")[-1].removeprefix("open ")
+            assert view.startswith(f"{url}/#/experiments/{study.experiment_id}/runs?viewStateShareKey=browser-study")
+            page.goto(view)
+            expect(page.get_by_text(child_name, exact=True)).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("selected_val_acc", exact=True).first).to_be_visible(timeout=30_000)
+            shown = f"{finished['val_acc']:.6f}"[:5]  # the UI shows the fraction's leading digits
+            expect(page.get_by_text(re.compile(rf"^{re.escape(shown)}")).first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(workdir / "mlflow_view.png"))
+
+            # A child's page says what it is and how it ended, above its metrics.
+            page.goto(f"{url}/#/experiments/{study.experiment_id}/runs/{child}")
+            expect(page.get_by_text(re.compile(rf"^{re.escape(child_name)}: finished: val \d+\.\d\d, test"))
+                   .first).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(workdir / "mlflow_child.png"))
 
             page.goto(f"{url}/#/experiments/{study.experiment_id}/runs/{study.parent_run_id}"
                       "/artifacts/plots/distribution.png")
