@@ -219,7 +219,7 @@ def start_child(ledger: LedgerRef, cfg: ExperimentConfig, setting: dict[str, Any
     what it is (`child_label`), with `cfg.name` as the `kdo.run_name` tag."""
     tags = {**run_tags(cfg), "kdo.kind": "trial", f"kdo.{ledger.kind}": ledger.name, "kdo.setting_id": sid,
             "kdo.setting": json.dumps(setting, sort_keys=True), "kdo.run_name": cfg.name, **tags}
-    tracker, _ = start_run(ledger.tracking_uri, ledger.experiment, child_label(tags),
+    tracker, _ = start_run(ledger.tracking_uri, ledger.experiment, child_label(tags, compact=True),
                            parent_run_id=ledger.parent_run_id, tags=tags, source=dict(ledger.source))
     tracker.log_params(run_params(cfg))
     if ledger.datasets:

@@ -35,14 +35,26 @@ def normalize(status: str) -> str:
     return LEGACY.get(status, status)
 
 
-def child_label(tags: dict[str, str]) -> str:
-    """What a child is, in words: its entry (or method), the values its setting varies (or its role), its seed, e.g.
-    `kd temperature=4.1 kd_weight=0.5 seed 1`. Its MLflow run name (a study's children read apart in the UI's
-    narrow name column) and its progress line; `cfg.name` stays the run's id-like name (checkpoint folders, models)."""
-    label = tags.get("kdo.entry") or tags.get("kdo.method", "?")
+def child_label(tags: dict[str, str], *, compact: bool = False) -> str:
+    """What a child is, in words: its entry (or method), the values its setting varies (or its role), its seed: its
+    progress line's `kd temperature=4.1 kd_weight=0.5 seed 1`, or `compact`, its MLflow run name `kd s1 temp=4.1
+    kw=0.5`: what tells a study's children apart comes first, to be read in the UI's narrow name column.
+    `cfg.name` stays the run's id-like name (checkpoint folders, registered models: tag `kdo.run_name`)."""
+    label, seed = tags.get("kdo.entry") or tags.get("kdo.method", "?"), tags.get("kdo.seed", "?")
     setting = json.loads(tags.get("kdo.setting") or "{}")
-    knobs = " ".join(f"{k.removeprefix('method.params.')}={v:.3g}" if isinstance(v, float)
-                     else f"{k.removeprefix('method.params.')}={v}" for k, v in setting.items())
+    name = _short if compact else (lambda path: path.removeprefix("method.params."))
+    knobs = " ".join(f"{name(k)}={v:.3g}" if isinstance(v, float) else f"{name(k)}={v}" for k, v in setting.items())
     if not setting and tags.get("kdo.role") in ("defaults", "reference"):
         knobs = tags["kdo.role"]
-    return f"{label}{' ' + knobs if knobs else ''} seed {tags.get('kdo.seed', '?')}"
+    if compact:
+        return f"{label} s{seed}{' ' + knobs if knobs else ''}"
+    return f"{label}{' ' + knobs if knobs else ''} seed {seed}"
+
+
+def _short(path: str) -> str:
+    """A parameter's short name: its last part if short (alpha, lr), the initials of a snake_case name (kd_weight:
+    kw), else its first four letters (temperature: temp)."""
+    last = path.rsplit(".", 1)[-1]
+    if len(last) <= 5:
+        return last
+    return "".join(w[0] for w in last.split("_") if w) if "_" in last else last[:4]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -171,9 +172,11 @@ def ray_cluster(num_cpus: int = 2, num_gpus: int = 0) -> Iterator[RayCluster]:
 
 
 @contextmanager
-def joined_node(cluster: RayCluster, num_cpus: int = 1) -> Iterator[Callable[[], set[int]]]:
-    """A second node (`ray start --address`) joined to `cluster`; yields a function that gives its processes
-    now (its raylet and the workers it started), so a test can kill the node. Stopped by PID afterwards."""
+def joined_node(cluster: RayCluster, num_cpus: int = 1, env: dict[str, str] | None = None
+                ) -> Iterator[Callable[[], set[int]]]:
+    """A second node (`ray start --address`) joined to `cluster` (with `env` on top of the driver's: e.g. a HOME of
+    its own); yields a function that gives its processes now (its raylet and the workers it started), so a test can
+    kill the node. Stopped by PID afterwards."""
     tag, before = uuid.uuid4().hex, _pids()
     unmatched = f"/{tag}/"  # its processes name the head's temp dir too: tell them apart by the tag alone
     try:
@@ -181,7 +184,8 @@ def joined_node(cluster: RayCluster, num_cpus: int = 1) -> Iterator[Callable[[],
             [str(BIN / "ray"), "start", "--address", cluster.address, "--node-ip-address", "127.0.0.1",
              "--num-cpus", str(num_cpus), "--disable-usage-stats", "--dashboard-agent-listen-port",
              str(free_port())],
-            env={**cluster.driver_env, MARKER: tag}, check=True, capture_output=True, text=True, timeout=150)
+            env={**cluster.driver_env, **(env or {}), MARKER: tag}, check=True, capture_output=True, text=True,
+            timeout=150)
         yield lambda: _cluster_processes(before, tag, unmatched)
     finally:
         _terminate(_cluster_processes(before, tag, unmatched), grace=2.0)
@@ -248,19 +252,65 @@ def test_sweep_on_a_ray_start_cluster_and_gpu_trials_packed_on_its_logical_gpu(w
     assert len(lines) == 4, out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_readmes_multi_node_recipe_with_an_authenticated_store(workdir: Path, tmp_path_factory) -> None:
+    """The README's "On several machines", on 127.0.0.1: a head, a worker node that joins with the head's token
+    copied into a HOME of its own (`RAY_AUTH_MODE=token`), an `mlflow server --app-name basic-auth`, and a sweep
+    whose store URI carries the credentials. Its trials run on both nodes (by Ray node id: a plugin method tags
+    it), the credentials never reach a param or a tag, and a client without them is refused."""
+    from tests.orchestrator.search.test_faults import WHERE
+
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if _auth_mode() != "token" or not token.is_file():
+        pytest.skip("Ray token authentication is off on this machine: nothing to copy")
+    node_home = tmp_path_factory.mktemp("node-home")
+    (node_home / ".ray").mkdir()
+    shutil.copy(token, node_home / ".ray" / "auth_token")  # the README's `scp <head>:.ray/auth_token ~/.ray/`
+    (workdir / "where.py").write_text(WHERE)
+    (workdir / "where_space.yaml").write_text("method: kd_where\nplugins: [where.py]\nparameters:\n"
+                                              "  temperature: {type: float, low: 1.0, high: 8.0, log: true}\n")
+    server_dir = workdir / "server"
+    server_dir.mkdir()
+    with mlflow_server(server_dir, admin_password="kdo-recipe-pw") as url, ray_cluster(num_cpus=1) as cluster, \
+            joined_node(cluster, num_cpus=1, env={"HOME": str(node_home), "RAY_AUTH_MODE": "token"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no credentials: no runs
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+        assert refused.value.code == 401
+        store = url.replace("http://", "http://admin:kdo-recipe-pw@")
+        code, out, err, _ = _kdo(["sweep", "digits_kd", "--space", "where_space.yaml", "--set",
+                                  "method.name=kd_where", "--sampler", "sobol", "--trials", "4", "--group-size", "1",
+                                  "--concurrency", "2", "--address", cluster.address, "--name", "recipe", "--set",
+                                  "training.epochs=2", "--set", "teacher.training.epochs=2"],
+                                 workdir, {**cluster.driver_env, "MLFLOW_TRACKING_URI": store})
+        assert code == 0, f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}\n{cluster.diagnose()}"
+        assert "kdo-recipe-pw" not in out + err and "admin:***@" in out, out[-2000:]
+        client = MlflowClient(store)
+        exp = client.get_experiment_by_name("kdo").experiment_id
+        children = client.search_runs([exp], "tags.`kdo.sweep` = 'recipe' and tags.`kdo.kind` = 'trial'")
+        assert sorted(c.data.tags["kdo.status"] for c in children) == ["finished"] * 4
+        assert len({c.data.tags["where.node"] for c in children}) == 2  # both nodes trained, by Ray node id
+        for c in children:
+            assert not [v for v in [*c.data.params.values(), *c.data.tags.values()] if "kdo-recipe-pw" in v]
+
+
 @contextmanager
-def mlflow_server(cwd: Path, port: int | None = None) -> Iterator[str]:
+def mlflow_server(cwd: Path, port: int | None = None, admin_password: str | None = None) -> Iterator[str]:
     """`mlflow server` on `port` (default: a free one) with a SQLite store in `cwd`; yields its URL, stops its
-    process group."""
+    process group. With `admin_password`, the README's authenticated server: `--app-name basic-auth`, its admin
+    user `admin` created with that password, a Flask secret key."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = (cwd / "server.log").open("wb")
+    auth = ["--app-name", "basic-auth"] if admin_password else []
+    secrets = {"MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex} if admin_password else {}
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{cwd / 'srv.db'}",
+        [str(BIN / "mlflow"), "server", *auth, "--backend-store-uri", f"sqlite:///{cwd / 'srv.db'}",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # Tracking only: without its job runner (7 huey consumers) it is healthy ~5x sooner on 2 cores.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **secrets})
     try:
         deadline = time.monotonic() + 90
         while True:
