@@ -6,6 +6,7 @@ schema (the method's own schema included) by validating the config at the range'
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +119,10 @@ def fixed_by(space: SearchSpace, overrides: list[str]) -> SearchSpace:
     if not kept:
         raise ConfigError(f"--set: fixes every parameter of the space ({', '.join(space.parameters)}); nothing is "
                           "left to search; drop a --set, or give a space that varies something else")
+    fixed = sorted(named & set(space.parameters))
+    if fixed:
+        print(f"--set fixes {', '.join(fixed)}, which the space varies: the sweep varies {', '.join(kept)} only",
+              file=sys.stderr)
     return space.model_copy(update={"parameters": kept,
                                     "fixed": {p: v for p, v in space.fixed.items() if p not in named}})
 

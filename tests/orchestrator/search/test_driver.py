@@ -36,13 +36,22 @@ def test_a_taken_sweep_name_given_with_name_is_refused_before_anything_runs(work
     assert not (workdir / "kdo_runs").exists()
 
 
-def test_a_study_file_run_again_gets_the_next_free_name_and_an_explicit_one_is_refused(workdir: Path) -> None:
+def test_a_study_file_run_again_gets_the_next_free_name_and_an_explicit_one_is_refused(
+        workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     study = RobustnessStudy.from_yaml("demo")
     assert study.claim_name().name == "demo", "a new store: the file's name"
+    assert capsys.readouterr().err == ""
     _parent(workdir, "study", "demo")
     _parent(workdir, "study", "demo-2")
     again = RobustnessStudy.from_yaml("demo").claim_name()
     assert again.name == "demo-3"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # said at once, from Python too
+        "study name 'demo' is taken in experiment 'kdo': this one runs as 'demo-3' (kdo report demo-3)")
+    from orchestrator.search.ledger import find_parent
+
+    find_parent("study", "demo", None, "kdo")  # the name the user knows: newer runs of the file are named
+    assert "study 'demo': the run started " in (err := capsys.readouterr().err) and \
+        err.strip().endswith("; the same file ran again as demo-2"), err
     assert all(p.config.name.startswith("demo-3-") for p in again.points), "the points are planned anew"
     with pytest.raises(ConfigError, match="--name: a study named 'demo' exists already"):
         RobustnessStudy.from_yaml("demo").replace(name="demo").claim_name()

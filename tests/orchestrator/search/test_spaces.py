@@ -39,7 +39,8 @@ def test_asha_budget_is_the_largest_epochs_of_a_choice_or_a_range() -> None:
                                                                                             BASE.training.epochs)
 
 
-def test_a_set_on_a_parameter_the_space_varies_fixes_it_instead_of_being_ignored() -> None:
+def test_a_set_on_a_parameter_the_space_varies_fixes_it_instead_of_being_ignored(
+        capsys: pytest.CaptureFixture[str]) -> None:
     from orchestrator.errors import ConfigError
     from orchestrator.search.points import TrialOptions
     from orchestrator.search.spaces import fixed_by
@@ -53,6 +54,8 @@ def test_a_set_on_a_parameter_the_space_varies_fixes_it_instead_of_being_ignored
     assert "method.params.kd_weight" in space.parameters
     kept = fixed_by(space, overrides)
     assert "method.params.kd_weight" not in kept.parameters and set(kept.parameters) < set(space.parameters)
+    assert capsys.readouterr().err == (f"--set fixes method.params.kd_weight, which the space varies: the sweep "
+                                       f"varies {', '.join(kept.parameters)} only\n")  # said, not silent
     points = plan_points("s", kept, base, TrialOptions(sampler="sobol", trials=4))  # what `kdo sweep --set` plans
     assert {p.config.method.params["kd_weight"] for p in points} == {0.5}, "the user's value, every point"
     assert len({p.config.method.params["temperature"] for p in points}) > 1, "the rest is still searched"
