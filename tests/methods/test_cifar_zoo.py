@@ -1,0 +1,76 @@
+"""The CIFAR-100 table's networks and recipe: each network against the parameter count RepDistiller's own code gives
+(`methods/cifar_zoo.py` cites the files), its features at 32x32, and every `cifar100_*` pair config validating and
+training a step on CIFAR-100-shaped synthetic data with an untrained teacher of its architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from methods.networks import FeatureNet, build_network
+from orchestrator.experiment.checkpoints import save_network
+from orchestrator.experiment.config import load_config
+from orchestrator.experiment.config_files import shipped_configs
+from orchestrator.experiment.data import load_splits
+from orchestrator.experiment.loop import train_loop
+
+# Counted by running HobbitLong/RepDistiller models/{resnetv2,mobilenetv2,ShuffleNetv1,ShuffleNetv2}.py for 100 classes;
+# the features are the ones its forward(is_feat=True) returns between the stem and the pooled vector.
+REPDISTILLER = {
+    "resnet50_bottleneck": (23_705_252, [(256, 32), (512, 16), (1024, 8), (2048, 4)], 2048),
+    "mobilenetv2_half": (812_836, [(12, 16), (16, 8), (48, 4), (160, 2)], 1280),
+    "shufflenet_v1": (949_258, [(240, 16), (480, 8), (960, 4)], 960),
+    "shufflenet_v2": (1_355_528, [(116, 16), (232, 8), (464, 4)], 1024),
+}
+PAIRS = sorted(n for n in shipped_configs() if n.startswith("cifar100_"))
+
+
+@pytest.mark.parametrize("name", sorted(REPDISTILLER))
+def test_the_table_networks_have_repdistillers_parameter_counts_and_features(name: str) -> None:
+    params, stages, width = REPDISTILLER[name]
+    net = build_network(name, num_classes=100, in_channels=3, image_size=32)
+    assert isinstance(net, FeatureNet) and sum(p.numel() for p in net.parameters()) == params
+    logits, feats = net.eval()(torch.randn(2, 3, 32, 32), features=True)
+    assert logits.shape == (2, 100) and feats["penultimate"].shape == (2, width) == (2, net.feature_dim)
+    assert [tuple(feats[s].shape[1:]) for s in net.stage_names] == [(c, h, h) for c, h in stages]
+    assert torch.allclose(net.classifier(feats["penultimate"]), logits, atol=1e-5)  # what LSH and TCS fold into
+
+
+def test_the_table_has_its_thirteen_pairs_with_the_codebases_recipe() -> None:
+    assert len(PAIRS) == 13
+    for name in PAIRS:
+        cfg = load_config(name)
+        light = cfg.student.architecture in ("mobilenetv2_half", "shufflenet_v1", "shufflenet_v2")
+        for training, lr in ((cfg.training, 0.01 if light else 0.05), (cfg.teacher.training, 0.05)):
+            assert (training.epochs, training.optimizer, training.lr, training.momentum, training.weight_decay,
+                    training.schedule, training.milestones, training.gamma) == (
+                240, "sgd", lr, 0.9, 5e-4, "multistep", [150, 180, 210], 0.1), name
+        assert (cfg.data.name, cfg.data.batch_size, cfg.teacher.batch_size, cfg.data.augment) == \
+            ("cifar100", 64, 64, True)
+        assert name == f"cifar100_{cfg.teacher.architecture}_{cfg.student.architecture}"
+
+
+@pytest.fixture(scope="module")
+def untrained_teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One untrained checkpoint per teacher architecture of the table, saved once for every pair."""
+    folder, out = tmp_path_factory.mktemp("cifar-teachers"), {}
+    for arch in sorted({load_config(n).teacher.architecture for n in PAIRS}):
+        torch.manual_seed(0)
+        net = build_network(arch, num_classes=100, in_channels=3, image_size=32)
+        out[arch] = save_network(folder / f"{arch}.pt", net, architecture=arch, args={}, num_classes=100,
+                                 in_channels=3, image_size=32)
+    return out
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_each_pair_trains_a_step_on_cifar100_shaped_data(name: str, untrained_teachers: dict[str, Path]) -> None:
+    teacher = load_config(name).teacher.architecture
+    cfg = load_config(name, ["data.name=synthetic", "data.synthetic.num_train=2000", "data.synthetic.num_test=10",
+                             "data.batch_size=8", "data.val_fraction=0.05", "data.train_fraction=0.01",
+                             "training.epochs=1",
+                             "teacher.architecture=null", f"teacher.checkpoint={untrained_teachers[teacher]}"])
+    assert (cfg.data.synthetic.channels, cfg.data.synthetic.image_size, cfg.data.synthetic.num_classes) == (3, 32, 100)
+    out = train_loop(cfg, load_splits(cfg.data), torch.load(untrained_teachers[teacher], weights_only=True), log=None)
+    assert out.status == "finished" and out.history[-1]["train_loss"] == out.history[-1]["train_loss"]  # 3 steps
