@@ -224,8 +224,6 @@ def _resnet50(num_classes: int, in_channels: int, image_size: int) -> FeatureNet
 
 @register_network("mobilenetv2_half")
 def _mobilenetv2_half(num_classes: int, in_channels: int, image_size: int) -> FeatureNet:
-    if image_size % 16:
-        raise ValueError(f"mobilenetv2_half needs data.image_size a multiple of 16; got {image_size}")
     return MobileNetV2(0.5, in_channels, num_classes)
 
 
