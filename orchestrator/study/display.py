@@ -12,6 +12,7 @@ from rich.table import Table
 from orchestrator.formatting import mean_std
 from orchestrator.search.display import wide_console
 from orchestrator.study import verdicts
+from orchestrator.study.published import published_display
 
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
@@ -68,6 +69,11 @@ def print_study(study: StudyResults, report: Path | None = None, console: Consol
                  for m, r in protocols.iterrows() if r["peak"] == r["peak"]]
         console.print("test accuracy of the chosen setting, selected on val / last epoch (RepDistiller) / best test "
                       "epoch (mdistiller, LS; gap): " + "; ".join(lines))
+    if study.spec.published:
+        for label, r in published_display(study).iterrows():
+            console.print(f"published {escape(str(label))}: {r['published']} ({escape(r['protocol'])}; "
+                          f"{escape(r['source'])}); kdo, same protocol: {r['kdo, same protocol']} "
+                          f"({r['difference']}), selected on val: {r['kdo, selected on val']}")
     teacher = study.teacher()
     if teacher:
         console.print(f"teacher: val {teacher['val']:.2f}, test {teacher['test']:.2f}")

@@ -17,6 +17,7 @@ from orchestrator.formatting import mean_std
 from orchestrator.study import verdicts
 from orchestrator.study.display import DEFAULTS_NOTE
 from orchestrator.study.plots import NOT_MEANINGFUL, UNCERTAIN, caption, draw_plots, short
+from orchestrator.study.published import published_display
 
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
@@ -155,6 +156,9 @@ def _blocks(study: StudyResults, plots: list[Path]) -> list[tuple[str, Any]]:
         blocks.append(("h2", "The same runs under the protocols papers use"))
         blocks.append(("p", PROTOCOL_RULE))
         blocks.append(("table", _protocol_table(protocols)))
+    if spec.published:
+        blocks.append(("h2", "Beside the published numbers"))
+        blocks.append(("table", published_display(study)))
     if spec.has_design:
         blocks.append(("h2", "Comparisons"))
         blocks.append(("p", RULE))

@@ -18,6 +18,7 @@ from orchestrator.errors import ConfigError, check_name, format_validation_error
 from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, load_config
 from orchestrator.experiment.config_files import import_named_plugins, import_plugins, plugins_named
 from orchestrator.search.spaces import SearchSpace
+from orchestrator.study.published import Published
 
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -65,6 +66,8 @@ class StudySpec(BaseModel):
                             "group on shared batches and teacher passes (0: auto, 1: every run alone)")
     design_seed: int = Field(0, ge=0)
     set: list[str] = Field([], description="overrides of the base config: a.b=value")
+    published: dict[str, Published] = Field({}, description="numbers papers report for rows of the study (entry "
+                                            "labels, references, `teacher`), shown beside kdo's in the report")
     plugins: list[str] = Field([], description="user code the study's methods, networks or datasets need: module "
                                "names or paths (imported before the rest is read, and in every Ray process)")
 
@@ -110,6 +113,14 @@ class StudySpec(BaseModel):
             if self.compare:
                 raise ValueError("study.compare: robustness needs a design; with n_settings 0 (defaults only) leave "
                                  "compare empty")
+        return self
+
+    @model_validator(mode="after")
+    def _published_rows(self) -> StudySpec:
+        unknown = sorted(set(self.published) - {*self.all_methods, "teacher"})
+        if unknown:
+            raise ValueError(f"study.published: no row '{unknown[0]}' in this study; allowed: "
+                             f"{', '.join([*self.all_methods, 'teacher'])}")
         return self
 
     @property

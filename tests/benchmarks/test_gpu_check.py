@@ -25,6 +25,7 @@ def test_the_gpu_check_runs_on_the_cpu_without_ray_mlflow_optuna_or_scikit_learn
     out = done.stdout
     assert out.count("ratio kdo/anchor:") == 1 and out.count("grouped / one at a time:") == 2, out
     assert "train_loss difference 0.00e+00" in out, out  # grouped members equal their solo runs
+    assert "projected hours: one 240-epoch KD run " in out and "study cifar100_logit_baselines (25 runs" in out, out
     bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--size", "1"], cwd=ROOT, capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "unknown argument '--size'" in bad.stderr

@@ -74,3 +74,20 @@ def test_each_pair_trains_a_step_on_cifar100_shaped_data(name: str, untrained_te
     assert (cfg.data.synthetic.channels, cfg.data.synthetic.image_size, cfg.data.synthetic.num_classes) == (3, 32, 100)
     out = train_loop(cfg, load_splits(cfg.data), torch.load(untrained_teachers[teacher], weights_only=True), log=None)
     assert out.status == "finished" and out.history[-1]["train_loss"] == out.history[-1]["train_loss"]  # 3 steps
+
+
+def test_the_cifar100_study_plans_with_its_published_numbers_and_refuses_an_unknown_row() -> None:
+    from orchestrator.errors import ConfigError
+    from orchestrator.study.robustness import RobustnessStudy
+
+    study = RobustnessStudy.from_yaml("cifar100_logit_baselines")  # plans every run; trains nothing
+    assert study.methods == ["kd", "dkd", "kd_ls", "dkd_ls", "ce"] and len(study.points) == 5 * 5
+    assert {p.config.name.split("-")[0] for p in study.points} == {"cifar100_logit_baselines"}
+    published = {k: (v.accuracy, v.protocol) for k, v in study.spec.published.items()}
+    assert published == {"kd": (73.33, "best test epoch"), "dkd": (76.32, "best test epoch"),
+                         "kd_ls": (76.62, "best test epoch"), "dkd_ls": (77.01, "best test epoch"),
+                         "ce": (72.50, "last epoch"), "teacher": (79.42, "last epoch")}
+    ls = next(p.config for p in study.points if p.tags.get("kdo.entry") == "kd_ls")
+    assert ls.method.params["logit_standardization"] and ls.method.params["temperature"] == 2.0  # LS's defaults
+    with pytest.raises(ConfigError, match="study.published: no row 'crd' in this study; allowed: kd, dkd"):
+        study.replace(published={"crd": {"accuracy": 75.5, "protocol": "last epoch", "source": "CRD"}})
