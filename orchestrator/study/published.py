@@ -5,29 +5,18 @@ validation), so a reader compares like with like."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.formatting import mean_std
 
 if TYPE_CHECKING:
     from orchestrator.study.results import StudyResults
 
-Protocol = Literal["best test epoch", "last epoch"]
-# Which of kdo's protocol columns (`StudyResults.protocols`) measures what a published protocol measured.
+# Which of kdo's protocol columns (`StudyResults.protocols`) measures what a published protocol (`spec.Published`)
+# measured.
 COLUMN = {"best test epoch": "peak", "last epoch": "last_epoch"}
-
-
-class Published(BaseModel):
-    """One published number: test accuracy in points, where it is printed, and how it was chosen."""
-
-    model_config = ConfigDict(extra="forbid")
-    accuracy: float = Field(..., ge=0.0, le=100.0, description="the published test accuracy, in points")
-    source: str = Field(..., min_length=3, description="the paper and table, or the repository file, that prints it")
-    protocol: Protocol = Field(..., description="how the published run chose its epoch: the best test accuracy over "
-                                                "epochs (mdistiller, LS) or the last epoch (RepDistiller)")
 
 
 def published_table(study: StudyResults) -> pd.DataFrame:

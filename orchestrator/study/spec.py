@@ -18,9 +18,21 @@ from orchestrator.errors import ConfigError, check_name, format_validation_error
 from orchestrator.experiment.config import MAX_GROUP, MAX_SEED, ExperimentConfig, load_config
 from orchestrator.experiment.config_files import import_named_plugins, import_plugins, plugins_named
 from orchestrator.search.spaces import SearchSpace
-from orchestrator.study.published import Published
 
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+Protocol = Literal["best test epoch", "last epoch"]
+
+
+class Published(BaseModel):
+    """One published number: test accuracy in points, where it is printed, and how it was chosen."""
+
+    model_config = ConfigDict(extra="forbid")
+    accuracy: float = Field(..., ge=0.0, le=100.0, description="the published test accuracy, in points")
+    source: str = Field(..., min_length=3, description="the paper and table, or the repository file, that prints it")
+    protocol: Protocol = Field(..., description="how the published run chose its epoch: the best test accuracy over "
+                                                "epochs (mdistiller, LS) or the last epoch (RepDistiller)")
 
 
 class MethodEntry(BaseModel):

@@ -91,3 +91,30 @@ def test_the_cifar100_study_plans_with_its_published_numbers_and_refuses_an_unkn
     assert ls.method.params["logit_standardization"] and ls.method.params["temperature"] == 2.0  # LS's defaults
     with pytest.raises(ConfigError, match="study.published: no row 'crd' in this study; allowed: kd, dkd"):
         study.replace(published={"crd": {"accuracy": 75.5, "protocol": "last epoch", "source": "CRD"}})
+
+
+def test_published_numbers_meet_kdos_number_under_their_own_protocol() -> None:
+    """The pairing rule: a 'best test epoch' number beside kdo's peak column, a 'last epoch' one beside its last
+    epoch's, the teacher beside the teacher's test accuracy; a row without finished runs reads n/a."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from orchestrator.study.published import published_display, published_table
+    from orchestrator.study.spec import Published
+
+    protocols = pd.DataFrame({"selected": [75.0, 72.0], "selected_std": [0.5, 0.4], "last_epoch": [75.5, 72.1],
+                              "last_epoch_std": [0.6, 0.3], "peak": [76.0, 72.9], "peak_std": [0.2, 0.1]},
+                             index=["kd", "ce"])
+    published = {"kd": Published(accuracy=73.33, protocol="best test epoch", source="mdistiller"),
+                 "ce": Published(accuracy=72.50, protocol="last epoch", source="CRD"),
+                 "dkd": Published(accuracy=76.32, protocol="best test epoch", source="mdistiller"),
+                 "teacher": Published(accuracy=79.42, protocol="last epoch", source="CRD")}
+    study = SimpleNamespace(protocols=lambda: protocols, teacher=lambda: {"val": 80.0, "test": 79.0},
+                            spec=SimpleNamespace(published=published))
+    table = published_table(study)
+    assert table.loc["kd", "kdo"] == 76.0 and table.loc["kd", "difference"] == pytest.approx(76.0 - 73.33)
+    assert table.loc["ce", "kdo"] == 72.1 and table.loc["teacher", "kdo"] == 79.0
+    shown = published_display(study)
+    assert shown.loc["dkd", "kdo, same protocol"] == "n/a" and shown.loc["kd", "kdo, same protocol"] == "76.00 ± 0.20"
+    assert shown.loc["teacher", "kdo, selected on val"] == "79.00 (n=1)" and shown.loc["ce", "difference"] == "-0.40"
