@@ -177,7 +177,7 @@ def test_a_defaults_only_study_runs_each_entry_on_its_own_config_and_reports_wit
 def test_shipped_studies_validate() -> None:
     assert {"kd_temperature", "demo", "logit_baselines"} <= set(shipped_studies())
     real = {**dict.fromkeys(("logit_baselines", "fashion_mnist_reproduction", "rdskd_vs_dafl"), "fashion_mnist"),
-            "cifar100_logit_baselines": "cifar100"}
+            "cifar100_logit_baselines": "cifar100", "cifar100_logit_baselines_wrn": "cifar100"}
     for name in shipped_studies():
         study = RobustnessStudy.from_yaml(name)
         assert study.points and all(p.config.data.name == real.get(name, "digits") for p in study.points)
