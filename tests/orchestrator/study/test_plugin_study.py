@@ -33,6 +33,9 @@ def test_a_plugin_method_through_run_a_grouped_sweep_a_study_and_a_report_withou
     run = _kdo(["run", "digits_kd", "--plugin", "dist_kd.py", "--set", "method.name=dist", "--set",
                 "method.params={}", *SHORT], workdir)
     assert run.returncode == 0 and "status=finished" in run.stdout, run.stdout + run.stderr
+    ddp = _kdo(["run", "digits_kd", "--plugin", "dist_kd.py", "--set", "method.name=dist", "--set", "method.params={}",
+                "--set", "scaling.num_workers=2", *SHORT], workdir)  # Ray Train's two DDP workers import it too
+    assert ddp.returncode == 0 and "status=finished" in ddp.stdout, ddp.stdout + ddp.stderr
 
     sweep = _kdo(["sweep", "digits_kd", "--space", "dist.yaml", "--sampler", "sobol", "--trials", "2", "--seeds", "0,1",
                   "--name", "dist-sweep", "--set", "method.name=dist", "--set", "method.params={}", *SHORT], workdir)
