@@ -140,15 +140,22 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
 VIEW_TAG = "mlflow.sharedViewState."  # the MLflow UI's shared views: an experiment tag per view, opened by its key
 
 
-def write_view(uri: str, experiment_id: str, kind: str, name: str) -> None:
+def write_view(uri: str, experiment_id: str, kind: str, name: str, *, best_effort: bool = False) -> None:
     """A view of one sweep's or study's runs that the MLflow UI opens on (`ui_hint(..., view=name)`): its children,
     best validation accuracy first, with `selected_val_acc`, `test_acc` and the status as columns. The UI shows no
     metric column of its own accord (every run logs tens of params), so this is how a person who configures nothing
-    sees the accuracy; the view is the UI's own "share" format, an experiment tag."""
+    sees the accuracy; the view is the UI's own "share" format, an experiment tag. `best_effort` (a report of older
+    work): a store that refuses the write (a read-only user on an authenticated server) leaves the link plain."""
     state = {"searchFilter": f"tags.`kdo.{kind}` = '{name}' and tags.`kdo.kind` = 'trial'",
              "orderByKey": "metrics.`selected_val_acc`", "orderByAsc": False,
              "selectedColumns": ["metrics.`selected_val_acc`", "metrics.`test_acc`", "tags.`kdo.status`"]}
-    client(uri).set_experiment_tag(experiment_id, f"{VIEW_TAG}{name}", json.dumps(state))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).set_experiment_tag(experiment_id, f"{VIEW_TAG}{name}", json.dumps(state))
+    except MlflowException:
+        if not best_effort:
+            raise
 
 
 def ui_hint(uri: str, experiment_id: str, view: str | None = None) -> str:

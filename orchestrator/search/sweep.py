@@ -87,7 +87,7 @@ def load_sweep(name: str, tracking_uri: str | None = None, experiment: str = "kd
     """Rebuild a sweep's results from MLflow alone (no rerun): `kdo report NAME`. Runs a driver that is gone left
     RUNNING (killed, or it lost its store) are settled `crashed` first, the parent FAILED."""
     uri, client, run = parent.find("sweep", name, tracking_uri, experiment)
-    write_view(uri, run.info.experiment_id, "sweep", name)  # a sweep from before views opens on one too
+    write_view(uri, run.info.experiment_id, "sweep", name, best_effort=True)  # older sweeps get one too
     parameters = json.loads(run.data.tags.get("kdo.parameters", "[]"))
     frame = ledger.children_frame(client, run.info.experiment_id, run.info.run_id, parameters)
     return SweepResult(name, run.info.run_id, run.info.experiment_id, uri, parameters, frame)

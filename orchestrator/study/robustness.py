@@ -214,7 +214,7 @@ class RobustnessStudy:
         recorded_plugins(raw, plugins, f"study {name}", to_resume=to_resume)
         study = cls.from_spec(StudySpec.model_validate(raw))
         study.parent_run_id, study.experiment_id, study._uri = found.info.run_id, found.info.experiment_id, uri
-        write_view(uri, found.info.experiment_id, "study", name)  # a study from before views opens on one too
+        write_view(uri, found.info.experiment_id, "study", name, best_effort=True)  # older studies get one too
         return study, found
 
     # ----------------------------------------------------------------------------------- analysis
