@@ -54,12 +54,27 @@ class _Bottleneck(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
-class BottleneckResNet(FeatureNet):
+class _StagedNet(FeatureNet):
+    """The shape all four share: a stem, the stages (the features), an optional head (a 1x1 conv), global average
+    pooling to the penultimate vector, a linear classifier."""
+
+    def _finish(self, stem: nn.Module, stages: list[nn.Module], width: int, num_classes: int,
+                head: nn.Module | None = None) -> None:
+        self.stem, self.stages, self.head = stem, nn.ModuleList(stages), head or nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def _forward_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x, feats = self._run_stages(self.stem(x), self.stages)
+        return torch.flatten(self.pool(self.head(x)), 1), feats
+
+
+class BottleneckResNet(_StagedNet):
     """ResNet-50's bottleneck stages (3, 4, 6, 3 blocks of 64..512 planes, expansion 4) on a CIFAR stem."""
 
     def __init__(self, blocks: tuple[int, ...], in_channels: int, num_classes: int) -> None:
         super().__init__(len(blocks))
-        self.stem = _conv_bn(in_channels, 64, 3)
         stages, cin = [], 64
         for i, count in enumerate(blocks):
             planes = 64 * 2 ** i
@@ -68,14 +83,7 @@ class BottleneckResNet(FeatureNet):
                 layers.append(_Bottleneck(cin, planes, 2 if i > 0 and j == 0 else 1))
                 cin = planes * _Bottleneck.expansion
             stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(cin, num_classes)
-        _init_weights(self)
-
-    def _forward_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x, feats = self._run_stages(self.stem(x), self.stages)
-        return torch.flatten(self.pool(x), 1), feats
+        self._finish(_conv_bn(in_channels, 64, 3), stages, cin, num_classes)
 
 
 class _InvertedResidual(nn.Module):
@@ -90,7 +98,7 @@ class _InvertedResidual(nn.Module):
         return x + self.body(x) if self.residual else self.body(x)
 
 
-class MobileNetV2(FeatureNet):
+class MobileNetV2(_StagedNet):
     """MobileNetV2 (Sandler et al. 2018) for 32x32: a stride-2 stem, the seven inverted-residual groups (t, c, n, s)
     with channels scaled by `width`, a 1x1 conv to 1280 channels. Stages end where RepDistiller reads its features:
     after groups 2, 3, 5 and 7."""
@@ -102,7 +110,7 @@ class MobileNetV2(FeatureNet):
     def __init__(self, width: float, in_channels: int, num_classes: int) -> None:
         super().__init__(len(self.STAGE_ENDS))
         cin = int(32 * width)
-        self.stem = _conv_bn(in_channels, cin, 3, 2)
+        stem = _conv_bn(in_channels, cin, 3, 2)
         groups: list[nn.Module] = []
         for t, c, n, s in self.SETTING:
             cout, layers = int(c * width), []
@@ -111,16 +119,9 @@ class MobileNetV2(FeatureNet):
                 cin = cout
             groups.append(nn.Sequential(*layers))
         starts = (0, *self.STAGE_ENDS[:-1])
-        self.stages = nn.ModuleList(nn.Sequential(*groups[a:b]) for a, b in zip(starts, self.STAGE_ENDS, strict=True))
+        stages = [nn.Sequential(*groups[a:b]) for a, b in zip(starts, self.STAGE_ENDS, strict=True)]
         last = int(1280 * width) if width > 1.0 else 1280
-        self.head = _conv_bn(cin, last, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(last, num_classes)
-        _init_weights(self)
-
-    def _forward_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x, feats = self._run_stages(self.stem(x), self.stages)
-        return torch.flatten(self.pool(self.head(x)), 1), feats
+        self._finish(stem, stages, last, num_classes, head=_conv_bn(cin, last, 1))
 
 
 class _ShuffleV1Unit(nn.Module):
@@ -144,27 +145,19 @@ class _ShuffleV1Unit(nn.Module):
         return torch.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
 
-class ShuffleNetV1(FeatureNet):
+class ShuffleNetV1(_StagedNet):
     """ShuffleNet (Zhang et al. 2018), groups 3, for 32x32: a 1x1 stem to 24 channels, three stages of 4, 8 and 4
     units (240, 480, 960 channels), each starting with a stride-2 unit."""
 
     def __init__(self, widths: tuple[int, ...], blocks: tuple[int, ...], groups: int, in_channels: int,
                  num_classes: int) -> None:
         super().__init__(len(blocks))
-        self.stem = _conv_bn(in_channels, 24, 1)
         stages, cin = [], 24
         for cout, count in zip(widths, blocks, strict=True):
             stages.append(nn.Sequential(*(_ShuffleV1Unit(cin if j == 0 else cout, cout, 2 if j == 0 else 1, groups)
                                           for j in range(count))))
             cin = cout
-        self.stages = nn.ModuleList(stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(cin, num_classes)
-        _init_weights(self)
-
-    def _forward_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x, feats = self._run_stages(self.stem(x), self.stages)
-        return torch.flatten(self.pool(x), 1), feats
+        self._finish(_conv_bn(in_channels, 24, 1), stages, cin, num_classes)
 
 
 class _ShuffleV2Unit(nn.Module):
@@ -193,28 +186,19 @@ class _ShuffleV2Unit(nn.Module):
         return _shuffle(out, 2)
 
 
-class ShuffleNetV2(FeatureNet):
+class ShuffleNetV2(_StagedNet):
     """ShuffleNet V2 (Ma et al. 2018), size 1x, for 32x32: a 1x1 stem to 24 channels, three stages (116, 232, 464
     channels) of one stride-2 unit then 3, 7 and 3 units, a 1x1 conv to 1024 channels."""
 
     def __init__(self, widths: tuple[int, ...], blocks: tuple[int, ...], last: int, in_channels: int,
                  num_classes: int) -> None:
         super().__init__(len(blocks))
-        self.stem = _conv_bn(in_channels, 24, 1)
         stages, cin = [], 24
         for cout, count in zip(widths, blocks, strict=True):
             stages.append(nn.Sequential(_ShuffleV2Unit(cin, cout, 2), *(_ShuffleV2Unit(cout, cout, 1)
                                                                          for _ in range(count))))
             cin = cout
-        self.stages = nn.ModuleList(stages)
-        self.head = _conv_bn(cin, last, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(last, num_classes)
-        _init_weights(self)
-
-    def _forward_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x, feats = self._run_stages(self.stem(x), self.stages)
-        return torch.flatten(self.pool(self.head(x)), 1), feats
+        self._finish(_conv_bn(in_channels, 24, 1), stages, last, num_classes, head=_conv_bn(cin, last, 1))
 
 
 @register_network("resnet50_bottleneck")

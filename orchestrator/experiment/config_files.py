@@ -70,10 +70,12 @@ def import_plugins(specs: typing.Iterable[str], where: str = "") -> list[str]:
 def import_named_plugins(raw: Any) -> Any:
     """The raw mapping a schema is about to read, its `plugins` imported first (and made absolute): a `mode="before"`
     validator of every schema that names methods, networks or datasets (a config, a study). ValueError on failure."""
+    from methods.plugins import merged
+
     named = raw.get("plugins") if isinstance(raw, dict) else None
     if isinstance(named, list) and named and all(isinstance(p, str) for p in named):
         try:
-            return {**raw, "plugins": list(dict.fromkeys(import_plugins(named)))}  # each once
+            return {**raw, "plugins": merged(import_plugins(named))}  # each once
         except ConfigError as err:
             raise ValueError(str(err)) from None
     return raw
